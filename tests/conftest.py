@@ -1,0 +1,44 @@
+"""Shared fixtures: a tokenizer trained offline and the real hh-rlhf rows from ../shared/."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+HH_RLHF_FILE = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def load_hh_rows(n: int | None = None) -> list[dict]:
+    """The first ``n`` rows of the real hh-rlhf file (implicit-prompt shape), read in place."""
+    rows = []
+    with gzip.open(HH_RLHF_FILE, "rt", encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if n is not None and len(rows) >= n:
+                break
+    return rows
+
+
+@pytest.fixture(scope="session")
+def hh_rows() -> list[dict]:
+    """200 real hh-rlhf rows: ``{"chosen": str, "rejected": str}`` dialogues."""
+    return load_hh_rows(200)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(hh_rows):
+    """A 1,000-token byte-level BPE tokenizer trained on hh-rlhf text, with BOS, EOS, pad and a
+    chat template (see ``training.tokenizer``)."""
+    from training.tokenizer import train_tokenizer
+
+    corpus = [r["chosen"] for r in hh_rows] + [r["rejected"] for r in hh_rows]
+    return train_tokenizer(corpus, vocab_size=1000)
