@@ -39,6 +39,7 @@ class PreferenceBatch:
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
         """Move every tensor to ``device``."""
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
