@@ -1,0 +1,145 @@
+"""One DPO step on one micro-batch: policy log-probs -> reference -> loss -> metric sums.
+
+This is the path of one batch (``../shared/ARCHITECTURE.md``) as a single function, so the
+Lightning module, the parity suite and the benchmark all run exactly the same arithmetic::
+
+    token  = model_token_logps(policy, batch)              # (2B, L-1) per-token, chunked head
+    pi_c, pi_r = sums of token logps (LD-weighted with ld_alpha)
+    ref_c, ref_r = reference(batch)                        # frozen copy | adapters off | cache
+    loss, rewards = combined_dpo_loss(pi_c, pi_r, ref_c, ref_r, ...)
+    sums, counts = metric_sums(...)                        # trl's metric names
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dpo_core.batch import PreferenceBatch
+from dpo_core.logps import (
+    TokenLogps,
+    completion_lengths,
+    ld_sequence_logps,
+    model_token_logps,
+    sequence_logps,
+    split_pairs,
+)
+from dpo_core.losses import combined_dpo_loss, wpo_weights
+from dpo_core.metrics import metric_sums
+
+
+@dataclass
+class DPOSettings:
+    """The objective's knobs, with trl's names and defaults (see ``DPOConfig`` in trl)."""
+
+    beta: float = 0.1
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    use_weighting: bool = False
+    ld_alpha: float | None = None
+    discopop_tau: float = 0.05
+    reference_free: bool = False
+    chunk_size: int = 1024
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch yields.
+
+    Attributes:
+        loss: scalar, the weighted loss to back-propagate.
+        sums, counts: per metric name (trl's), the micro-batch's sum and count; the metric is
+            sum / count once both are reduced over processes.
+        num_tokens: real (non-pad) tokens in the micro-batch, both halves (trl's ``num_tokens``).
+    """
+
+    loss: torch.Tensor
+    sums: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor]
+    num_tokens: int
+
+    def detached(self) -> StepOutput:
+        return StepOutput(
+            self.loss.detach(),
+            {k: v.detach() for k, v in self.sums.items()},
+            {k: v.detach() for k, v in self.counts.items()},
+            self.num_tokens,
+        )
+
+
+def policy_sequence_logps(
+    token: TokenLogps, ld_alpha: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (B,), rejected (B,)) summed completion log-probs, LD-weighted when asked."""
+    if ld_alpha is not None:
+        return ld_sequence_logps(token, ld_alpha)
+    return split_pairs(sequence_logps(token))
+
+
+def reference_logps(
+    reference, batch: PreferenceBatch, settings: DPOSettings, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref_chosen (B,), ref_rejected (B,)): zeros when reference-free, else from ``reference``."""
+    if settings.reference_free:
+        zeros = torch.zeros_like(like)
+        return zeros, zeros
+    if reference is None:
+        raise ValueError("no reference source given and reference_free is False")
+    with torch.no_grad():
+        ref_c, ref_r = reference(batch)
+    return ref_c.to(like.dtype), ref_r.to(like.dtype)
+
+
+def pair_weights(token: TokenLogps) -> torch.Tensor:
+    """WPO weight of each pair, ``w_chosen * w_rejected`` (B,), without gradient."""
+    w = wpo_weights(token.logps, token.log_sum_sq_probs, token.mask)
+    w_c, w_r = split_pairs(w)
+    return w_c * w_r
+
+
+def dpo_step(
+    model: torch.nn.Module, batch: PreferenceBatch, reference, settings: DPOSettings
+) -> StepOutput:
+    """Loss and metric sums of ``model`` on ``batch`` (see the module docstring)."""
+    token = model_token_logps(
+        model,
+        batch,
+        chunk_size=settings.chunk_size,
+        with_stats=True,
+        with_wpo=settings.use_weighting,
+    )
+    pi_c, pi_r = policy_sequence_logps(token, settings.ld_alpha)
+    ref_c, ref_r = reference_logps(reference, batch, settings, pi_c)
+    n_c, n_r = completion_lengths(batch.completion_mask)
+    chosen_token_logps, _ = split_pairs(token.logps)
+    chosen_token_mask, _ = split_pairs(token.mask)
+    out = combined_dpo_loss(
+        pi_c,
+        pi_r,
+        ref_c,
+        ref_r,
+        beta=settings.beta,
+        loss_type=settings.loss_type,
+        loss_weights=settings.loss_weights,
+        label_smoothing=settings.label_smoothing,
+        pair_weights=pair_weights(token) if settings.use_weighting else None,
+        f_divergence_type=settings.f_divergence_type,
+        f_alpha_divergence_coef=settings.f_alpha_divergence_coef,
+        chosen_lengths=n_c,
+        rejected_lengths=n_r,
+        chosen_token_logps=chosen_token_logps,
+        chosen_token_mask=chosen_token_mask,
+        discopop_tau=settings.discopop_tau,
+    )
+    sums, counts = metric_sums(
+        chosen_rewards=out.chosen_rewards,
+        rejected_rewards=out.rejected_rewards,
+        policy_chosen_logps=pi_c.detach(),
+        policy_rejected_logps=pi_r.detach(),
+        token=token,
+    )
+    return StepOutput(out.loss, sums, counts, int(batch.attention_mask.sum().item()))

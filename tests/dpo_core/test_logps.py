@@ -1,0 +1,500 @@
+"""dpo_core.logps: chunked completion log-probs against full logits, trl's fused head and models."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dpo_core.batch import PreferenceBatch
+from dpo_core.logps import (
+    TokenLogps,
+    completion_lengths,
+    completion_token_logps,
+    ld_sequence_logps,
+    model_token_logps,
+    sequence_logps,
+    split_pairs,
+    token_logps_from_logits,
+)
+from dpo_core.model_parts import model_parts
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+
+STAT_FIELDS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+# Values: per-token log-probs are O(log V) ~ 5-10; float32's ulp there is ~1e-6, and the chunked
+# and full computations round logsumexp differently, so allow a few ulp.
+VALUE_TOL = dict(rtol=0.0, atol=4e-6)
+# Gradients: grad_W sums T token contributions in a different order (per chunk vs all at once),
+# so relative float32 error grows like T·eps ~ 1e-5 at worst on these sizes.
+GRAD_TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+def make_batch(
+    spans: list[tuple[int, int]], length: int, vocab: int, seed: int = 0
+) -> PreferenceBatch:
+    """Rows of ``prompt_len`` prompt tokens then ``completion_len`` completion tokens, right-padded.
+
+    Random ids in [1, vocab), pad id 0. ``spans`` lists (prompt_len, completion_len) per row,
+    chosen rows first.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(spans)
+    input_ids = torch.randint(1, vocab, (n, length), generator=g)
+    attention_mask = torch.zeros(n, length, dtype=torch.long)
+    completion_mask = torch.zeros(n, length, dtype=torch.long)
+    for i, (p, c) in enumerate(spans):
+        attention_mask[i, : p + c] = 1
+        completion_mask[i, p : p + c] = 1
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    return PreferenceBatch(input_ids, attention_mask, completion_mask)
+
+
+SPANS = [(3, 6), (5, 2), (0, 9), (2, 4), (4, 5), (1, 1)]  # incl. a completion at position 0
+
+
+def tiny_llama(vocab: int = 128, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).eval()
+
+
+def tiny_gpt2(vocab: int = 128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    config.bos_token_id = config.eos_token_id = 0
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_gemma2():
+    """A Gemma 2 with ``final_logit_softcapping``: exercises the logit transform."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        final_logit_softcapping=0.5,  # small: actually bends these small logits
+    )  # fmt: skip
+    return Gemma2ForCausalLM(config).eval()
+
+
+# ---------------------------------------------------------------- chunked head vs full logits
+
+
+def softcap(z: torch.Tensor) -> torch.Tensor:
+    return 30.0 * torch.tanh(z / 30.0)
+
+
+def make_head(kind: str, hidden: int, vocab: int) -> nn.Module:
+    """A head of the given kind, with every trainable part non-trivial."""
+    torch.manual_seed(1)
+    linear = nn.Linear(hidden, vocab, bias=kind == "linear_bias")
+    if kind in ("linear", "linear_bias", "softcap"):
+        return linear
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        holder = nn.Sequential(linear)
+        peft = get_peft_model(holder, LoraConfig(r=4, target_modules=["0"], lora_alpha=8))
+        nn.init.normal_(peft.base_model.model[0].lora_B.default.weight)  # B != 0: LoRA is live
+        return peft.base_model.model[0]
+    raise ValueError(kind)
+
+
+def full_reference(head, hidden, batch, transform=None):
+    """token_logps_from_logits on the full (N, L, V) logits of ``head(hidden)``."""
+    logits = head(hidden).float()
+    logits = logits if transform is None else transform(logits)
+    return token_logps_from_logits(logits, batch.input_ids, batch.completion_mask, with_stats=True)
+
+
+def grads(out: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d(Σ w·out)/d tensors for a fixed random weighting w (so every token matters differently)."""
+    w = torch.rand(out.shape, generator=torch.Generator().manual_seed(3))
+    return torch.autograd.grad((out * w).sum(), tensors)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "softcap", "lora"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 7, 16, 10_000])
+def test_chunked_equals_full_logits_values_and_grads(kind, chunk_size):
+    """Every path (custom Function, checkpointed chunks, one plain chunk) equals full logits.
+
+    The 6 rows hold 24 scored tokens: chunk sizes 5 and 7 do not divide it, 10_000 is one chunk.
+    """
+    batch = make_batch(SPANS, length=10, vocab=50)
+    head = make_head(kind, hidden=12, vocab=50)
+    transform = softcap if kind == "softcap" else None
+    hidden = torch.randn(6, 10, 12, generator=torch.Generator().manual_seed(2)) * 3
+    hidden.requires_grad_(True)
+    params = [p for p in head.parameters() if p.requires_grad]
+
+    ours = completion_token_logps(
+        hidden, head, batch.input_ids, batch.completion_mask,
+        chunk_size=chunk_size, with_stats=True, with_wpo=True, logit_transform=transform,
+    )  # fmt: skip
+    expected = full_reference(head, hidden, batch, transform)
+    torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
+    assert torch.equal(ours.mask, batch.completion_mask[:, 1:].bool())
+    for got, want in zip(
+        grads(ours.logps, [hidden, *params]), grads(expected.logps, [hidden, *params])
+    ):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+
+
+def bnb_linear4bit(hidden: int, vocab: int) -> nn.Module:
+    """An NF4 bitsandbytes Linear4bit head on CPU, wrapped in a live LoRA."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    dense = nn.Linear(hidden, vocab, bias=False)
+    quantized = bnb.nn.Linear4bit(
+        hidden, vocab, bias=False, compute_dtype=torch.float32, quant_type="nf4"
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        dense.weight.data.clone(), requires_grad=False, quant_type="nf4"
+    )
+    quantized = quantized.to("cpu")  # moving the module is what quantizes the weight
+    assert quantized.weight.dtype == torch.uint8
+    peft = get_peft_model(nn.Sequential(quantized), LoraConfig(r=4, target_modules=["0"]))
+    nn.init.normal_(peft.base_model.model[0].lora_B.default.weight)
+    return peft.base_model.model[0]
+
+
+@pytest.mark.parametrize("chunk_size", [4, 10_000])
+def test_bnb_4bit_head_with_lora_matches_its_own_full_logits(chunk_size):
+    """A 4-bit NF4 head (dequantised on the fly) + LoRA: forward and backward through our chunks."""
+    batch = make_batch(SPANS, length=10, vocab=64)
+    head = bnb_linear4bit(hidden=64, vocab=64)
+    hidden = torch.randn(6, 10, 64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    params = [p for p in head.parameters() if p.requires_grad]
+    assert len(params) == 2  # lora_A, lora_B
+
+    ours = completion_token_logps(
+        hidden, head, batch.input_ids, batch.completion_mask, chunk_size=chunk_size
+    )
+    expected = full_reference(head, hidden, batch)
+    torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
+    for got, want in zip(
+        grads(ours.logps, [hidden, *params]), grads(expected.logps, [hidden, *params])
+    ):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("kind", ["linear", "softcap"])
+def test_statistics_equal_textbook_formulas(kind):
+    """entropy, mean_logits, is_top1, log Σp² from the chunks == token_logps_from_logits's formulas.
+
+    Targets are set to the argmax at some positions so is_top1 has both values.
+    """
+    batch = make_batch(SPANS, length=10, vocab=50)
+    head = make_head(kind, hidden=12, vocab=50)
+    transform = softcap if kind == "softcap" else None
+    hidden = torch.randn(6, 10, 12, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.no_grad():
+        logits = head(hidden) if transform is None else transform(head(hidden))
+        argmax_next = logits.argmax(-1)[:, :-1]
+        batch.input_ids[:, 1:][:, ::2] = argmax_next[:, ::2]  # every other target is the argmax
+
+    ours = completion_token_logps(
+        hidden, head, batch.input_ids, batch.completion_mask,
+        chunk_size=5, with_stats=True, with_wpo=True, logit_transform=transform,
+    )  # fmt: skip
+    expected = token_logps_from_logits(
+        logits, batch.input_ids, batch.completion_mask, with_stats=True, with_wpo=True
+    )
+    for field in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(getattr(ours, field), getattr(expected, field), **VALUE_TOL)
+    assert torch.equal(ours.is_top1, expected.is_top1)
+    assert 0 < ours.is_top1.sum() < ours.mask.sum()
+    for field in STAT_FIELDS:  # zero off the completion
+        assert not getattr(ours, field)[~ours.mask].any()
+
+
+def test_is_top1_tie_rule():
+    """trl's rule (kern:383): a tie with an EARLIER vocabulary index is not top-1; a later one is.
+
+    One row, two scored positions, V = 4, head = identity (hidden are the logits):
+    position 0 logits [5, 1, 5, 0] target 2: ties index 0, which comes first -> False;
+    position 1 logits [0, 5, 1, 5] target 1: ties index 3, which comes later -> True.
+    """
+    logits = torch.tensor([[[5.0, 1.0, 5.0, 0.0], [0.0, 5.0, 1.0, 5.0], [0.0, 0.0, 0.0, 0.0]]])
+    input_ids = torch.tensor([[0, 2, 1]])
+    completion_mask = torch.tensor([[0, 1, 1]])
+    expected = torch.tensor([[False, True]])
+    for head in (nn.Identity(), nn.Linear(4, 4, bias=False)):
+        if isinstance(head, nn.Linear):
+            nn.init.eye_(head.weight)
+        ours = completion_token_logps(logits, head, input_ids, completion_mask, with_stats=True)
+        assert torch.equal(ours.is_top1, expected)
+    full = token_logps_from_logits(logits, input_ids, completion_mask, with_stats=True)
+    assert torch.equal(full.is_top1, expected)
+
+
+def test_matches_trl_chunked_logprob_kernel():
+    """Every output of trl's own ChunkedLogProbFunction (CPU path) on the scored tokens, and the
+    gradient w.r.t. the hidden states, equal ours to float32 rounding."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    batch = make_batch(SPANS, length=10, vocab=50)
+    head = make_head("linear_bias", hidden=12, vocab=50)
+    hidden = torch.randn(6, 10, 12, generator=torch.Generator().manual_seed(2)) * 3
+    hidden.requires_grad_(True)
+    mask = batch.completion_mask[:, 1:].bool()
+    outputs = ("log_probs", *STAT_FIELDS)
+    trl_out = ChunkedLogProbFunction.apply(
+        hidden[:, :-1][mask], head.weight, head.bias, batch.input_ids[:, 1:][mask],
+        1.0, 32768, None, 1.0, outputs,
+    )  # fmt: skip
+    ours = completion_token_logps(
+        hidden, head, batch.input_ids, batch.completion_mask,
+        chunk_size=4, with_stats=True, with_wpo=True,
+    )  # fmt: skip
+    trl_by_name = dict(
+        zip(("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), trl_out)
+    )
+    for field in ("logps", "entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(
+            getattr(ours, field)[mask], trl_by_name[field].detach(), **VALUE_TOL
+        )
+    assert torch.equal(ours.is_top1[mask], trl_by_name["is_top1"])
+    (trl_grad,) = grads(trl_by_name["logps"], [hidden])
+    (our_grad,) = grads(ours.logps[mask], [hidden])
+    torch.testing.assert_close(our_grad, trl_grad, **GRAD_TOL)
+
+
+# ---------------------------------------------------------------- whole models
+
+
+def _model_logits_reference(model, batch, **kw) -> TokenLogps:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return token_logps_from_logits(logits, batch.input_ids, batch.completion_mask, **kw)
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2, tiny_gemma2])
+def test_model_token_logps_equals_model_logits(builder):
+    """model_token_logps (backbone + chunked head) == log_softmax(model(...).logits) gathered,
+    values and gradients w.r.t. all parameters."""
+    model = builder()
+    batch = make_batch(SPANS, length=10, vocab=128)
+    params = [p for p in model.parameters()]
+    ours = model_token_logps(model, batch, chunk_size=5, with_stats=True)
+    expected = _model_logits_reference(model, batch, with_stats=True)
+    torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
+    torch.testing.assert_close(ours.entropy, expected.entropy, **VALUE_TOL)
+    for got, want in zip(grads(ours.logps, params), grads(expected.logps, params)):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+
+
+def _trl_fused(model, batch, outputs):
+    """trl's patched forward (utils:1548-1698) on a copy of ``model``."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    patched = copy.deepcopy(model)
+    add_fused_lm_head(patched, outputs=outputs)
+    labels = batch.input_ids.masked_fill(batch.completion_mask == 0, -100)
+    return patched(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        use_cache=False, labels=labels, fused_lm_head=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2, tiny_gemma2])
+def test_matches_trl_fused_lm_head(builder):
+    """Per-token logps and every statistic equal trl's fused head on the same model and batch."""
+    model = builder()
+    batch = make_batch(SPANS, length=10, vocab=128)
+    outputs = ("log_probs", *STAT_FIELDS)
+    with torch.no_grad():
+        theirs = _trl_fused(model, batch, outputs)
+        ours = model_token_logps(model, batch, chunk_size=5, with_stats=True, with_wpo=True)
+    torch.testing.assert_close(ours.logps, theirs.log_probs, **VALUE_TOL)
+    for field in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(getattr(ours, field), getattr(theirs, field), **VALUE_TOL)
+    assert torch.equal(ours.is_top1, theirs.is_top1)
+
+
+def test_softcap_bends_the_logps():
+    """Gemma 2's softcap (0.5) really changes the log-probs, so the test above checks the transform."""
+    model = tiny_gemma2()
+    batch = make_batch(SPANS, length=10, vocab=128)
+    parts = model_parts(model)
+    with torch.no_grad():
+        hidden = parts.backbone(input_ids=batch.input_ids).last_hidden_state
+        args = (hidden, parts.head, batch.input_ids, batch.completion_mask)
+        capped = completion_token_logps(*args, logit_transform=parts.logit_transform)
+        uncapped = completion_token_logps(*args)
+    assert (capped.logps - uncapped.logps).abs().max() > 1e-2
+
+
+def lora_model(model, targets=("q_proj", "v_proj", "lm_head")):
+    """``model`` wrapped in a LoRA whose B matrices are perturbed, so the adapters change outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    torch.manual_seed(5)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    return peft
+
+
+def test_peft_model_with_lora_on_backbone_and_head():
+    """A PeftModel (LoRA on attention and lm_head): values and LoRA gradients equal its logits."""
+    model = lora_model(tiny_llama())
+    batch = make_batch(SPANS, length=10, vocab=128)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = model_token_logps(model, batch, chunk_size=5)
+    expected = _model_logits_reference(model, batch)
+    torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
+    for got, want in zip(grads(ours.logps, params), grads(expected.logps, params)):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+    with torch.no_grad(), model.disable_adapter():
+        base = model_token_logps(model, batch)
+    assert (base.logps - ours.logps).abs().max() > 1e-3  # the adapters were really on
+
+
+def test_4bit_model_with_lora(tmp_path):
+    """A QLoRA model (bitsandbytes NF4 via BitsAndBytesConfig, CPU) + LoRA: values and grads."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = LlamaForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quant, device_map="cpu", dtype=torch.float32
+    )
+    model = lora_model(model, targets=("q_proj", "v_proj"))
+    model.train()  # the policy's mode: bitsandbytes' CPU eval path repacks weights
+    batch = make_batch(SPANS, length=10, vocab=128)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = model_token_logps(model, batch, chunk_size=5)
+    expected = _model_logits_reference(model, batch)
+    torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
+    for got, want in zip(grads(ours.logps, params), grads(expected.logps, params)):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+
+
+# ---------------------------------------------------------------- sums, LD-DPO, lengths
+
+
+def hand_token_logps() -> TokenLogps:
+    """B = 2 pairs on a (4, 5) shifted grid; logps are -(k) for the k-th completion token.
+
+    rows: chosen_0 has 3 scored tokens, chosen_1 has 1, rejected_0 has 2, rejected_1 has 4.
+    """
+    mask = torch.tensor(
+        [[0, 1, 1, 1, 0], [0, 0, 0, 1, 0], [1, 1, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool
+    )
+    logps = -(mask.cumsum(1) * mask).float()
+    return TokenLogps(logps=logps, mask=mask)
+
+
+def test_sequence_logps_and_split_pairs():
+    """Sums: chosen_0 -1-2-3 = -6, chosen_1 -1, rejected_0 -1-2 = -3, rejected_1 -1-2-3-4 = -10."""
+    chosen, rejected = split_pairs(sequence_logps(hand_token_logps()))
+    assert chosen.tolist() == [-6.0, -1.0] and rejected.tolist() == [-3.0, -10.0]
+
+
+def test_ld_sequence_logps_hand_worked():
+    """ld_alpha = 0.5. Pair 0: shared = min(3, 2) = 2 -> chosen -1-2 + 0.5·(-3) = -4.5,
+    rejected -1-2 = -3. Pair 1: shared = min(1, 4) = 1 -> chosen -1,
+    rejected -1 + 0.5·(-2-3-4) = -5.5. With ld_alpha = 1 it is the plain sum."""
+    token = hand_token_logps()
+    chosen, rejected = ld_sequence_logps(token, 0.5)
+    assert chosen.tolist() == [-4.5, -1.0] and rejected.tolist() == [-3.0, -5.5]
+    plain = split_pairs(sequence_logps(token))
+    for got, want in zip(ld_sequence_logps(token, 1.0), plain):
+        assert torch.equal(got, want)
+
+
+def test_ld_sequence_logps_keeps_gradient():
+    token = hand_token_logps()
+    token.logps.requires_grad_(True)
+    chosen, rejected = ld_sequence_logps(token, 0.25)
+    (chosen.sum() + rejected.sum()).backward()
+    # d/dlogp: 1 on the shared tokens, 0.25 on the tail, 0 off the mask (pair 0 chosen tail = k 3)
+    assert token.logps.grad[0].tolist() == [0.0, 1.0, 1.0, 0.25, 0.0]
+    assert token.logps.grad[3].tolist() == [0.0, 1.0, 0.25, 0.25, 0.25]
+
+
+def test_completion_lengths_count_unshifted_and_clamp():
+    """Unshifted counts: a completion starting at position 0 counts that token; empty -> 1."""
+    completion_mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
+    chosen, rejected = completion_lengths(completion_mask)
+    assert chosen.tolist() == [3, 1] and rejected.tolist() == [2, 2]
+
+
+def test_no_completion_tokens_gives_zero_and_a_graph():
+    batch = make_batch([(4, 0), (3, 0)], length=6, vocab=20)
+    head = make_head("linear", hidden=8, vocab=20)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    out = completion_token_logps(
+        hidden, head, batch.input_ids, batch.completion_mask, with_stats=True
+    )
+    assert not out.logps.any() and not out.is_top1.any()
+    out.logps.sum().backward()
+    assert not hidden.grad.any()
+
+
+def test_bad_shapes_are_refused():
+    head = nn.Linear(4, 10)
+    with pytest.raises(ValueError, match="completion_mask has shape"):
+        completion_token_logps(
+            torch.zeros(2, 5, 4), head, torch.zeros(2, 5).long(), torch.zeros(2, 6)
+        )
+    with pytest.raises(ValueError, match="hidden_states must be"):
+        completion_token_logps(
+            torch.zeros(10, 4), head, torch.zeros(2, 5).long(), torch.zeros(2, 5)
+        )
+    with pytest.raises(ValueError, match="chunk_size"):
+        completion_token_logps(
+            torch.zeros(2, 5, 4), head, torch.zeros(2, 5).long(), torch.zeros(2, 5), chunk_size=0
+        )
+    with pytest.raises(ValueError, match="even first dimension"):
+        split_pairs(torch.zeros(3))
+
+
+def _trl_ld_logps(per_token_logps, shift_completion_mask, ld_alpha):
+    """trl 1.16's LD-DPO sum, copied verbatim from dpo_trainer.py:1303-1315."""
+    comp_pos = shift_completion_mask.cumsum(dim=1)
+    comp_lens = shift_completion_mask.sum(dim=1).long()
+    chosen_lens, rejected_lens = comp_lens.chunk(2, dim=0)
+    shared_lens = torch.minimum(chosen_lens, rejected_lens)
+    shared_lens = torch.cat([shared_lens, shared_lens], dim=0)
+    shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens.unsqueeze(1))
+    tail_mask = comp_pos > shared_lens.unsqueeze(1)
+    shared_logps = (per_token_logps * shared_mask).sum(dim=1)
+    tail_logps = (per_token_logps * tail_mask).sum(dim=1)
+    return (shared_logps + ld_alpha * tail_logps).chunk(2, dim=0)
+
+
+def test_ld_sequence_logps_equals_trl_expression():
+    batch = make_batch(SPANS, length=10, vocab=50)
+    head = make_head("linear", hidden=12, vocab=50)
+    hidden = torch.randn(6, 10, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        token = completion_token_logps(hidden, head, batch.input_ids, batch.completion_mask)
+    for alpha in (0.0, 0.3, 1.0):
+        theirs = _trl_ld_logps(token.logps, batch.completion_mask[:, 1:], alpha)
+        for got, want in zip(ld_sequence_logps(token, alpha), theirs):
+            assert torch.equal(got, want)  # the same sums of the same float32 terms

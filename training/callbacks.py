@@ -1,0 +1,59 @@
+"""Lightning plug-ins of the training job: atomic checkpoints and the end-of-run summary."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file in the same folder, fsync it, then rename it
+    over the target: a run killed mid-write leaves the previous checkpoint intact, never a torn
+    one (``os.replace`` is atomic on POSIX within one file system)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class StepTimer(L.Callback):
+    """Wall time per optimizer step (the end-of-run summary reports its median)."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        accum = trainer.accumulate_grad_batches
+        if (batch_idx + 1) % accum == 0 and self._start is not None:
+            self.durations.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def median(self) -> float:
+        if not self.durations:
+            return float("nan")
+        ordered = sorted(self.durations)
+        return ordered[len(ordered) // 2]

@@ -1,0 +1,194 @@
+"""The training configuration: one dataclass per concern, each field with its single default.
+
+Field names follow trl's ``DPOConfig`` / transformers' ``TrainingArguments`` where those have the
+concept (beta, loss_type, loss_weights, label_smoothing, max_length, truncation_mode,
+precompute_ref_log_probs, learning_rate, gradient_accumulation_steps, max_steps,
+num_train_epochs, warmup_steps, weight_decay, max_grad_norm, seed). Every field becomes a
+command-line flag of ``python -m training.fit`` (``max_steps`` -> ``--max-steps``) and a key of
+the YAML file (``--config``); see ``training.cli``. The ``help`` text of each field is its
+one-line documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - "help" mirrors argparse
+    """A dataclass field with a one-line help text (used by the CLI and --print-config)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to train and how to load it."""
+
+    model: str | None = _f(
+        None, "Hub id or local directory of a causal LM; unset = embedded default."
+    )
+    ref_model: str | None = _f(
+        None, "Reference model (hub id or directory); unset = a frozen copy of the policy."
+    )
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the model directory.")
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
+    attn_implementation: str | None = _f(
+        None, "Attention kernel (sdpa, eager, ...); unset = default."
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig:
+    """Where the preference rows come from and how they become tokens."""
+
+    dataset: str | None = _f(
+        None, "Hub id or local .jsonl/.json/.parquet/.csv file; unset = embedded default."
+    )
+    split: str = _f("train", "Split of --dataset to train on.")
+    eval_dataset: str | None = _f(None, "Held-out file or hub id; unset = eval_split or a slice.")
+    eval_split: str | None = _f(None, "Split of --dataset to evaluate on (e.g. test).")
+    eval_fraction: float = _f(0.05, "Held-out share of the train rows when no eval set is given.")
+    max_length: int | None = _f(1024, "Truncate prompt+completion to this many tokens (trl's).")
+    truncation_mode: str = _f("keep_start", "keep_start or keep_end, as trl.")
+    skip_invalid: bool = _f(False, "Skip malformed rows (counted and reported) instead of failing.")
+    shuffle: bool = _f(True, "Shuffle training rows each epoch (off = trl's sequential sampler).")
+    max_rows: int | None = _f(None, "Use only the first N training rows.")
+
+
+@dataclass
+class DPOConfig:
+    """The preference objective (dpo_core.losses)."""
+
+    beta: float = _f(0.1, "KL strength: the implicit reward is beta * log(pi / pi_ref).")
+    loss_type: list[str] = _f(["sigmoid"], "One or more of dpo_core.losses.LOSS_TYPES.")
+    loss_weights: list[float] | None = _f(None, "One weight per loss_type; unset = all 1.0.")
+    label_smoothing: float = _f(0.0, "cDPO/robust/exo/aot label noise epsilon.")
+    f_divergence_type: str = _f(
+        "reverse_kl", "reverse_kl, forward_kl, js_divergence, alpha_divergence."
+    )
+    f_alpha_divergence_coef: float = _f(0.5, "alpha for alpha_divergence.")
+    use_weighting: bool = _f(False, "WPO: weight pairs by their policy likelihood.")
+    ld_alpha: float | None = _f(None, "LD-DPO: weight of completion tokens past the shared length.")
+    discopop_tau: float = _f(0.05, "Temperature of the discopop loss.")
+    reference_free: bool = _f(False, "Take reference log-probs as 0 (no reference model).")
+    precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once, cached on disk.")
+    logps_chunk_size: int = _f(1024, "Completion tokens projected to the vocabulary at a time.")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and linear decay, as transformers' Trainer."""
+
+    learning_rate: float = _f(5e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip the total gradient norm to this (0 = off).")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    warmup_ratio: float = _f(0.0, "Warm-up as a share of all steps (used when warmup_steps is 0).")
+    lr_scheduler_type: str = _f("linear", "linear or constant.")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft); the reference is then the model with its adapters switched off."""
+
+    lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = _f(["all-linear"], "Modules to adapt (peft names).")
+    merge_adapter: bool = _f(False, "Also save the adapter merged into the base weights.")
+    load_in_4bit: bool = _f(
+        False, "QLoRA: load the base in bitsandbytes NF4 4-bit (implies --lora)."
+    )
+    bnb_4bit_compute_dtype: str = _f("float32", "Compute dtype of the 4-bit layers.")
+    bnb_4bit_quant_type: str = _f("nf4", "nf4 or fp4.")
+
+
+@dataclass
+class TrainerConfig:
+    """Steps, batches, devices, outputs: the Lightning Trainer's side."""
+
+    output_dir: str = _f("runs/dpo", "Where the model, logs, checkpoints and report go.")
+    max_steps: int = _f(-1, "Optimizer steps to train (-1 = num_train_epochs epochs).")
+    num_train_epochs: int = _f(1, "Epochs when max_steps is -1.")
+    batch_size: int = _f(
+        8, "Preference pairs per device per micro-batch (per_device_train_batch_size)."
+    )
+    eval_batch_size: int = _f(16, "Pairs per evaluation batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    seed: int = _f(42, "Seed for weights init, data order, dropout and sampling.")
+    accelerator: str = _f("auto", "cpu, gpu or auto.")
+    devices: int = _f(1, "Devices (processes) to train on.")
+    strategy: str = _f("auto", "Lightning strategy: auto, ddp, fsdp, deepspeed.")
+    precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, ...")
+    save_every_n_steps: int = _f(50, "Write a checkpoint every N optimizer steps.")
+    eval_every_n_steps: int | None = _f(
+        None, "Validate every N optimizer steps (unset = at the end)."
+    )
+    resume: bool = _f(False, "Continue from output_dir/checkpoints/last.ckpt.")
+    evaluate: bool = _f(True, "Evaluate before vs after and write the report at the end.")
+    num_workers: int = _f(0, "DataLoader workers.")
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "dpo": DPOConfig,
+    "optim": OptimConfig,
+    "lora": LoraConfig,
+    "trainer": TrainerConfig,
+}
+
+
+@dataclass
+class FitConfig:
+    """Everything ``python -m training.fit`` needs, one group per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+def check_config(cfg: FitConfig) -> None:
+    """Reject inconsistent settings early, with the flag names a user typed."""
+    from dpo_core.losses import LOSS_TYPES
+
+    bad = [t for t in cfg.dpo.loss_type if t not in LOSS_TYPES]
+    if bad:
+        raise ValueError(f"--loss-type {bad} unknown; choose from {', '.join(LOSS_TYPES)}")
+    if cfg.dpo.loss_weights is not None and len(cfg.dpo.loss_weights) != len(cfg.dpo.loss_type):
+        raise ValueError(
+            f"--loss-weights has {len(cfg.dpo.loss_weights)} values for "
+            f"{len(cfg.dpo.loss_type)} loss types {cfg.dpo.loss_type}"
+        )
+    if cfg.dpo.beta <= 0:
+        raise ValueError(f"--beta must be > 0, got {cfg.dpo.beta}")
+    if cfg.data.truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(
+            f"--truncation-mode must be keep_start or keep_end, got {cfg.data.truncation_mode!r}"
+        )
+    if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
+        raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
+    if cfg.lora.load_in_4bit:
+        cfg.lora.lora = True  # 4-bit weights cannot be trained directly: QLoRA trains adapters.
+
+
+def field_names() -> dict[str, str]:
+    """Map every field name to its group (names are unique across groups)."""
+    out: dict[str, str] = {}
+    for group, cls in GROUPS.items():
+        for f in fields(cls):
+            assert f.name not in out, f"duplicate config field {f.name}"
+            out[f.name] = group
+    return out

@@ -1,0 +1,125 @@
+"""Preference rows from any source -> tokenized features -> ``PreferenceBatch`` loaders.
+
+Sources (``--dataset``): a local ``.jsonl``/``.jsonl.gz`` file (read line by line so a bad line is
+reported with its number), a local ``.json``/``.parquet``/``.csv`` file, a directory or hub id
+(``datasets.load_dataset``). Tokenization, truncation and collation are ``dpo_core.data``'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from dpo_core.data import PreferenceCollator, tokenize_rows
+from dpo_core.rows import read_jsonl
+
+log = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(source: str, split: str = "train") -> list[dict]:
+    """All rows of ``source`` as plain dicts; local files by extension, else ``load_dataset``."""
+    path = Path(source)
+    if path.is_file():
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            return list(read_jsonl(path))
+        if path.suffix not in LOCAL_FORMATS:
+            raise ValueError(
+                f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .jsonl.gz, "
+                ".json, .parquet or .csv"
+            )
+        import datasets
+
+        ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        return ds.to_list()
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as err:  # a hub/network error deep in datasets: say what was asked
+        raise ValueError(f"could not load dataset {source!r} (split {split!r}): {err}") from err
+    return ds.to_list()
+
+
+def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded, disjoint (train, held-out) split; held-out gets ``ceil``-free ``int`` share >= 1."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(rows) * fraction)) if fraction > 0 and len(rows) > 1 else 0
+    held = sorted(order[:n_eval])
+    train = sorted(order[n_eval:])
+    return [rows[i] for i in train], [rows[i] for i in held]
+
+
+def features_fingerprint(features: list[dict]) -> str:
+    """sha256 over every feature's token ids: changes whenever the tokenized data changes."""
+    h = hashlib.sha256()
+    for f in features:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            h.update(torch.tensor(f[key], dtype=torch.int64).numpy().tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+@dataclass
+class PreferenceData:
+    """Tokenized train and held-out features plus what was dropped on the way."""
+
+    train: list[dict]
+    heldout: list[dict]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def tokenize_source(rows: list[dict], tokenizer, cfg, source: str):
+    """``dpo_core.data.tokenize_rows`` with the run's truncation settings."""
+    result = tokenize_rows(
+        rows,
+        tokenizer,
+        max_length=cfg.data.max_length,
+        truncation_mode=cfg.data.truncation_mode,
+        source=source,
+        skip_invalid=cfg.data.skip_invalid,
+    )
+    return result
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Train / validation loaders of ``PreferenceBatch`` for already-tokenized features."""
+
+    def __init__(self, data: PreferenceData, tokenizer, cfg) -> None:
+        super().__init__()
+        self.data = data
+        self.cfg = cfg
+        self.collator = PreferenceCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            max_length=cfg.data.max_length,
+            truncation_mode=cfg.data.truncation_mode,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.cfg.trainer.seed)
+        return DataLoader(
+            self.data.train,
+            batch_size=self.cfg.trainer.batch_size,
+            shuffle=self.cfg.data.shuffle,
+            generator=generator,
+            collate_fn=self.collator,
+            num_workers=self.cfg.trainer.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.data.heldout,
+            batch_size=self.cfg.trainer.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=self.cfg.trainer.num_workers,
+        )

@@ -1,0 +1,132 @@
+"""Loading the policy (full, LoRA, 4-bit QLoRA), its tokenizer, and choosing the reference.
+
+The reference is chosen by one rule (``build_reference``):
+
+- ``reference_free``            -> no reference (log-probs taken as 0);
+- ``precompute_ref_log_probs``  -> log-probs computed once before training and cached on disk;
+- LoRA / QLoRA                  -> the same model with its adapters switched off;
+- otherwise                     -> a frozen copy (of ``--ref-model`` when given, else of the policy).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from training.config import FitConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``, with an error naming the accepted values."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} unknown; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """Load a tokenizer and make sure it can pad (pad = EOS when it has no pad token, as trl)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(cfg: FitConfig):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.lora.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=torch_dtype(cfg.lora.bnb_4bit_compute_dtype),
+    )
+
+
+def load_causal_lm(path: str, cfg: FitConfig, *, quantize: bool = False) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with the config's dtype, attention and 4-bit."""
+    kwargs = {
+        "dtype": torch_dtype(cfg.model.dtype),
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if quantize:
+        kwargs["quantization_config"] = _quantization_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every ``nn.Dropout`` to p=0, as trl's ``disable_dropout=True`` does."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def add_lora(model: PreTrainedModel, cfg: FitConfig) -> torch.nn.Module:
+    """Wrap ``model`` with fresh LoRA adapters (peft); with 4-bit weights, prepare for k-bit."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.lora.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
+        )
+    targets = cfg.lora.lora_target_modules
+    peft_config = LoraConfig(
+        r=cfg.lora.lora_r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=cfg.lora.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def load_policy(path: str, cfg: FitConfig) -> torch.nn.Module:
+    """The model to train: full weights, or LoRA adapters on a (possibly 4-bit) base."""
+    model = load_causal_lm(path, cfg, quantize=cfg.lora.load_in_4bit)
+    disable_dropout(model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.lora:
+            model.enable_input_require_grads()
+    if cfg.lora.lora:
+        model = add_lora(model, cfg)
+    return model
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no gradients: what a reference model is."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_reference(policy: torch.nn.Module, cfg: FitConfig):
+    """A live reference source for ``policy`` following the module docstring's rule, or None.
+
+    Returns None for reference-free training and for precomputed references (those are attached
+    to the data by ``training.data_module``).
+    """
+    from dpo_core import reference as ref
+
+    chunk = cfg.dpo.logps_chunk_size
+    if cfg.dpo.reference_free or cfg.dpo.precompute_ref_log_probs:
+        return None
+    if cfg.model.ref_model:
+        ref_model = frozen(load_causal_lm(cfg.model.ref_model, cfg, quantize=cfg.lora.load_in_4bit))
+        disable_dropout(ref_model)
+        return ref.FrozenCopyReference(ref_model, chunk_size=chunk, ld_alpha=cfg.dpo.ld_alpha)
+    if cfg.lora.lora:
+        return ref.AdapterDisabledReference(policy, chunk_size=chunk, ld_alpha=cfg.dpo.ld_alpha)
+    return ref.FrozenCopyReference(
+        frozen(copy.deepcopy(policy)), chunk_size=chunk, ld_alpha=cfg.dpo.ld_alpha
+    )

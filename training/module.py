@@ -1,0 +1,186 @@
+"""The LightningModule: a thin wrapper that feeds batches to ``dpo_core.step.dpo_step``.
+
+``training_step`` and ``validation_step`` share one step; this file only wires it to Lightning:
+optimizer and schedule (as transformers' Trainer builds them, so runs compare with trl), the
+per-optimizer-step metric reduction trl uses (mean over micro-batches of sums/counts reduced
+across processes), the pre-clip ``grad_norm``, and a stop with a clear message on a non-finite
+loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import lightning as L
+import torch
+
+from dpo_core.step import DPOSettings, StepOutput, dpo_step
+from training.config import FitConfig
+
+# Shown in the progress bar (all metrics go to the loggers).
+PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
+
+
+def dpo_settings(cfg: FitConfig) -> DPOSettings:
+    """The ``dpo_core`` view of the run's config."""
+    d = cfg.dpo
+    return DPOSettings(
+        beta=d.beta,
+        loss_type=list(d.loss_type),
+        loss_weights=None if d.loss_weights is None else list(d.loss_weights),
+        label_smoothing=d.label_smoothing,
+        f_divergence_type=d.f_divergence_type,
+        f_alpha_divergence_coef=d.f_alpha_divergence_coef,
+        use_weighting=d.use_weighting,
+        ld_alpha=d.ld_alpha,
+        discopop_tau=d.discopop_tau,
+        reference_free=d.reference_free,
+        chunk_size=d.logps_chunk_size,
+    )
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups, decay and no-decay (biases and norm weights), as
+    transformers' ``Trainer.get_decay_parameter_names`` splits them."""
+    decay, no_decay = [], []
+    for module_name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            (no_decay if is_norm or name == "bias" or "bias" in full else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def linear_schedule(step: int, *, warmup: int, total: int) -> float:
+    """LR multiplier: ``step/warmup`` during warm-up, then linear decay to 0 at ``total``
+    (transformers' ``get_linear_schedule_with_warmup``)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class DPOModule(L.LightningModule):
+    """Trains ``model`` with DPO against ``reference`` (None when reference-free)."""
+
+    def __init__(self, model: torch.nn.Module, reference, cfg: FitConfig, total_steps: int):
+        super().__init__()
+        self.model = model
+        self.reference = reference  # a dpo_core.reference source; not a registered submodule
+        self.cfg = cfg
+        self.settings = dpo_settings(cfg)
+        self.total_steps = total_steps
+        self._micro: list[StepOutput] = []
+        self.num_tokens = 0.0
+        self.last_logged: dict[str, float] = {}
+
+    # -- the shared step ----------------------------------------------------------------------
+    def step(self, batch) -> StepOutput:
+        return dpo_step(self.model, batch, self.reference, self.settings)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        out = self.step(batch)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite DPO loss ({out.loss.item()}) at optimizer step {self.global_step}, "
+                f"micro-batch {batch_idx}; training stopped. The last good checkpoint is kept in "
+                f"{self.cfg.trainer.output_dir}/checkpoints (resume with --resume after fixing "
+                "the cause: learning rate, data, or a loss needing label smoothing)."
+            )
+        self._micro.append(out.detached())
+        return out.loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        out = self.step(batch).detached()
+        values = self._reduce([out])
+        self.log_dict(
+            {f"eval_{k}": v for k, v in values.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch.num_pairs,
+            sync_dist=False,  # already reduced across processes in _reduce
+        )
+
+    # -- metrics per optimizer step -----------------------------------------------------------
+    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(t, reduce_op="sum")
+        return t
+
+    def _reduce(self, micro: list[StepOutput]) -> dict[str, float]:
+        """trl's reduction: per micro-batch value = (sum over processes) / (count over processes),
+        then the plain mean over micro-batches; ``loss`` is the mean of micro-batch losses."""
+        per_key: dict[str, list[float]] = defaultdict(list)
+        for out in micro:
+            keys = sorted(out.sums)
+            sums = self._all_reduce_sum(torch.stack([out.sums[k] for k in keys]).double())
+            counts = self._all_reduce_sum(torch.stack([out.counts[k] for k in keys]).double())
+            for k, s, c in zip(keys, sums.tolist(), counts.tolist(), strict=True):
+                per_key[k].append(s / c if c > 0 else math.nan)
+            loss = self._all_reduce_sum(out.loss.double().reshape(1)) / self.trainer.world_size
+            per_key["loss"].append(loss.item())
+        return {k: sum(v) / len(v) for k, v in per_key.items()}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = (
+            torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+            ).item()
+            if grads
+            else 0.0
+        )
+        values = self._reduce(self._micro)
+        tokens = sum(out.num_tokens for out in self._micro)
+        self.num_tokens += self._all_reduce_sum(torch.tensor(float(tokens))).item()
+        self._micro = []
+        values.update(
+            grad_norm=grad_norm,
+            learning_rate=optimizer.param_groups[0]["lr"],
+            num_tokens=self.num_tokens,
+        )
+        self.last_logged = values
+        bar = {k: v for k, v in values.items() if k in PROGRESS_BAR_KEYS}
+        rest = {k: v for k, v in values.items() if k not in PROGRESS_BAR_KEYS}
+        self.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
+        self.log_dict(rest, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    # -- optimizer ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay),
+            lr=o.learning_rate,
+            betas=(o.adam_beta1, o.adam_beta2),
+            eps=o.adam_epsilon,
+            fused=fused,
+        )
+        warmup = o.warmup_steps or math.ceil(o.warmup_ratio * self.total_steps)
+        if o.lr_scheduler_type == "constant":
+            lam = lambda step: min(1.0, step / max(1, warmup)) if warmup else 1.0  # noqa: E731
+        else:
+            lam = lambda step: linear_schedule(step, warmup=warmup, total=self.total_steps)  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def reference_to(self, device) -> None:
+        """Move a separate reference model (not a registered submodule) to ``device``."""
+        model = getattr(self.reference, "model", None)
+        if model is not None and model is not self.model:
+            model.to(device)
+
+    def on_fit_start(self) -> None:
+        self.reference_to(self.device)
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps submodules' modes; a model from from_pretrained starts in eval mode.
+        self.model.train()

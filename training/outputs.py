@@ -1,0 +1,94 @@
+"""What a finished run leaves in ``--output-dir`` and prints.
+
+::
+
+    <output-dir>/
+      model/            save_pretrained: full weights, or the LoRA adapter; the tokenizer
+      model-merged/     with --merge-adapter: adapter merged into the base weights
+      config.yaml       the resolved config
+      metrics.csv       per-step metrics, trl's names (from Lightning's CSVLogger)
+      checkpoints/      Lightning checkpoints (atomic), for --resume
+      eval.json         before / after held-out metrics
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from training.cli import config_to_yaml
+from training.config import FitConfig
+
+SUMMARY_KEYS = (
+    ("eval_rewards/accuracies", "preference accuracy"),
+    ("eval_rewards/margins", "reward margin"),
+    ("eval_rewards/chosen", "reward chosen"),
+    ("eval_rewards/rejected", "reward rejected"),
+    ("eval_logps/chosen", "logp chosen"),
+    ("eval_logps/rejected", "logp rejected"),
+    ("eval_loss", "loss"),
+)
+
+
+def save_model(cfg: FitConfig, policy: torch.nn.Module, tokenizer, model_path: str) -> Path:
+    """``save_pretrained`` the policy (or its adapter) and tokenizer to ``<out>/model``; with
+    ``--merge-adapter`` also the merged full model to ``<out>/model-merged`` (the base is
+    reloaded unquantized, so a QLoRA adapter merges into full-precision weights)."""
+    out = Path(cfg.trainer.output_dir)
+    model_dir = out / "model"
+    policy.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    if cfg.lora.lora and cfg.lora.merge_adapter:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(
+            model_path, trust_remote_code=cfg.model.trust_remote_code
+        )
+        merged = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+        merged.save_pretrained(out / "model-merged")
+        tokenizer.save_pretrained(out / "model-merged")
+    return model_dir
+
+
+def save_outputs(cfg: FitConfig, policy, inputs, *, before: dict, after: dict) -> None:
+    """Model, tokenizer, resolved config, flat metrics CSV and eval.json (rank zero only)."""
+    out = Path(cfg.trainer.output_dir)
+    save_model(cfg, policy, inputs.tokenizer, inputs.model_path)
+    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    csv = out / "logs" / "metrics.csv"
+    if csv.exists():
+        shutil.copyfile(csv, out / "metrics.csv")
+    report = {
+        "before": before,
+        "after": after,
+        "n_pairs": len(inputs.data.heldout),
+        "dropped_rows": inputs.data.dropped,
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def format_table(before: dict, after: dict) -> str:
+    """A before/after table of held-out metrics."""
+    lines = [f"{'held-out metric':<22}{'before':>12}{'after':>12}", "-" * 46]
+    for key, label in SUMMARY_KEYS:
+        if key in before or key in after:
+            b, a = before.get(key, float("nan")), after.get(key, float("nan"))
+            lines.append(f"{label:<22}{b:>12.4f}{a:>12.4f}")
+    return "\n".join(lines)
+
+
+def print_summary(result) -> None:
+    """The before/after table and a one-line summary with where the outputs are."""
+    print()
+    print(format_table(result.before, result.after))
+    step = result.last_step
+    print(
+        f"\ndone: loss {step.get('loss', float('nan')):.4f}, "
+        f"rewards/accuracies {step.get('rewards/accuracies', float('nan')):.2f}, "
+        f"{result.seconds_per_step:.3f} s/step; model in {result.model_dir}, "
+        f"metrics in {result.output_dir / 'metrics.csv'}, report in {result.output_dir / 'eval.json'}"
+    )

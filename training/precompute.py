@@ -1,0 +1,82 @@
+"""Reference log-probs computed once before training and cached on disk.
+
+The reference (a frozen copy of the starting policy, ``--ref-model``, or the LoRA model with its
+adapters off) runs once over the train and held-out rows; the values ride along with each row
+into the batches (``ref_chosen_logps`` / ``ref_rejected_logps``), so a training step needs no
+reference forward. Each cache file is named by its key, a hash of the weights, tokenizer, tokens,
+truncation, dtype and ld_alpha (``dpo_core.reference.reference_cache_key``): a run with anything
+changed computes a new file, and a stale file is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from dpo_core import reference as ref
+from training.data_module import features_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _live_reference(policy, cfg):
+    """The reference to precompute with: what ``build_reference`` would use live."""
+    from training.models import build_reference
+
+    live_cfg = dataclasses.replace(
+        cfg, dpo=dataclasses.replace(cfg.dpo, precompute_ref_log_probs=False)
+    )
+    return build_reference(policy, live_cfg)
+
+
+def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name):
+    """(chosen (N,), rejected (N,)) for ``features`` (whose ``index`` is 0..N-1), from the cache
+    file for this exact key, computing and writing it when absent."""
+    key = ref.reference_cache_key(
+        key_model,
+        tokenizer=tokenizer,
+        data_fingerprint=features_fingerprint(features),
+        max_length=cfg.data.max_length,
+        truncation_mode=cfg.data.truncation_mode,
+        dtype=cfg.model.dtype,
+        ld_alpha=cfg.dpo.ld_alpha,
+    )
+    path = Path(cfg.trainer.output_dir) / "reference_logps" / f"{name}-{key[:16]}.pt"
+    if path.exists():
+        log.info("reference log-probs (%s): cached in %s", name, path)
+        return ref.load_reference_cache(path, key, len(features))
+    loader = DataLoader(features, batch_size=cfg.trainer.eval_batch_size, collate_fn=collator)
+    with torch.no_grad():
+        chosen, rejected = ref.precompute_reference_logps(reference, loader, num_rows=len(features))
+    ref.save_reference_cache(path, key, chosen, rejected, torch.arange(len(features)))
+    log.info("reference log-probs (%s): computed for %d rows -> %s", name, len(features), path)
+    return chosen, rejected
+
+
+def attach_precomputed_reference(policy, inputs, cfg) -> ref.PrecomputedReference:
+    """Compute (or load) the reference log-probs of every train and held-out row, store them in
+    the rows' features, and return the source that reads them back from each batch."""
+    from dpo_core.collate import PreferenceCollator
+
+    reference = _live_reference(policy, cfg)
+    key_model = getattr(reference, "model", policy)
+    collator = PreferenceCollator(
+        pad_token_id=inputs.tokenizer.pad_token_id,
+        max_length=cfg.data.max_length,
+        truncation_mode=cfg.data.truncation_mode,
+    )
+    for name, features in (("train", inputs.data.train), ("heldout", inputs.data.heldout)):
+        if not features:
+            continue
+        chosen, rejected = _cached_logps(
+            reference, features, collator, cfg, key_model, inputs.tokenizer, name
+        )
+        for i, f in enumerate(features):
+            f["ref_chosen_logps"] = float(chosen[i])
+            f["ref_rejected_logps"] = float(rejected[i])
+    del reference
+    return ref.PrecomputedReference()
