@@ -31,6 +31,9 @@ class ModelConfig:
     ref_model: str | None = _f(
         None, "Reference model (hub id or directory); unset = a frozen copy of the policy."
     )
+    adapter: str | None = _f(
+        None, "Start from this LoRA adapter directory (trained further; implies --lora)."
+    )
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model directory.")
     dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
     attn_implementation: str | None = _f(
@@ -180,7 +183,7 @@ def check_config(cfg: FitConfig) -> None:
         )
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
         raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
-    if cfg.lora.load_in_4bit:
+    if cfg.lora.load_in_4bit or cfg.model.adapter:
         cfg.lora.lora = True  # 4-bit weights cannot be trained directly: QLoRA trains adapters.
 
 

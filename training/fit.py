@@ -46,6 +46,8 @@ class FitResult:
     after: dict[str, float]
     last_step: dict[str, float]
     seconds_per_step: float
+    history: list[dict[str, float]]
+    policy: object = None
 
 
 def total_optimizer_steps(cfg: FitConfig, n_train: int) -> int:
@@ -78,12 +80,16 @@ def make_trainer(cfg: FitConfig, total_steps: int, epochs: int, timer: StepTimer
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
     except (ImportError, ModuleNotFoundError):
         pass
-    checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        every_n_train_steps=cfg.trainer.save_every_n_steps,
-        save_last=True,
-        save_top_k=0 if cfg.trainer.save_every_n_steps else None,
-    )
+    callbacks: list[L.Callback] = [timer]
+    if cfg.trainer.save_every_n_steps > 0:  # 0 = no checkpoints (e.g. parity runs)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out / "checkpoints",
+                every_n_train_steps=cfg.trainer.save_every_n_steps,
+                save_last=True,
+                save_top_k=0,
+            )
+        )
     return L.Trainer(
         max_steps=total_steps,
         max_epochs=epochs,
@@ -95,7 +101,8 @@ def make_trainer(cfg: FitConfig, total_steps: int, epochs: int, timer: StepTimer
         strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision,
         logger=loggers,
-        callbacks=[checkpoint, timer],
+        callbacks=callbacks,
+        enable_checkpointing=cfg.trainer.save_every_n_steps > 0,
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=1,
         num_sanity_val_steps=0,
@@ -142,7 +149,9 @@ def train(cfg: FitConfig, inputs: RunInputs) -> FitResult:
     model_dir = out / "model"
     if trainer.is_global_zero:
         save_outputs(cfg, policy, inputs, before=before, after=after)
-    return FitResult(out, model_dir, before, after, module.last_logged, timer.median())
+    return FitResult(
+        out, model_dir, before, after, module.last_logged, timer.median(), module.history, policy
+    )
 
 
 def make_eval_trainer(cfg: FitConfig) -> L.Trainer:

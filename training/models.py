@@ -71,13 +71,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def add_lora(model: PreTrainedModel, cfg: FitConfig) -> torch.nn.Module:
-    """Wrap ``model`` with fresh LoRA adapters (peft); with 4-bit weights, prepare for k-bit."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap ``model`` with LoRA adapters (peft): fresh ones, or ``--adapter``'s, trainable; with
+    4-bit weights, prepare the model for k-bit training first."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.lora.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
         )
+    if cfg.model.adapter:
+        return PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True)
     targets = cfg.lora.lora_target_modules
     peft_config = LoraConfig(
         r=cfg.lora.lora_r,

@@ -78,6 +78,7 @@ class DPOModule(L.LightningModule):
         self._micro: list[StepOutput] = []
         self.num_tokens = 0.0
         self.last_logged: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []  # one entry per optimizer step
 
     # -- the shared step ----------------------------------------------------------------------
     def step(self, batch) -> StepOutput:
@@ -145,6 +146,7 @@ class DPOModule(L.LightningModule):
             num_tokens=self.num_tokens,
         )
         self.last_logged = values
+        self.history.append(values)
         bar = {k: v for k, v in values.items() if k in PROGRESS_BAR_KEYS}
         rest = {k: v for k, v in values.items() if k not in PROGRESS_BAR_KEYS}
         self.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
