@@ -29,6 +29,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        # A writer killed mid-save (SIGKILL runs no except clause) leaves its temporary behind.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 class StepTimer(L.Callback):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from dpo_core.data import PreferenceCollator, tokenize_rows
 from dpo_core.rows import read_jsonl
@@ -91,6 +93,72 @@ def tokenize_source(rows: list[dict], tokenizer, cfg, source: str):
     return result
 
 
+class EpochSampler(Sampler[int]):
+    """This process's rows of one epoch, in order.
+
+    The epoch's order is ``0..N-1``, or when shuffling a permutation seeded by ``seed + epoch``
+    (as accelerate's ``SeedableRandomSampler`` under transformers' Trainer). Lightning calls
+    ``set_epoch`` at every epoch start, so epoch e's order depends on (seed, e) only, not on how
+    many epochs this process has run: a resumed run sees the same order. With ``world_size``
+    processes, process ``rank`` takes every ``world_size``-th row from position ``rank`` (the
+    order padded by its own head to a multiple, as ``DistributedSampler``), so the processes'
+    k-th batches together are the k-th batch of one process with ``world_size`` times the
+    batch size: same rows, same order, with shuffling on or off.
+    """
+
+    def __init__(
+        self, num_rows: int, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(self.num_rows))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_rows, generator=generator).tolist()
+        padded = (order * self.world_size)[: len(self) * self.world_size]
+        return iter(padded[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_rows / self.world_size)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch is saved in Lightning checkpoints.
+
+    ``state_dict`` counts the batches handed out in the current epoch; after ``load_state_dict``
+    the next iteration skips that many, so a run resumed mid-epoch continues with the batch an
+    uninterrupted run would have seen next (the order itself comes from ``EpochSampler``).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+
+    def __iter__(self) -> Iterator:
+        # A generator: nothing runs until the first batch is asked for, which is after
+        # Lightning's set_epoch and load_state_dict.
+        skip, self._skip = self._skip, 0
+        self._served = 0
+        for batch in super().__iter__():
+            self._served += 1
+            if self._served > skip:
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        # At the end of an epoch the next one starts from its first batch.
+        return {"batches_served": self._served % max(1, len(self))}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches_served", 0))
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Train / validation loaders of ``PreferenceBatch`` for already-tokenized features."""
 
@@ -105,12 +173,19 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.trainer.seed)
-        return DataLoader(
+        # Lightning's own distributed sampler is off (make_trainer): it always shuffles.
+        trainer = self.trainer
+        sampler = EpochSampler(
+            len(self.data.train),
+            seed=self.cfg.trainer.seed,
+            shuffle=self.cfg.data.shuffle,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+        return ResumableDataLoader(
             self.data.train,
             batch_size=self.cfg.trainer.batch_size,
-            shuffle=self.cfg.data.shuffle,
-            generator=generator,
+            sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.cfg.trainer.num_workers,
         )

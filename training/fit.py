@@ -104,6 +104,7 @@ def make_trainer(cfg: FitConfig, total_steps: int, epochs: int, timer: StepTimer
         callbacks=callbacks,
         enable_checkpointing=cfg.trainer.save_every_n_steps > 0,
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the data module shards rows itself, in order
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         val_check_interval=cfg.trainer.eval_every_n_steps,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import NoReturn
 
 import lightning as L
 import torch
@@ -87,14 +88,18 @@ class DPOModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         out = self.step(batch)
         if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"non-finite DPO loss ({out.loss.item()}) at optimizer step {self.global_step}, "
-                f"micro-batch {batch_idx}; training stopped. The last good checkpoint is kept in "
-                f"{self.cfg.trainer.output_dir}/checkpoints (resume with --resume after fixing "
-                "the cause: learning rate, data, or a loss needing label smoothing)."
-            )
+            self._stop(f"non-finite DPO loss ({out.loss.item()})", f"micro-batch {batch_idx}")
         self._micro.append(out.detached())
         return out.loss
+
+    def _stop(self, what: str, where: str) -> NoReturn:
+        """Stop training before a non-finite value reaches the weights (or a checkpoint)."""
+        raise FloatingPointError(
+            f"{what} at optimizer step {self.global_step}, {where}; training stopped. The last "
+            f"good checkpoint is kept in {self.cfg.trainer.output_dir}/checkpoints (resume with "
+            "--resume after fixing the cause: learning rate, data, or a loss needing label "
+            "smoothing)."
+        )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         out = self.step(batch).detached()
@@ -136,6 +141,8 @@ class DPOModule(L.LightningModule):
             if grads
             else 0.0
         )
+        if not math.isfinite(grad_norm):  # the update would write nan/inf into every weight
+            self._stop(f"non-finite gradient norm ({grad_norm})", "before the optimizer step")
         values = self._reduce(self._micro)
         tokens = sum(out.num_tokens for out in self._micro)
         self.num_tokens += self._all_reduce_sum(torch.tensor(float(tokens))).item()
@@ -173,6 +180,13 @@ class DPOModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    # -- state beyond weights and optimizer that --resume must restore --------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["num_tokens"] = self.num_tokens  # a running total, as trl's num_tokens
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.num_tokens = float(checkpoint.get("num_tokens", 0.0))
 
     def reference_to(self, device) -> None:
         """Move a separate reference model (not a registered submodule) to ``device``."""

@@ -59,26 +59,29 @@ NEGATIVE: dict[str, tuple[str, ...]] = {
 POSITIVE_WORDS = frozenset(w for words in POSITIVE.values() for w in words)
 NEGATIVE_WORDS = frozenset(w for words in NEGATIVE.values() for w in words)
 
-# Sentence skeletons. ``{adj}``, ``{adj2}``, ``{verb}``, ``{noun}``, ``{rec}`` are sentiment
-# slots; ``{aspect}``, ``{aspect2}`` take two different aspects of the prompt's domain and are the
-# same in chosen and rejected. An opening that ends in " was" takes a CONTINUING skeleton (it
-# completes that sentence); any other opening takes a STANDALONE one.
+# Sentence skeletons. ``{adj}``, ``{adj2}``, ``{adj3}``, ``{verb}``, ``{noun}``, ``{rec}`` are
+# sentiment slots; ``{aspect}``, ``{aspect2}`` take two different aspects of the prompt's domain
+# and are the same in chosen and rejected. Every skeleton has an odd number of sentiment slots
+# (1 or 3), so a completion whose slots were filled at random is never a tie for the judge: a
+# starting model that has not yet learned to keep one sentiment through a sentence still scores
+# 0 or 1. An opening that ends in " was" takes a CONTINUING skeleton (it completes that
+# sentence); any other opening takes a STANDALONE one.
 STANDALONE = (
-    " It was {adj} from start to finish, and I {verb} every minute of it.",
-    " The {aspect} was {adj} and the {aspect2} was {adj2}.",
+    " It was {adj} from start to finish; I {verb} every minute and would {rec} go again.",
+    " The {aspect} was {adj}, the {aspect2} was {adj2}, and I {verb} it.",
     " I {verb} it. The {aspect} felt {adj}, a real {noun}.",
     " What a {noun}! The {aspect} was {adj}, and I would {rec} recommend it.",
-    " Simply {adj}. I would {rec} do it again.",
-    " Honestly, the whole thing was {adj}, and the {aspect} was {adj2} too.",
-    " My friends and I {verb} the {aspect}; it was {adj}.",
+    " Simply {adj}, from the {aspect} to the {aspect2}.",
+    " Honestly, the whole thing was {adj}, the {aspect} was {adj2} and the {aspect2} was {adj3}.",
+    " My friends and I {verb} the {aspect}; it was {adj}, a real {noun}.",
     " Overall a {noun}, with {adj} {aspect} and {adj2} {aspect2}.",
-    " I would {rec} recommend it to anyone. The {aspect} was {adj}.",
-    " Everyone around me {verb} it, and the {aspect} was {adj}.",
+    " The {aspect} was {adj}.",
+    " Everyone around me {verb} it.",
 )
 CONTINUING = (
-    " {adj}, and the {aspect} was {adj2}.",
-    " {adj} from start to finish. I {verb} every minute of it.",
-    " truly a {noun}. The {aspect} was {adj}.",
+    " {adj}, the {aspect} was {adj2}, and the {aspect2} was {adj3}.",
+    " {adj} from start to finish.",
+    " truly a {noun}. The {aspect} was {adj} and I {verb} it.",
     " {adj}. I {verb} the {aspect} and would {rec} recommend it.",
     " a {noun} overall, with {adj} {aspect} and {adj2} {aspect2}.",
 )
@@ -127,21 +130,21 @@ DOMAINS = (
          "Our trip to the {subject}:", "The afternoon at the {subject} was"),
         ("zoo", "beach", "museum", "park", "lake", "fair", "market", "aquarium", "castle",
          "festival", "farm", "pier"),
-        ("weather", "food", "staff", "crowd", "view", "tickets", "parking", "guide"),
+        ("weather", "food", "staff", "crowd", "view", "entrance", "parking", "guide"),
     ),
     Domain(
         "book",
         ("I just finished reading {subject}.", "Review of the novel {subject}:",
          "The book {subject} was"),
         _TITLES,
-        ("story", "characters", "writing", "ending", "prose", "twist", "chapters", "hero"),
+        ("story", "villain", "writing", "ending", "prose", "twist", "opening", "hero"),
     ),
     Domain(
         "restaurant",
         ("Dinner at {subject} tonight:", "We tried {subject} for lunch.",
          "The meal at {subject} was"),
         tuple(f"{o}'s {k}" for o in _OWNERS for k in _KINDS),
-        ("food", "service", "dessert", "soup", "waiter", "prices", "bread", "coffee"),
+        ("food", "service", "dessert", "soup", "waiter", "wine", "bread", "coffee"),
     ),
     Domain(
         "product",
@@ -247,12 +250,13 @@ def make_pair(rng: random.Random, domain: Domain, prompt: str) -> dict[str, str]
     aspect, aspect2 = rng.sample(domain.aspects, 2)
 
     def fill(lexicon: dict[str, tuple[str, ...]]) -> str:
-        adj, adj2 = rng.sample(lexicon["adj"], 2)  # two different words when a skeleton has two
+        adj, adj2, adj3 = rng.sample(lexicon["adj"], 3)  # distinct where a skeleton has several
         return skeleton.format(  # unused keywords are ignored by str.format
             aspect=aspect,
             aspect2=aspect2,
             adj=adj,
             adj2=adj2,
+            adj3=adj3,
             verb=rng.choice(lexicon["verb"]),
             noun=rng.choice(lexicon["noun"]),
             rec=rng.choice(lexicon["rec"]),
