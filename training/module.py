@@ -44,12 +44,14 @@ def dpo_settings(cfg: FitConfig) -> DPOSettings:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups, decay and no-decay (biases and norm weights), as
     transformers' ``Trainer.get_decay_parameter_names`` splits them."""
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for module_name, module in model.named_modules():
         is_norm = "norm" in type(module).__name__.lower()
         for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            # A tied weight (embeddings = LM head) belongs to two modules: step it once only.
+            if not p.requires_grad or id(p) in seen:
                 continue
+            seen.add(id(p))
             full = f"{module_name}.{name}" if module_name else name
             (no_decay if is_norm or name == "bias" or "bias" in full else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]

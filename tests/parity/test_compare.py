@@ -62,6 +62,33 @@ def test_loss_tolerances(step, delta, fails):
     assert report.passed == (not fails)
 
 
+@pytest.mark.parametrize(
+    ("step", "delta", "fails"),
+    [
+        (0, 0.9e-6, set()),
+        (0, 1.1e-6, {"grad_norm@1"}),
+        (2, 9e-5, set()),
+        (2, 1.1e-4, {"grad_norm"}),
+    ],
+)
+def test_grad_norm_is_tight_at_step_1_only(step, delta, fails):
+    """Step 1 starts from identical weights; later grad norms follow the weights' drift."""
+    ours = make_run()
+    ours.steps[step]["grad_norm"] += delta  # |trl| < 1: the relative difference is absolute
+    report = compare_runs("grad_norm", make_run(), ours)
+    assert {c.name for c in report.checks if not c.passed} == fails
+
+
+@pytest.mark.parametrize(("delta", "passed"), [(3e-4, True), (4e-4, False)])
+def test_large_losses_are_compared_relatively(delta, passed):
+    """A squared loss near 35 (sppo_hard): 1 float32 ulp is 3.8e-6, the bound 35 * 1e-5."""
+    trl, ours = make_run(), make_run()
+    for run in (trl, ours):
+        run.steps[2]["loss"] = 35.0
+    ours.steps[2]["loss"] += delta
+    assert check(compare_runs("big", trl, ours), "loss").passed == passed
+
+
 def test_rewards_step1_bound():
     ours = make_run()
     ours.steps[0]["rewards/margins"] += 1.5e-6

@@ -113,11 +113,16 @@ def test_qlora_run_trains_the_shared_adapter(qlora_run):
     # Final weights are exactly the adapter, named as peft names it.
     assert set(result.final_weights) == set(initial)
     assert all("lora_A" in n or "lora_B" in n for n in initial)
-    # peft initialises B to zero; after 2 Adam steps at lr 1e-3 every B has moved.
     for name, weight in result.final_weights.items():
+        moved = (weight.float() - initial[name]).abs().max().item()
         if "lora_B" in name:
-            assert initial[name].abs().max().item() == 0.0
-            assert weight.abs().max().item() > 1e-4
+            # peft initialises B to zero; 2 Adam steps at lr 1e-3 move it by ~1e-3.
+            assert initial[name].abs().max().item() == 0.0 and moved > 1e-4
+        else:
+            # A gets no gradient at step 1 (B = 0) and moves by at most ~0.75 lr at step 2, plus
+            # bf16 rounding of |A| ~ 0.1 (2.5e-4): training started from the shared adapter, not
+            # from an adapter of trl's own drawing (entries ~0.1 apart).
+            assert moved < 2e-3
 
 
 def _load(directory):

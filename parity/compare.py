@@ -1,0 +1,204 @@
+"""Line up two runs of one case (trl's and ours) and check every number against its tolerance.
+
+Tolerance policy (float32 on CPU). A difference is ``|ours - trl|``, or for the ``rel``
+checks ``|ours - trl| / max(1, |trl|)``: absolute below 1 (so the usual losses and rewards are
+held to the absolute bounds as stated), relative above, because float32 resolution is relative.
+Summed log-probs reach -100s, where one ulp is already 7.6e-6; the squared losses (ipo,
+sppo_hard) reach 25-50, where one ulp is 3.8e-6 and ``d loss / d logratio = 2(lr - 1/(2 beta))
+~ 10`` turns logps rounding into 1.9e-5 absolute by step 5 (measured, sppo_hard).
+
+======================  ==========  ============================================================
+metric                  tolerance   why
+======================  ==========  ============================================================
+loss, rewards/* step 1  1e-6 rel    one forward from identical weights: only summation order
+                                    differs (trl vs hand measured 1.2e-7, notes §4)
+loss, rewards/* all     1e-5 rel    ulp-level gradient differences, normalised by Adam, move the
+                                    weights apart by ~1e-5 over 10-20 steps (measured 3.6e-7)
+logps/*                 1e-5 rel    sums of ~100 float32 terms: 1 ulp at |x|~60 is 3.8e-6
+logits/*, entropy       1e-5 rel    token means of float32 reductions over the vocabulary, drift
+                                    as the loss does (measured <= 9.5e-7)
+grad_norm step 1        1e-6 rel    the same gradients from identical weights (measured <= 3e-7)
+grad_norm all           1e-4 rel    a derivative, evaluated at weights allowed to differ by 1e-4:
+                                    its drift is the loss curvature times the weight drift, and
+                                    sharp losses amplify it (discopop's mixing sigmoid has
+                                    curvature ~1/tau^2 = 400: 1.9e-5 by step 3, measured, while
+                                    its loss agreed to 2.4e-7)
+mean_token_accuracy     1e-6 abs    ratios of integer counts: one argmax flip moves it by >= 1/n
+num_tokens              0           integer count of the same attention masks
+learning_rate           1e-12 abs   the same float64 schedule formula on both sides
+token ids, dropped rows 0           tokenization must be identical
+final weights           1e-4 abs    Adam at lr 1e-3 turns last-bit gradient noise into ~1e-5
+                                    weight differences (measured 1.07e-5)
+======================  ==========  ============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from parity.result import RunResult
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How one step metric is compared.
+
+    Attributes:
+        bound: the largest allowed difference.
+        relative: divide the difference by ``max(1, |trl|)`` first.
+        first_step_only: compare step 1 only (the tighter step-1 checks).
+    """
+
+    bound: float
+    relative: bool = False
+    first_step_only: bool = False
+
+
+STEP1, ALL_STEPS, LOGPS_REL, GRAD_NORM_REL, WEIGHTS = 1e-6, 1e-5, 1e-5, 1e-4, 1e-4
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+# Check name -> (metric in RunResult.steps, tolerance). Order = order in the table.
+STEP_CHECKS: dict[str, tuple[str, Tolerance]] = {
+    "loss@1": ("loss", Tolerance(STEP1, relative=True, first_step_only=True)),
+    **{f"{m}@1": (m, Tolerance(STEP1, relative=True, first_step_only=True)) for m in REWARDS},
+    "loss": ("loss", Tolerance(ALL_STEPS, relative=True)),
+    **{m: (m, Tolerance(ALL_STEPS, relative=True)) for m in REWARDS},
+    "logps/chosen": ("logps/chosen", Tolerance(LOGPS_REL, relative=True)),
+    "logps/rejected": ("logps/rejected", Tolerance(LOGPS_REL, relative=True)),
+    "logits/chosen": ("logits/chosen", Tolerance(ALL_STEPS, relative=True)),
+    "logits/rejected": ("logits/rejected", Tolerance(ALL_STEPS, relative=True)),
+    "entropy": ("entropy", Tolerance(ALL_STEPS, relative=True)),
+    "grad_norm@1": ("grad_norm", Tolerance(STEP1, relative=True, first_step_only=True)),
+    "grad_norm": ("grad_norm", Tolerance(GRAD_NORM_REL, relative=True)),
+    "mean_token_accuracy": ("mean_token_accuracy", Tolerance(STEP1)),
+    "num_tokens": ("num_tokens", Tolerance(0.0)),
+    "learning_rate": ("learning_rate", Tolerance(1e-12)),
+}
+
+
+@dataclass
+class MetricCheck:
+    """One row of the table: a metric, the values at its worst step, the difference, the bound.
+
+    Attributes:
+        name: check name (``loss@1`` is step 1 only; ``loss`` is every step).
+        trl_value: trl's value where the difference is largest (None for non-scalar checks).
+        ours_value: ours at the same place.
+        max_diff: the largest difference (``inf`` when something is missing or mismatched).
+        tolerance: the bound it must not exceed.
+        relative: whether ``max_diff`` and ``tolerance`` are relative.
+        note: where the worst difference is, or what is missing.
+    """
+
+    name: str
+    trl_value: float | None
+    ours_value: float | None
+    max_diff: float
+    tolerance: float
+    relative: bool = False
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.max_diff <= self.tolerance
+
+
+@dataclass
+class CaseReport:
+    """The outcome of one case: its checks, or why it was not compared, or the error it hit."""
+
+    name: str
+    checks: list[MetricCheck] = field(default_factory=list)
+    skipped: str = ""
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        """No error and every check within tolerance (a case trl cannot run counts as passed)."""
+        return not self.error and all(c.passed for c in self.checks)
+
+
+def difference(trl: float, ours: float, relative: bool) -> float:
+    """``|ours - trl|``, over ``max(1, |trl|)`` when ``relative``; NaN on one side only is inf."""
+    if math.isnan(trl) or math.isnan(ours):
+        return 0.0 if math.isnan(trl) and math.isnan(ours) else math.inf
+    diff = abs(ours - trl)
+    return diff / max(1.0, abs(trl)) if relative else diff
+
+
+def compare_step_metric(
+    name: str, metric: str, tol: Tolerance, trl: RunResult, ours: RunResult
+) -> MetricCheck:
+    """The worst difference of one metric over the compared steps."""
+    steps = 1 if tol.first_step_only else len(trl.steps)
+    fail = MetricCheck(name, None, None, math.inf, tol.bound, tol.relative)
+    if len(ours.steps) < steps:
+        fail.note = f"ours has {len(ours.steps)} steps, trl {len(trl.steps)}"
+        return fail
+    worst = MetricCheck(name, None, None, -1.0, tol.bound, tol.relative)
+    for i in range(steps):
+        if metric not in ours.steps[i]:
+            fail.note = f"missing in ours at step {i + 1}"
+            return fail
+        a, b = trl.steps[i][metric], ours.steps[i][metric]
+        diff = difference(a, b, tol.relative)
+        if diff > worst.max_diff:
+            worst = MetricCheck(name, a, b, diff, tol.bound, tol.relative, f"step {i + 1}")
+    if not tol.first_step_only and len(ours.steps) != len(trl.steps):
+        worst.max_diff = math.inf
+        worst.note = f"ours has {len(ours.steps)} steps, trl {len(trl.steps)}"
+    return worst
+
+
+def compare_token_ids(trl: RunResult, ours: RunResult) -> MetricCheck:
+    """Token ids must be identical: the difference is the number of rows that differ."""
+    bad = [i for i, (a, b) in enumerate(zip(trl.token_ids, ours.token_ids, strict=False)) if a != b]
+    extra = abs(len(trl.token_ids) - len(ours.token_ids))
+    note = f"first differing row {bad[0]}" if bad else ""
+    if extra:
+        note = f"{len(trl.token_ids)} rows in trl, {len(ours.token_ids)} in ours; " + note
+    return MetricCheck("token_ids", None, None, float(len(bad) + extra), 0.0, note=note.strip("; "))
+
+
+def compare_weights(trl: RunResult, ours: RunResult) -> MetricCheck:
+    """The largest absolute difference over all final weights; names and shapes must agree."""
+    check = MetricCheck("final_weights", None, None, 0.0, WEIGHTS)
+    names_trl, names_ours = set(trl.final_weights), set(ours.final_weights)
+    if names_trl != names_ours:
+        missing, extra = sorted(names_trl - names_ours), sorted(names_ours - names_trl)
+        check.max_diff = math.inf
+        check.note = f"missing in ours {missing[:3]}, extra in ours {extra[:3]}"
+        return check
+    if not names_trl:
+        check.max_diff, check.note = math.inf, "no weights"
+        return check
+    worst, worst_name = -1.0, ""
+    for name in sorted(names_trl):
+        a, b = trl.final_weights[name], ours.final_weights[name]
+        if a.shape != b.shape:
+            check.max_diff, check.note = (
+                math.inf,
+                f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}",
+            )
+            return check
+        diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        diff = math.inf if math.isnan(diff) else diff
+        if diff > worst:
+            worst, worst_name = diff, name
+    check.max_diff, check.note = worst, worst_name
+    return check
+
+
+def compare_runs(name: str, trl: RunResult, ours: RunResult) -> CaseReport:
+    """Every check of one case: step metrics, token ids, dropped rows and final weights."""
+    checks = [
+        compare_step_metric(check, metric, tol, trl, ours)
+        for check, (metric, tol) in STEP_CHECKS.items()
+        if trl.steps and metric in trl.steps[0]
+    ]
+    checks.append(compare_token_ids(trl, ours))
+    dropped = float(abs(trl.dropped_rows - ours.dropped_rows))
+    checks.append(MetricCheck("dropped_rows", trl.dropped_rows, ours.dropped_rows, dropped, 0.0))
+    checks.append(compare_weights(trl, ours))
+    return CaseReport(name=name, checks=checks)

@@ -1,0 +1,141 @@
+"""The trl side of a parity case: Hugging Face trl 1.16's ``DPOTrainer`` run deterministically.
+
+Settings (notes §4): float32 (``bf16=False``: trl turns autocast on by default), no gradient
+checkpointing, a sequential sampler (the default shuffles), a log entry every step (the default
+averages 10), the learning rate of the case (the default is 1e-6), AdamW fused, linear decay,
+clipping at ``max_grad_norm``, dropout disabled, CPU, no saving, no reporting. The reference is
+passed explicitly, loaded from its own directory: with ``ref_model=None`` trl reloads the policy
+from disk, so a reference that differs would be silently ignored.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+from datasets import Dataset
+from peft import get_peft_model_state_dict
+
+from parity.cases import ParityCase
+from parity.models import load_adapter_init, load_model, lora_config
+from parity.result import TOKEN_FIELDS, RunResult
+from parity.workspace import prepare_workspace, training_rows
+
+
+def trl_config(case: ParityCase, output_dir: pathlib.Path):
+    """The ``DPOConfig`` of ``case`` with every setting that changes a number pinned."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(output_dir),
+        seed=case.seed,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        train_sampling_strategy="sequential",
+        per_device_train_batch_size=case.batch_size,
+        gradient_accumulation_steps=case.grad_accum,
+        max_steps=case.steps,
+        learning_rate=case.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=case.warmup_steps,
+        optim="adamw_torch_fused",
+        weight_decay=case.weight_decay,
+        max_grad_norm=case.max_grad_norm,
+        disable_dropout=True,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=case.max_length,
+        truncation_mode=case.truncation_mode,
+        loss_type=list(case.loss_type),
+        loss_weights=case.loss_weights,
+        beta=case.beta,
+        label_smoothing=case.label_smoothing,
+        f_divergence_type=case.f_divergence_type,
+        f_alpha_divergence_coef=case.f_alpha_divergence_coef,
+        use_weighting=case.use_weighting,
+        ld_alpha=case.ld_alpha,
+        discopop_tau=case.discopop_tau,
+        precompute_ref_log_probs=case.precompute_ref,
+    )
+
+
+def run_trl(case: ParityCase, workdir: pathlib.Path) -> RunResult:
+    """Train ``case`` with trl's ``DPOTrainer`` and collect what ``parity.compare`` compares.
+
+    The policy and reference are loaded from the files ``prepare_workspace`` wrote. With LoRA,
+    trl wraps the policy itself (``peft_config``); the adapter is then overwritten with the
+    shared initial adapter before training, and the explicit reference stays in use (trl only
+    switches to "adapter disabled" when ``ref_model`` is None). With 4-bit weights trl casts the
+    adapter to bfloat16 in ``__init__`` (QLoRA paper), so the shared adapter is loaded rounded to
+    bfloat16 and trained in bfloat16.
+    """
+    from transformers import PrinterCallback
+    from trl import DPOTrainer
+
+    workdir = pathlib.Path(workdir)
+    ws = prepare_workspace(case, workdir)
+    rows = training_rows(case, ws)
+    trainer = DPOTrainer(
+        model=load_model(ws.policy_dir, case),
+        ref_model=load_model(ws.reference_dir, case),
+        args=trl_config(case, workdir / "trl"),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=ws.tokenizer(),
+        peft_config=lora_config(case) if case.lora else None,
+    )
+    if len(trainer.train_dataset) == 0:
+        raise ValueError(
+            f"trl dropped all {len(rows)} rows: every prompt fills max_length={case.max_length}"
+        )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    if ws.adapter_init_dir is not None:
+        load_adapter_init(trainer.model, ws.adapter_init_dir)
+    trainer.train()
+    return RunResult(
+        steps=step_metrics(trainer.state.log_history, case.steps),
+        token_ids=trainer.train_dataset.select_columns(list(TOKEN_FIELDS)).to_list(),
+        final_weights=trained_weights(trainer.accelerator.unwrap_model(trainer.model), case),
+        dropped_rows=len(rows) - len(trainer.train_dataset),
+    )
+
+
+def step_metrics(log_history: list[dict], steps: int) -> list[dict[str, float]]:
+    """One dict per optimizer step from ``trainer.state.log_history`` (full floats).
+
+    The per-step entries are those holding ``loss``; the end-of-training summary (``train_loss``)
+    and the bookkeeping keys ``step`` and ``epoch`` are left out.
+
+    Raises:
+        ValueError: when the log does not hold exactly one entry per step 1..steps.
+    """
+    entries = [e for e in log_history if "loss" in e]
+    logged = [e.get("step") for e in entries]
+    if logged != list(range(1, steps + 1)):
+        raise ValueError(f"trl logged steps {logged}, expected 1..{steps}")
+    return [
+        {k: float(v) for k, v in e.items() if k not in ("step", "epoch") and _is_number(v)}
+        for e in entries
+    ]
+
+
+def trained_weights(model: torch.nn.Module, case: ParityCase) -> dict[str, torch.Tensor]:
+    """The trainable weights after training, detached copies on CPU.
+
+    Full fine-tuning: ``named_parameters`` with ``requires_grad`` (plain HF names; a tied LM head
+    appears once, under the embedding's name). LoRA: ``get_peft_model_state_dict``.
+    """
+    if case.lora:
+        state = get_peft_model_state_dict(model)
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+    return {
+        name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def _is_number(value: object) -> bool:
+    """A real number as the trainer logs them (bools excluded)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
