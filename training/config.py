@@ -110,6 +110,9 @@ class LoraConfig:
     )
     bnb_4bit_compute_dtype: str = _f("float32", "Compute dtype of the 4-bit layers.")
     bnb_4bit_quant_type: str = _f("nf4", "nf4 or fp4.")
+    qlora_adapter_dtype: str = _f(
+        "bfloat16", "dtype of the LoRA weights on a 4-bit base (bf16: QLoRA paper, as trl 1.16)."
+    )
 
 
 @dataclass

@@ -80,7 +80,8 @@ def add_lora(model: PreTrainedModel, cfg: FitConfig) -> torch.nn.Module:
             model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
         )
     if cfg.model.adapter:
-        return PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True)
+        model = PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True)
+        return cast_qlora_adapters(model, cfg)
     targets = cfg.lora.lora_target_modules
     peft_config = LoraConfig(
         r=cfg.lora.lora_r,
@@ -89,7 +90,20 @@ def add_lora(model: PreTrainedModel, cfg: FitConfig) -> torch.nn.Module:
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    return cast_qlora_adapters(get_peft_model(model, peft_config), cfg)
+
+
+def cast_qlora_adapters(model: torch.nn.Module, cfg: FitConfig) -> torch.nn.Module:
+    """On a 4-bit base, store the trainable LoRA weights in ``qlora_adapter_dtype`` (bf16 by
+    default, as the QLoRA paper (Dettmers 2023, sec. 3) and trl 1.16's ``DPOTrainer`` do; DoRA
+    magnitude vectors stay float32, as trl keeps them)."""
+    if not cfg.lora.load_in_4bit:
+        return model
+    dtype = torch_dtype(cfg.lora.qlora_adapter_dtype)
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(dtype)
+    return model
 
 
 def load_policy(path: str, cfg: FitConfig) -> torch.nn.Module:

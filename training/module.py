@@ -136,13 +136,9 @@ class DPOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = (
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-            ).item()
-            if grads
-            else 0.0
-        )
+        # The pre-clip total norm as clip_grad_norm_ computes it (in the gradients' dtype), which
+        # is what transformers' Trainer logs as grad_norm.
+        grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
         if not math.isfinite(grad_norm):  # the update would write nan/inf into every weight
             self._stop(f"non-finite gradient norm ({grad_norm})", "before the optimizer step")
         values = self._reduce(self._micro)

@@ -233,3 +233,24 @@ def test_table_shows_values_results_and_reasons():
     assert "FAIL (step 1)" in loss_row
     assert "SKIP: cDPO" in table
     assert table.splitlines()[-1] == "1/2 cases passed"
+
+
+def test_bf16_weights_are_compared_in_ulps_of_their_scale():
+    """One bf16 rounding step at the tensor's scale passes, two fail; float32 stays absolute."""
+    import torch
+
+    from parity.compare import compare_weights, ulp_difference
+    from parity.result import RunResult
+
+    a = torch.tensor([0.5, 0.01, 0.0], dtype=torch.bfloat16)
+    step = torch.finfo(torch.bfloat16).eps * 0.5
+    one = a.double().clone()
+    one[1] += step
+    two = a.double().clone()
+    two[1] += 2.5 * step
+    assert ulp_difference(a, one.to(torch.bfloat16)) <= 1.0
+    assert ulp_difference(a, two.to(torch.bfloat16)) > 1.0
+    trl = RunResult(steps=[], token_ids=[], final_weights={"w": a})
+    ours = RunResult(steps=[], token_ids=[], final_weights={"w": two.to(torch.bfloat16)})
+    check = compare_weights(trl, ours)
+    assert check.name == "final_weights (ulps)" and not check.passed

@@ -54,9 +54,9 @@ CASES = [_case(f"loss-{t}", loss_type=[t]) for t in LOSS_TYPES] + [
     _case("wpo", use_weighting=True),
     _case("ld_alpha", ld_alpha=0.5),
     _case("lora", lora=True),
-    # 4-bit + LoRA is not here yet: trl's grad_norm on that path comes out bf16-rounded
-    # (0.3828125 = 49/128) while ours is float32, and the runs drift apart from step 1's
-    # gradient on. The cause is not found yet (see parity/README.md, "Open differences").
+    # trl 1.16 stores QLoRA adapters in bf16; ours does too (qlora_adapter_dtype), and the
+    # weights are then compared in bf16 ulps (parity/compare.py).
+    _case("qlora-4bit", lora=True, load_in_4bit=True),
     _case("precompute-ref", precompute_ref=True),
     _case("grad-accum", batch_size=2, grad_accum=2),
     _case("keep_start", max_length=24),
