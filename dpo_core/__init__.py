@@ -8,6 +8,7 @@ Modules, in the order one batch meets them:
 - ``reference`` where the reference log-probs come from (frozen copy, adapters off, cache on disk)
 - ``losses``    every DPO loss variant, ``dpo_loss`` and the weighted combination
 - ``metrics``   the numbers trl logs, with trl's names
+- ``evaluation`` before vs after: preference accuracy (ties 1/2), margins, sequence-level KL
 
 ``dpo_core`` imports torch (and transformers' tokenizers for chat templates) and nothing of ours
 above it: read it alone to learn the math. ``README.md`` beside this file derives it.

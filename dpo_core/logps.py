@@ -9,10 +9,10 @@ position t predicts token t+1, so with ``mask = completion_mask[:, 1:]`` the per
 on the (N, L-1) "shifted" grid, exactly as trl's fused LM head returns it (trl/trainer/utils.py:
 1598-1696, zero where the label is -100). Unlike trl on CPU, which projects every position to the
 vocabulary (kern:48-49), we project only the completion positions, in chunks of ``chunk_size``
-tokens, so the float32 ``[chunk, V]`` logits block stays bounded; backward recomputes a chunk's
-logits instead of keeping them alive.
+tokens, so the float32 ``[chunk, V]`` logits block stays bounded (``dpo_core.lm_head`` does the
+projection, its closed-form backward and the no-grad statistics).
 
-Reading order: ``TokenLogps`` -> ``completion_token_logps`` -> ``model_token_logps`` ->
+Reading order: ``TokenLogps`` -> ``score_selected`` -> ``completion_token_logps`` -> ``model_token_logps`` ->
 ``sequence_logps`` / ``ld_sequence_logps``. ``token_logps_from_logits`` is the plain full-logits
 computation the chunked one must equal.
 
@@ -23,14 +23,12 @@ trl/trainer/dpo_trainer.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dpo_core.batch import PreferenceBatch
+from dpo_core.lm_head import KEEP_PROBS_BYTES, selected_logps
 from dpo_core.model_parts import LogitTransform, model_parts
 
 
@@ -60,168 +58,6 @@ class TokenLogps:
     log_sum_sq_probs: torch.Tensor | None = None
 
 
-class _Stats(NamedTuple):
-    """No-grad statistics of the selected tokens, each (T,) or None when not requested."""
-
-    entropy: torch.Tensor | None
-    mean_logits: torch.Tensor | None
-    is_top1: torch.Tensor | None
-    log_sum_sq_probs: torch.Tensor | None
-
-
-def _target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z[target] - log Z, log Z)`` with ``log Z = logsumexp(z)``; logits (n, V) float32 -> (n,), (n,).
-
-    ``torch.logsumexp`` is ``max + log Σ exp(z - max)``, the same expression trl's kernel folds
-    (kern:378-379), so the two agree to the last bit or so.
-    """
-    log_z = torch.logsumexp(logits, dim=-1)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z, log_z
-
-
-@torch.no_grad()
-def _logit_stats(logits: torch.Tensor, targets: torch.Tensor, wpo: bool) -> _Stats:
-    """Entropy, mean logit, top-1 and (if ``wpo``) ``log Σ p²`` of logits (n, V) float32, as trl's kernel.
-
-    With ``e = exp(z - max z)`` and ``s = Σ e`` (kern:211-254 folds these, kern:378-383):
-    ``H = log Z - Σ e·z / s``, ``mean = Σ z / V``, ``log Σ p² = log Σ e² - 2 log s``.
-    ``is_top1`` is ``argmax == target``: torch's argmax returns the first maximum, which is
-    trl's rule ``z_t >= max and z_t > max_{v < t} z_v`` (kern:383).
-    """
-    z_max = logits.amax(dim=-1, keepdim=True)
-    e = torch.exp(logits - z_max)
-    s = e.sum(dim=-1)
-    log_z = z_max.squeeze(-1) + torch.log(s)
-    entropy = log_z - (e * logits).sum(dim=-1) / s
-    log_sum_sq = torch.log((e * e).sum(dim=-1)) - 2 * torch.log(s) if wpo else None
-    mean_logits = logits.sum(dim=-1) / logits.shape[-1]
-    return _Stats(entropy, mean_logits, logits.argmax(dim=-1) == targets, log_sum_sq)
-
-
-def _project(
-    head: nn.Module, hidden: torch.Tensor, transform: LogitTransform | None
-) -> torch.Tensor:
-    """``head(hidden)`` as float32 logits (n, V), then the model's own logit transform if any."""
-    logits = head(hidden).float()
-    return logits if transform is None else transform(logits)
-
-
-def _concat_stats(chunks: list[_Stats]) -> _Stats:
-    """Join per-chunk statistics along the token dimension."""
-    return _Stats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
-
-
-class _LinearHeadLogps(torch.autograd.Function):
-    """``log softmax(h Wᵀ + b)[target]`` for an nn.Linear head, chunked over tokens.
-
-    Forward keeps only ``log Z`` (T,) per token. Backward recomputes each chunk's logits and uses
-    the closed-form gradient ``∂ log p_t / ∂z = onehot(t) - softmax(z)``: with ``G = g·(onehot - p)``
-    (n, V), ``grad_h = G W``, ``grad_W = Σ_chunks Gᵀ h``, ``grad_b = Σ_rows G``. One [n, V] block
-    is alive at a time, in both directions.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, stats: bool, wpo: bool):
-        logps, log_z, chunk_stats = [], [], []
-        for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
-            logits = F.linear(h, weight, bias)
-            lp, lz = _target_logps(logits, t)
-            logps.append(lp)
-            log_z.append(lz)
-            if stats:
-                chunk_stats.append(_logit_stats(logits, t, wpo))
-        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(log_z))
-        ctx.chunk_size = chunk_size
-        ctx.set_materialize_grads(False)
-        out_stats = _concat_stats(chunk_stats) if stats else _Stats(None, None, None, None)
-        ctx.mark_non_differentiable(*(s for s in out_stats if s is not None))
-        return torch.cat(logps), *out_stats
-
-    @staticmethod
-    def backward(ctx, grad_logps, *_unused_stat_grads):
-        hidden, weight, bias, targets, log_z = ctx.saved_tensors
-        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        if grad_logps is None:
-            return None, None, None, None, None, None, None
-        grad_h = torch.empty_like(hidden) if needs_h else None
-        grad_w = torch.zeros_like(weight) if needs_w else None
-        grad_b = torch.zeros_like(bias) if needs_b and bias is not None else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            h, g = hidden[rows], grad_logps[rows].unsqueeze(-1)
-            logits = F.linear(h, weight, bias)  # (n, V), recomputed
-            grad_logits = logits.sub_(log_z[rows].unsqueeze(-1)).exp_().mul_(-g)  # -g * p
-            grad_logits.scatter_add_(1, targets[rows].unsqueeze(-1), g)  # + g * onehot
-            if grad_h is not None:
-                torch.mm(grad_logits, weight, out=grad_h[rows])
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.t(), h)
-            if grad_b is not None:
-                grad_b.add_(grad_logits.sum(dim=0))
-        return grad_h, grad_w, grad_b, None, None, None, None
-
-
-def _checkpointed_chunk(
-    head: nn.Module,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    transform: LogitTransform | None,
-    stats: bool,
-    wpo: bool,
-) -> tuple[torch.Tensor, _Stats | None]:
-    """One chunk through any head under activation checkpointing: backward reruns the head."""
-    computed: list[_Stats] = []
-
-    def run(h: torch.Tensor) -> torch.Tensor:
-        logits = _project(head, h, transform)
-        if stats and not computed:  # the rerun in backward skips the statistics
-            computed.append(_logit_stats(logits.detach(), targets, wpo))
-        return _target_logps(logits, targets)[0]
-
-    logps = checkpoint(run, hidden, use_reentrant=False)
-    return logps, (computed[0] if computed else None)
-
-
-def _uses_linear_kernel(head: nn.Module, hidden: torch.Tensor, transform) -> bool:
-    """The custom Function covers a plain float32 nn.Linear with no logit transform or autocast."""
-    return (
-        type(head) is nn.Linear
-        and transform is None
-        and hidden.dtype == head.weight.dtype == torch.float32
-        and not torch.is_autocast_enabled(hidden.device.type)
-    )
-
-
-def _selected_logps(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    head: nn.Module,
-    transform: LogitTransform | None,
-    chunk_size: int,
-    stats: bool,
-    wpo: bool,
-) -> tuple[torch.Tensor, _Stats | None]:
-    """Log-probs (T,) and statistics of T selected hidden states (T, H) with targets (T,)."""
-    grad = torch.is_grad_enabled()
-    # The custom Function keeps no [T, V] block for backward, so it serves even one chunk
-    if grad and _uses_linear_kernel(head, hidden, transform):
-        logps, *rest = _LinearHeadLogps.apply(
-            hidden, head.weight, head.bias, targets, chunk_size, stats, wpo
-        )
-        return logps, (_Stats(*rest) if stats else None)
-    logps, chunk_stats = [], []
-    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
-        if grad and hidden.shape[0] > chunk_size:
-            lp, st = _checkpointed_chunk(head, h, t, transform, stats, wpo)
-        else:  # one chunk, or no graph to keep: compute plainly
-            logits = _project(head, h, transform)
-            lp = _target_logps(logits, t)[0]
-            st = _logit_stats(logits.detach(), t, wpo) if stats else None
-        logps.append(lp)
-        chunk_stats.append(st)
-    return torch.cat(logps), (_concat_stats(chunk_stats) if stats else None)
-
-
 def _check_grid(
     hidden_or_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, name: str
 ):
@@ -241,6 +77,45 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
+def score_selected(
+    selected: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    head: nn.Module,
+    *,
+    chunk_size: int = 1024,
+    with_stats: bool = False,
+    with_wpo: bool = False,
+    logit_transform: LogitTransform | None = None,
+    keep_probs_bytes: int = KEEP_PROBS_BYTES,
+) -> TokenLogps:
+    """Score T gathered hidden states and lay the results out on the (N, L-1) grid of ``mask``.
+
+    ``selected`` (T, H) are the hidden states that predict ``targets`` (T,), listed in the
+    row-major order of the True entries of ``mask`` (N, L-1) bool. The plain path
+    (``completion_token_logps``) and the prompt-sharing path (``dpo_core.packing``) differ only
+    in where they gather ``selected`` from.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    logps, stats = selected_logps(
+        selected,
+        targets,
+        head,
+        transform=logit_transform,
+        chunk_size=chunk_size,
+        stats=with_stats or with_wpo,
+        wpo=with_wpo,
+        keep_probs_bytes=keep_probs_bytes,
+    )
+    on_grid = (
+        {}
+        if stats is None
+        else {k: _scatter(mask, v) for k, v in stats._asdict().items() if v is not None}
+    )
+    return TokenLogps(logps=_scatter(mask, logps), mask=mask, **on_grid)
+
+
 def completion_token_logps(
     hidden_states: torch.Tensor,
     head: nn.Module,
@@ -251,6 +126,7 @@ def completion_token_logps(
     with_stats: bool = False,
     with_wpo: bool = False,
     logit_transform: LogitTransform | None = None,
+    keep_probs_bytes: int = KEEP_PROBS_BYTES,
 ) -> TokenLogps:
     """Per-token completion log-probs from last hidden states, projecting completion tokens only.
 
@@ -268,23 +144,22 @@ def completion_token_logps(
         with_stats: also return entropy, mean_logits and is_top1 (no grad).
         with_wpo: also return log_sum_sq_probs (no grad); implies computing the statistics.
         logit_transform: the model's logit scaling / softcap (``model_parts.logit_transform_from_config``).
+        keep_probs_bytes: keep the (T, V) softmax from forward to backward up to this size
+            (``dpo_core.lm_head``: 3 matmuls instead of 4); 0 recomputes it chunk by chunk.
     """
     _check_grid(hidden_states, input_ids, completion_mask, "hidden_states")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     mask = completion_mask[:, 1:].bool()
-    selected = hidden_states[:, :-1][mask]  # (T, H)
-    targets = input_ids[:, 1:][mask]  # (T,)
-    stats_wanted = with_stats or with_wpo
-    logps, stats = _selected_logps(
-        selected, targets, head, logit_transform, chunk_size, stats_wanted, with_wpo
+    return score_selected(
+        hidden_states[:, :-1][mask],  # (T, H)
+        input_ids[:, 1:][mask],  # (T,)
+        mask,
+        head,
+        chunk_size=chunk_size,
+        with_stats=with_stats,
+        with_wpo=with_wpo,
+        logit_transform=logit_transform,
+        keep_probs_bytes=keep_probs_bytes,
     )
-    on_grid = (
-        {}
-        if stats is None
-        else {k: _scatter(mask, v) for k, v in stats._asdict().items() if v is not None}
-    )
-    return TokenLogps(logps=_scatter(mask, logps), mask=mask, **on_grid)
 
 
 def token_logps_from_logits(
@@ -330,6 +205,7 @@ def model_token_logps(
     chunk_size: int = 1024,
     with_stats: bool = False,
     with_wpo: bool = False,
+    keep_probs_bytes: int = KEEP_PROBS_BYTES,
 ) -> TokenLogps:
     """Run the backbone on the batch and score its completion tokens with the model's LM head.
 
@@ -352,6 +228,7 @@ def model_token_logps(
         with_stats=with_stats,
         with_wpo=with_wpo,
         logit_transform=parts.logit_transform,
+        keep_probs_bytes=keep_probs_bytes,
     )
 
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.logps import ld_sequence_logps, model_token_logps, sequence_logps, split_pairs
+from dpo_core.logps import ld_sequence_logps, sequence_logps, split_pairs
+from dpo_core.packing import token_logps
 
 CACHE_FORMAT = "dpo-reference-logps-v1"
 
@@ -46,11 +47,15 @@ class ReferenceSource(ABC):
 
 
 def _model_reference_logps(
-    model: nn.Module, batch: PreferenceBatch, chunk_size: int, ld_alpha: float | None
+    model: nn.Module,
+    batch: PreferenceBatch,
+    chunk_size: int,
+    ld_alpha: float | None,
+    prompt_sharing: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed (or LD-weighted) completion log-probs of ``model`` on ``batch``, without grad."""
     with torch.no_grad():
-        token = model_token_logps(model, batch, chunk_size=chunk_size)
+        token = token_logps(model, batch, prompt_sharing=prompt_sharing, chunk_size=chunk_size)
     if ld_alpha is not None:
         return ld_sequence_logps(token, ld_alpha)
     return split_pairs(sequence_logps(token))
@@ -72,15 +77,19 @@ class FrozenCopyReference(ReferenceSource):
         chunk_size: int = 1024,
         ld_alpha: float | None = None,
         policy: nn.Module | None = None,
+        prompt_sharing: bool = True,
     ) -> None:
         if policy is not None:
             check_reference_is_not_policy(policy, ref_model)
         self.model = ref_model.eval().requires_grad_(False)
         self.chunk_size = chunk_size
         self.ld_alpha = ld_alpha
+        self.prompt_sharing = prompt_sharing
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return _model_reference_logps(self.model, batch, self.chunk_size, self.ld_alpha)
+        return _model_reference_logps(
+            self.model, batch, self.chunk_size, self.ld_alpha, self.prompt_sharing
+        )
 
 
 class AdapterDisabledReference(ReferenceSource):
@@ -93,7 +102,12 @@ class AdapterDisabledReference(ReferenceSource):
     name = "adapters_disabled"
 
     def __init__(
-        self, peft_model: nn.Module, *, chunk_size: int = 1024, ld_alpha: float | None = None
+        self,
+        peft_model: nn.Module,
+        *,
+        chunk_size: int = 1024,
+        ld_alpha: float | None = None,
+        prompt_sharing: bool = True,
     ) -> None:
         if not callable(getattr(peft_model, "disable_adapter", None)):
             raise TypeError(
@@ -103,10 +117,13 @@ class AdapterDisabledReference(ReferenceSource):
         self.model = peft_model
         self.chunk_size = chunk_size
         self.ld_alpha = ld_alpha
+        self.prompt_sharing = prompt_sharing
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         with self.model.disable_adapter():
-            return _model_reference_logps(self.model, batch, self.chunk_size, self.ld_alpha)
+            return _model_reference_logps(
+                self.model, batch, self.chunk_size, self.ld_alpha, self.prompt_sharing
+            )
 
 
 class PrecomputedReference(ReferenceSource):

@@ -3,7 +3,7 @@
 This is the path of one batch (``../shared/ARCHITECTURE.md``) as a single function, so the
 Lightning module, the parity suite and the benchmark all run exactly the same arithmetic::
 
-    token  = model_token_logps(policy, batch)              # (2B, L-1) per-token, chunked head
+    token  = token_logps(policy, batch)                    # (2B, L-1) per-token, chunked head
     pi_c, pi_r = sums of token logps (LD-weighted with ld_alpha)
     ref_c, ref_r = reference(batch)                        # frozen copy | adapters off | cache
     loss, rewards = combined_dpo_loss(pi_c, pi_r, ref_c, ref_r, ...)
@@ -17,16 +17,17 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo_core.batch import PreferenceBatch
+from dpo_core.lm_head import KEEP_PROBS_BYTES
 from dpo_core.logps import (
     TokenLogps,
     completion_lengths,
     ld_sequence_logps,
-    model_token_logps,
     sequence_logps,
     split_pairs,
 )
 from dpo_core.losses import combined_dpo_loss, wpo_weights
 from dpo_core.metrics import metric_sums
+from dpo_core.packing import token_logps
 
 
 @dataclass
@@ -43,7 +44,10 @@ class DPOSettings:
     ld_alpha: float | None = None
     discopop_tau: float = 0.05
     reference_free: bool = False
+    # Speed and memory only; the numbers agree up to float32 rounding (dpo_core.lm_head, .packing).
     chunk_size: int = 1024
+    keep_probs_bytes: int = KEEP_PROBS_BYTES
+    prompt_sharing: bool = True
 
 
 @dataclass
@@ -105,12 +109,14 @@ def dpo_step(
     model: torch.nn.Module, batch: PreferenceBatch, reference, settings: DPOSettings
 ) -> StepOutput:
     """Loss and metric sums of ``model`` on ``batch`` (see the module docstring)."""
-    token = model_token_logps(
+    token = token_logps(
         model,
         batch,
+        prompt_sharing=settings.prompt_sharing,
         chunk_size=settings.chunk_size,
         with_stats=True,
         with_wpo=settings.use_weighting,
+        keep_probs_bytes=settings.keep_probs_bytes,
     )
     pi_c, pi_r = policy_sequence_logps(token, settings.ld_alpha)
     ref_c, ref_r = reference_logps(reference, batch, settings, pi_c)

@@ -22,11 +22,15 @@ from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
 
 
-def trl_config(case: ParityCase, output_dir: pathlib.Path):
-    """The ``DPOConfig`` of ``case`` with every setting that changes a number pinned."""
+def trl_config(case: ParityCase, output_dir: pathlib.Path, **overrides):
+    """The ``DPOConfig`` of ``case`` with every setting that changes a number pinned.
+
+    ``overrides`` replace any of those settings (the benchmark runs trl at its own defaults,
+    ``bf16=True, gradient_checkpointing=True``, with them).
+    """
     from trl import DPOConfig
 
-    return DPOConfig(
+    settings = dict(
         output_dir=str(output_dir),
         seed=case.seed,
         use_cpu=True,
@@ -61,6 +65,7 @@ def trl_config(case: ParityCase, output_dir: pathlib.Path):
         discopop_tau=case.discopop_tau,
         precompute_ref_log_probs=case.precompute_ref,
     )
+    return DPOConfig(**{**settings, **overrides})
 
 
 def run_trl(case: ParityCase, workdir: pathlib.Path) -> RunResult:

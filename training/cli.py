@@ -49,21 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="YAML file with any of the fields below.")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config.")
-    for group, cls in GROUPS.items():
-        section = parser.add_argument_group(group, cls.__doc__)
-        for f in dataclasses.fields(cls):
-            kind, is_list, optional = _base_type(f.type)
-            flag = "--" + f.name.replace("_", "-")
-            help_text = f.metadata.get("help", "")
-            if kind is bool:
-                section.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-            elif is_list:
-                section.add_argument(flag, nargs="+", type=kind, help=help_text)
-            else:
-                section.add_argument(
-                    flag, type=_none_or(kind) if optional else kind, help=help_text
-                )
+    for group in GROUPS:
+        add_group_flags(parser, group)
     return parser
+
+
+def add_group_flags(parser: argparse.ArgumentParser, group: str) -> None:
+    """One flag per field of config group ``group``, in a section of ``parser``'s help."""
+    cls = GROUPS[group]
+    section = parser.add_argument_group(group, cls.__doc__)
+    for f in dataclasses.fields(cls):
+        kind, is_list, optional = _base_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif is_list:
+            section.add_argument(flag, nargs="+", type=kind, help=help_text)
+        else:
+            section.add_argument(flag, type=_none_or(kind) if optional else kind, help=help_text)
 
 
 def _flatten_yaml(data: dict, source: Path) -> dict[str, Any]:

@@ -57,6 +57,9 @@ class DataConfig:
     truncation_mode: str = _f("keep_start", "keep_start or keep_end, as trl.")
     skip_invalid: bool = _f(False, "Skip malformed rows (counted and reported) instead of failing.")
     shuffle: bool = _f(True, "Shuffle training rows each epoch (off = trl's sequential sampler).")
+    group_by_length: bool = _f(
+        False, "Batch pairs of similar token counts together (less padding; changes the order)."
+    )
     max_rows: int | None = _f(None, "Use only the first N training rows.")
 
 
@@ -78,6 +81,14 @@ class DPOConfig:
     reference_free: bool = _f(False, "Take reference log-probs as 0 (no reference model).")
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once, cached on disk.")
     logps_chunk_size: int = _f(1024, "Completion tokens projected to the vocabulary at a time.")
+    logps_keep_probs_mb: int = _f(
+        512, "Keep the head's softmax for backward up to this size (MiB); 0 = recompute it."
+    )
+    prompt_sharing: bool | None = _f(
+        None,
+        "Forward each prompt once per pair (prompt+chosen+rejected in one row); unset = on "
+        "when the model computes in float32 (off for bf16/fp16 weights or QLoRA adapters).",
+    )
 
 
 @dataclass
@@ -141,6 +152,26 @@ class TrainerConfig:
     num_workers: int = _f(0, "DataLoader workers.")
 
 
+@dataclass
+class EvalConfig:
+    """Evaluation before vs after training (``training.evaluate``): sampling and judging."""
+
+    num_prompts: int = _f(128, "Held-out prompts to sample a completion for (0 = no generation).")
+    max_new_tokens: int = _f(48, "Most tokens sampled per completion.")
+    temperature: float = _f(1.0, "Sampling temperature (1.0 samples pi itself: unbiased KL).")
+    top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off: unbiased KL).")
+    generation_batch_size: int = _f(64, "Prompts sampled at a time.")
+    judge: str = _f(
+        "auto",
+        "auto (embedded: the task's rule; else implicit), rule, implicit, none, a reward-model "
+        "directory or hub id, or module:function returning a score in [0, 1].",
+    )
+    win_against: str = _f(
+        "chosen", "Reward judges: a sample wins if it outscores the pair's chosen or rejected."
+    )
+    num_examples: int = _f(5, "Side-by-side before/after examples in report.md.")
+
+
 GROUPS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -148,6 +179,7 @@ GROUPS: dict[str, type] = {
     "optim": OptimConfig,
     "lora": LoraConfig,
     "trainer": TrainerConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -161,6 +193,7 @@ class FitConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -186,8 +219,21 @@ def check_config(cfg: FitConfig) -> None:
         )
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
         raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
+    check_eval_config(cfg.eval)
     if cfg.lora.load_in_4bit or cfg.model.adapter:
         cfg.lora.lora = True  # 4-bit weights cannot be trained directly: QLoRA trains adapters.
+
+
+def check_eval_config(e: EvalConfig) -> None:
+    """Reject sampling and judging settings that cannot work."""
+    if e.num_prompts < 0 or e.num_examples < 0:
+        raise ValueError("--num-prompts and --num-examples must be >= 0")
+    if e.max_new_tokens < 1 or e.generation_batch_size < 1:
+        raise ValueError("--max-new-tokens and --generation-batch-size must be >= 1")
+    if e.temperature <= 0 or not 0 < e.top_p <= 1:
+        raise ValueError(f"--temperature must be > 0 and --top-p in (0, 1], got {e}")
+    if e.win_against not in ("chosen", "rejected"):
+        raise ValueError(f"--win-against must be chosen or rejected, got {e.win_against!r}")
 
 
 def field_names() -> dict[str, str]:

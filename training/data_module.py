@@ -93,6 +93,36 @@ def tokenize_source(rows: list[dict], tokenizer, cfg, source: str):
     return result
 
 
+# Length grouping sorts windows of this many global batches (transformers' LengthGroupedSampler).
+GROUP_WINDOW_BATCHES = 50
+
+
+def pair_length(feature: dict, max_length: int | None) -> int:
+    """Tokens of one pair, prompt + chosen + rejected, each sequence cut to ``max_length``."""
+    prompt = len(feature["prompt_ids"])
+
+    def row(completion: str) -> int:
+        n = prompt + len(feature[completion])
+        return n if max_length is None else min(n, max_length)
+
+    return row("chosen_ids") + row("rejected_ids") - prompt
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_rows: int) -> list[int]:
+    """``order`` with rows of similar ``lengths`` next to each other, ``batch_rows`` at a time.
+
+    ``order`` is cut into windows of ``GROUP_WINDOW_BATCHES * batch_rows`` rows; each window is
+    sorted longest first (ties keep their order), so consecutive ``batch_rows`` rows, one batch,
+    have similar lengths and need little padding. Every row stays in the epoch exactly once and
+    the windows keep their place, so a shuffled order stays shuffled at the window scale.
+    """
+    window = GROUP_WINDOW_BATCHES * batch_rows
+    grouped = []
+    for start in range(0, len(order), window):
+        grouped += sorted(order[start : start + window], key=lambda i: -lengths[i])
+    return grouped
+
+
 class EpochSampler(Sampler[int]):
     """This process's rows of one epoch, in order.
 
@@ -104,13 +134,27 @@ class EpochSampler(Sampler[int]):
     order padded by its own head to a multiple, as ``DistributedSampler``), so the processes'
     k-th batches together are the k-th batch of one process with ``world_size`` times the
     batch size: same rows, same order, with shuffling on or off.
+
+    With ``lengths`` (one per row) and ``batch_size``, the order is length-grouped
+    (``group_by_length``) with global batches of ``batch_size * world_size`` rows.
     """
 
     def __init__(
-        self, num_rows: int, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1
+        self,
+        num_rows: int,
+        *,
+        seed: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
     ) -> None:
+        if lengths is not None and len(lengths) != num_rows:
+            raise ValueError(f"EpochSampler: {len(lengths)} lengths for {num_rows} rows")
         self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.lengths, self.batch_size = lengths, batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -121,6 +165,8 @@ class EpochSampler(Sampler[int]):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.num_rows, generator=generator).tolist()
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.batch_size * self.world_size)
         padded = (order * self.world_size)[: len(self) * self.world_size]
         return iter(padded[self.rank :: self.world_size])
 
@@ -181,6 +227,8 @@ class PreferenceDataModule(L.LightningDataModule):
             shuffle=self.cfg.data.shuffle,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
+            lengths=self._train_lengths() if self.cfg.data.group_by_length else None,
+            batch_size=self.cfg.trainer.batch_size,
         )
         return ResumableDataLoader(
             self.data.train,
@@ -189,6 +237,9 @@ class PreferenceDataModule(L.LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.cfg.trainer.num_workers,
         )
+
+    def _train_lengths(self) -> list[int]:
+        return [pair_length(f, self.cfg.data.max_length) for f in self.data.train]
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

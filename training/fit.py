@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -28,9 +28,9 @@ from training.callbacks import AtomicCheckpointIO, StepTimer
 from training.cli import config_to_yaml, resolve_config
 from training.config import FitConfig
 from training.data_module import PreferenceDataModule
-from training.models import build_reference, load_policy
+from training.models import build_reference, load_policy, resolve_prompt_sharing
 from training.module import DPOModule
-from training.outputs import save_outputs
+from training.outputs import evaluate_run, save_outputs
 from training.prepare import RunInputs, prepare_inputs
 
 log = logging.getLogger("training.fit")
@@ -38,7 +38,11 @@ log = logging.getLogger("training.fit")
 
 @dataclass
 class FitResult:
-    """Where a finished run put its outputs, and its headline numbers."""
+    """Where a finished run put its outputs, and its headline numbers.
+
+    ``before`` / ``after`` are the held-out metrics the training loop logs (trl's ``eval_*``
+    names); ``evaluation`` is the full before-vs-after evaluation written to eval.json.
+    """
 
     output_dir: Path
     model_dir: Path
@@ -48,6 +52,9 @@ class FitResult:
     seconds_per_step: float
     history: list[dict[str, float]]
     policy: object = None
+    evaluation: object = None  # training.evaluate.Evaluation, when evaluated
+    report: object = None  # training.report.ReportPaths: eval.json, report.md, plots
+    step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time
 
 
 def total_optimizer_steps(cfg: FitConfig, n_train: int) -> int:
@@ -70,7 +77,13 @@ def epochs_needed(cfg: FitConfig, n_train: int, total_steps: int) -> int:
     return max(1, math.ceil(total_steps / max(1, steps_per_epoch)))
 
 
-def make_trainer(cfg: FitConfig, total_steps: int, epochs: int, timer: StepTimer) -> L.Trainer:
+def make_trainer(
+    cfg: FitConfig,
+    total_steps: int,
+    epochs: int,
+    timer: StepTimer,
+    extra_callbacks: list[L.Callback] | None = None,
+) -> L.Trainer:
     """The Lightning Trainer: loggers, checkpoints, clipping, accumulation, strategy."""
     out = Path(cfg.trainer.output_dir)
     loggers = [CSVLogger(save_dir=str(out), name="logs", version="")]
@@ -80,7 +93,7 @@ def make_trainer(cfg: FitConfig, total_steps: int, epochs: int, timer: StepTimer
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
     except (ImportError, ModuleNotFoundError):
         pass
-    callbacks: list[L.Callback] = [timer]
+    callbacks: list[L.Callback] = [timer, *(extra_callbacks or [])]
     if cfg.trainer.save_every_n_steps > 0:  # 0 = no checkpoints (e.g. parity runs)
         callbacks.append(
             ModelCheckpoint(
@@ -123,10 +136,16 @@ def validate(trainer: L.Trainer, module: DPOModule, data: PreferenceDataModule) 
     return {k: float(v) for k, v in results[0].items()} if results else {}
 
 
-def train(cfg: FitConfig, inputs: RunInputs) -> FitResult:
-    """Build policy, reference and Lightning objects from ``inputs``; fit; save; evaluate."""
+def train(
+    cfg: FitConfig, inputs: RunInputs, callbacks: list[L.Callback] | None = None
+) -> FitResult:
+    """Build policy, reference and Lightning objects from ``inputs``; fit; save; evaluate.
+
+    ``callbacks`` are extra Lightning callbacks for the training run (e.g. a benchmark's meter).
+    """
     out = Path(cfg.trainer.output_dir)
     policy = load_policy(inputs.model_path, cfg)
+    cfg = resolve_prompt_sharing(cfg, policy)
     reference = build_reference(policy, cfg)
     if cfg.dpo.precompute_ref_log_probs:
         from training.precompute import attach_precomputed_reference
@@ -137,7 +156,7 @@ def train(cfg: FitConfig, inputs: RunInputs) -> FitResult:
     module = DPOModule(policy, reference, cfg, total_steps=total)
     timer = StepTimer()
     epochs = epochs_needed(cfg, len(inputs.data.train), total)
-    trainer = make_trainer(cfg, total, epochs, timer)
+    trainer = make_trainer(cfg, total, epochs, timer, callbacks)
     module.reference_to(trainer.strategy.root_device)
     last = out / "checkpoints" / "last.ckpt"
     resume = cfg.trainer.resume and last.exists()
@@ -148,10 +167,24 @@ def train(cfg: FitConfig, inputs: RunInputs) -> FitResult:
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
     after = validate(make_eval_trainer(cfg), module, data) if evaluate else {}
     model_dir = out / "model"
+    evaluation = report = None
     if trainer.is_global_zero:
-        save_outputs(cfg, policy, inputs, before=before, after=after)
+        save_outputs(cfg, policy, inputs)
+        if evaluate:
+            validation = {"before": before, "after": after}
+            evaluation, report = evaluate_run(cfg, inputs, policy, reference, validation)
     return FitResult(
-        out, model_dir, before, after, module.last_logged, timer.median(), module.history, policy
+        out,
+        model_dir,
+        before,
+        after,
+        module.last_logged,
+        timer.median(),
+        module.history,
+        policy,
+        evaluation,
+        report,
+        step_seconds=list(timer.durations),
     )
 
 
@@ -173,7 +206,7 @@ def run(cfg: FitConfig) -> FitResult:
     L.seed_everything(cfg.trainer.seed, verbose=False)
     inputs = prepare_inputs(cfg)
     result = train(cfg, inputs)
-    if result.before or result.after:
+    if result.before or result.after or result.evaluation:
         from training.outputs import print_summary
 
         print_summary(result)

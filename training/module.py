@@ -18,6 +18,7 @@ import torch
 
 from dpo_core.step import DPOSettings, StepOutput, dpo_step
 from training.config import FitConfig
+from training.models import resolve_prompt_sharing
 
 # Shown in the progress bar (all metrics go to the loggers).
 PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -38,6 +39,8 @@ def dpo_settings(cfg: FitConfig) -> DPOSettings:
         discopop_tau=d.discopop_tau,
         reference_free=d.reference_free,
         chunk_size=d.logps_chunk_size,
+        keep_probs_bytes=d.logps_keep_probs_mb * 2**20,
+        prompt_sharing=d.prompt_sharing,
     )
 
 
@@ -75,6 +78,7 @@ class DPOModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.reference = reference  # a dpo_core.reference source; not a registered submodule
+        cfg = resolve_prompt_sharing(cfg, model)
         self.cfg = cfg
         self.settings = dpo_settings(cfg)
         self.total_steps = total_steps

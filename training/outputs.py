@@ -8,12 +8,12 @@
       config.yaml       the resolved config
       metrics.csv       per-step metrics, trl's names (from Lightning's CSVLogger)
       checkpoints/      Lightning checkpoints (atomic), for --resume
-      eval.json         before / after held-out metrics
+      eval.json         before / after evaluation (``training.evaluate``; not with --no-evaluate)
+      report.md, *.png  the evaluation's report and plots (``training.report``)
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -54,21 +54,37 @@ def save_model(cfg: FitConfig, policy: torch.nn.Module, tokenizer, model_path: s
     return model_dir
 
 
-def save_outputs(cfg: FitConfig, policy, inputs, *, before: dict, after: dict) -> None:
-    """Model, tokenizer, resolved config, flat metrics CSV and eval.json (rank zero only)."""
+def save_outputs(cfg: FitConfig, policy, inputs) -> None:
+    """Model, tokenizer, resolved config and the flat metrics CSV (rank zero only)."""
     out = Path(cfg.trainer.output_dir)
     save_model(cfg, policy, inputs.tokenizer, inputs.model_path)
     (out / "config.yaml").write_text(config_to_yaml(cfg))
     csv = out / "logs" / "metrics.csv"
     if csv.exists():
         shutil.copyfile(csv, out / "metrics.csv")
-    report = {
-        "before": before,
-        "after": after,
-        "n_pairs": len(inputs.data.heldout),
-        "dropped_rows": inputs.data.dropped,
-    }
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def evaluate_run(cfg: FitConfig, inputs, policy, reference, validation: dict):
+    """Evaluate the trained ``policy`` against the starting model (``training.evaluate``) and
+    write eval.json, report.md and the plots. ``reference``: the training's reference source,
+    whose frozen model is reused. Returns (Evaluation, ReportPaths)."""
+    from training.eval_setup import build_models
+    from training.evaluate import evaluate
+    from training.report import write_report
+
+    live = getattr(reference, "model", None)
+    models = build_models(policy, cfg, inputs.model_path, live_copy=live)
+    evaluation = evaluate(models, inputs, cfg)
+    out = Path(cfg.trainer.output_dir)
+    paths = write_report(
+        out,
+        evaluation,
+        metrics_csv=out / "metrics.csv",
+        num_examples=cfg.eval.num_examples,
+        validation=validation,
+        dropped_rows=inputs.data.dropped,
+    )
+    return evaluation, paths
 
 
 def format_table(before: dict, after: dict) -> str:
@@ -84,11 +100,20 @@ def format_table(before: dict, after: dict) -> str:
 def print_summary(result) -> None:
     """The before/after table and a one-line summary with where the outputs are."""
     print()
-    print(format_table(result.before, result.after))
+    if result.evaluation is not None:
+        from training.report import format_table as evaluation_table
+
+        print(evaluation_table(result.evaluation.to_json()))
+    else:
+        print(format_table(result.before, result.after))
     step = result.last_step
     print(
         f"\ndone: loss {step.get('loss', float('nan')):.4f}, "
         f"rewards/accuracies {step.get('rewards/accuracies', float('nan')):.2f}, "
         f"{result.seconds_per_step:.3f} s/step; model in {result.model_dir}, "
-        f"metrics in {result.output_dir / 'metrics.csv'}, report in {result.output_dir / 'eval.json'}"
+        f"metrics in {result.output_dir / 'metrics.csv'}"
     )
+    if result.report is not None:
+        print(f"report: {result.report.report_md}\neval.json: {result.report.eval_json}")
+        for plot in result.report.plots:
+            print(f"plot: {plot}")

@@ -1,0 +1,232 @@
+"""The LM head on T selected hidden states: ``log softmax(head(h))[target]`` in float32, chunked.
+
+``dpo_core.logps`` gathers the hidden states of the scored (completion) positions, T of them, and
+calls ``selected_logps``; this module does the projection to the vocabulary and its backward.
+
+For a plain float32 ``nn.Linear`` head (the common case) a custom autograd Function does the
+minimum work. With ``z = h Wᵀ + b`` (n, V), ``p = softmax(z)`` and ``g = ∂L/∂ log p_target``:
+
+    ∂L/∂z = g · (onehot(target) - p)                         (closed form of the log-softmax)
+    grad_h = (∂L/∂z) W,   grad_W = (∂L/∂z)ᵀ h,   grad_b = Σ_rows ∂L/∂z
+
+Forward needs ``exp(z - max z)`` anyway (for log Z and for the statistics); when the (T, V)
+float32 probabilities fit in ``keep_probs_bytes``, forward keeps them and backward is two matmuls
+(3 in all: the forward projection, grad_h, grad_W). Otherwise forward keeps only ``log Z`` (T,)
+and backward recomputes each chunk's logits (4 matmuls), so one [chunk, V] block is alive at a
+time. Any other head (LoRA, 4-bit, a logit softcap, autocast) runs through plain autograd, each
+chunk under activation checkpointing.
+
+The metric-only statistics (entropy, mean logit, top-1, WPO's ``log Σ p²``) are computed from the
+same block, without gradient, and only for the selected tokens.
+
+``kern:N`` are lines of trl 1.16.0's trl/kernels/chunked_logprob.py.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dpo_core.model_parts import LogitTransform
+
+# Keep the (T, V) float32 softmax from forward to backward up to this size (then 3 matmuls
+# instead of 4). 512 MiB holds e.g. 4,096 tokens x a 32,000-token vocabulary.
+KEEP_PROBS_BYTES = 512 * 2**20
+
+
+class HeadStats(NamedTuple):
+    """No-grad statistics of the selected tokens, each (T,) or None when not requested."""
+
+    entropy: torch.Tensor | None
+    mean_logits: torch.Tensor | None
+    is_top1: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor | None
+
+
+NO_STATS = HeadStats(None, None, None, None)
+
+
+def _softmax_parts(logits: torch.Tensor, out: torch.Tensor | None = None):
+    """``(e, s, log_z)`` of logits (n, V): ``e = exp(z - max z)`` (n, V) written into ``out`` when
+    given, ``s = Σ e`` (n,), ``log Z = max z + log s`` (n,).
+
+    This is the expression ``torch.logsumexp`` evaluates (max, subtract, exp, sum, log, add) and
+    the one trl's kernel folds (kern:378-379), so log Z agrees to the last bit or so.
+    """
+    z_max = logits.amax(dim=-1, keepdim=True)
+    e = torch.sub(logits, z_max, out=out).exp_()
+    s = e.sum(dim=-1)
+    return e, s, z_max.squeeze(-1) + torch.log(s)
+
+
+@torch.no_grad()
+def _stats_from_parts(logits, e, s, log_z, targets, wpo: bool) -> HeadStats:
+    """Entropy, mean logit, top-1 and (if ``wpo``) ``log Σ p²`` from ``_softmax_parts``.
+
+    ``H = log Z - Σ e·z / s``, ``mean = Σ z / V``, ``log Σ p² = log Σ e² - 2 log s``.
+    ``is_top1`` is ``argmax == target``: torch's argmax returns the first maximum, which is
+    trl's rule ``z_t >= max and z_t > max_{v < t} z_v`` (kern:383).
+    """
+    entropy = log_z - (e * logits).sum(dim=-1) / s
+    log_sum_sq = torch.log((e * e).sum(dim=-1)) - 2 * torch.log(s) if wpo else None
+    mean_logits = logits.sum(dim=-1) / logits.shape[-1]
+    return HeadStats(entropy, mean_logits, logits.argmax(dim=-1) == targets, log_sum_sq)
+
+
+def _target_logp(logits: torch.Tensor, targets: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """``z[target] - log Z`` (n,)."""
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+
+
+def logit_stats(logits: torch.Tensor, targets: torch.Tensor, wpo: bool) -> HeadStats:
+    """The no-grad statistics of logits (n, V) float32 with targets (n,), as trl's kernel."""
+    with torch.no_grad():
+        e, s, log_z = _softmax_parts(logits)
+        return _stats_from_parts(logits, e, s, log_z, targets, wpo)
+
+
+def _concat_stats(chunks: list[HeadStats]) -> HeadStats:
+    """Join per-chunk statistics along the token dimension."""
+    return HeadStats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
+
+
+def _chunks(num_rows: int, chunk_size: int) -> list[slice]:
+    """Row slices of ``chunk_size``; one (empty) slice when there are no rows."""
+    return [slice(i, i + chunk_size) for i in range(0, max(num_rows, 1), chunk_size)]
+
+
+class _LinearHeadLogps(torch.autograd.Function):
+    """``log softmax(h Wᵀ + b)[target]`` (T,) for an nn.Linear head, chunked over tokens.
+
+    See the module docstring for the gradient. ``probs`` (T, V) is kept from forward when
+    ``keep_probs``; otherwise backward recomputes each chunk's softmax from ``log Z``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, stats, wpo, keep_probs):
+        probs = hidden.new_empty(hidden.shape[0], weight.shape[0]) if keep_probs else None
+        logps, log_zs, chunk_stats = [], [], []
+        for rows in _chunks(hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[rows], weight, bias)  # (n, V)
+            e, s, log_z = _softmax_parts(logits, out=None if probs is None else probs[rows])
+            logps.append(_target_logp(logits, targets[rows], log_z))
+            log_zs.append(log_z)
+            if stats:
+                chunk_stats.append(_stats_from_parts(logits, e, s, log_z, targets[rows], wpo))
+            if probs is not None:
+                e.div_(s.unsqueeze(-1))  # now softmax(z), in place inside ``probs``
+        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(log_zs), probs)
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)
+        out_stats = _concat_stats(chunk_stats) if stats else NO_STATS
+        ctx.mark_non_differentiable(*(s for s in out_stats if s is not None))
+        return torch.cat(logps), *out_stats
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_unused_stat_grads):
+        hidden, weight, bias, targets, log_z, probs = ctx.saved_tensors
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        if grad_logps is None:
+            return (None,) * 8
+        grad_h = torch.empty_like(hidden) if needs_h else None
+        grad_w = torch.zeros_like(weight) if needs_w else None
+        grad_b = torch.zeros_like(bias) if needs_b and bias is not None else None
+        for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+            h, g = hidden[rows], grad_logps[rows].unsqueeze(-1)
+            if probs is not None:
+                grad_logits = probs[rows].mul(-g)  # -g * p
+            else:  # recompute p = exp(z - log Z) from the chunk's logits
+                logits = F.linear(h, weight, bias)
+                grad_logits = logits.sub_(log_z[rows].unsqueeze(-1)).exp_().mul_(-g)
+            grad_logits.scatter_add_(1, targets[rows].unsqueeze(-1), g)  # + g * onehot
+            if grad_h is not None:
+                torch.mm(grad_logits, weight, out=grad_h[rows])
+            if grad_w is not None:
+                grad_w.addmm_(grad_logits.t(), h)
+            if grad_b is not None:
+                grad_b.add_(grad_logits.sum(dim=0))
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _project(
+    head: nn.Module, hidden: torch.Tensor, transform: LogitTransform | None
+) -> torch.Tensor:
+    """``head(hidden)`` as float32 logits (n, V), then the model's own logit transform if any."""
+    logits = head(hidden).float()
+    return logits if transform is None else transform(logits)
+
+
+def _plain_chunk(head, hidden, targets, transform, stats: bool, wpo: bool):
+    """One chunk through any head with plain autograd: (logps (n,), statistics or None)."""
+    logits = _project(head, hidden, transform)
+    log_z = torch.logsumexp(logits, dim=-1)
+    return _target_logp(logits, targets, log_z), (
+        logit_stats(logits.detach(), targets, wpo) if stats else None
+    )
+
+
+def _checkpointed_chunk(head, hidden, targets, transform, stats: bool, wpo: bool):
+    """One chunk through any head under activation checkpointing: backward reruns the head."""
+    computed: list[HeadStats] = []
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        logps, chunk_stats = _plain_chunk(head, h, targets, transform, stats and not computed, wpo)
+        if chunk_stats is not None:  # the rerun in backward skips the statistics
+            computed.append(chunk_stats)
+        return logps
+
+    logps = checkpoint(run, hidden, use_reentrant=False)
+    return logps, (computed[0] if computed else None)
+
+
+def _uses_linear_kernel(head: nn.Module, hidden: torch.Tensor, transform) -> bool:
+    """The custom Function covers a plain float32 nn.Linear with no logit transform or autocast."""
+    return (
+        type(head) is nn.Linear
+        and transform is None
+        and hidden.dtype == head.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled(hidden.device.type)
+    )
+
+
+def selected_logps(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: nn.Module,
+    *,
+    transform: LogitTransform | None = None,
+    chunk_size: int = 1024,
+    stats: bool = False,
+    wpo: bool = False,
+    keep_probs_bytes: int = KEEP_PROBS_BYTES,
+) -> tuple[torch.Tensor, HeadStats | None]:
+    """Log-probs (T,) and statistics of T selected hidden states (T, H) with targets (T,).
+
+    Args:
+        hidden: (T, H) hidden states, each predicting the token in ``targets``.
+        targets: (T,) long.
+        head: any module (n, H) -> (n, V).
+        transform: the model's logit scaling / softcap, or None.
+        chunk_size: tokens projected at a time (bounds each float32 [chunk, V] block).
+        stats: also return the no-grad statistics (``HeadStats``); ``wpo`` adds ``log Σ p²``.
+        keep_probs_bytes: keep the (T, V) softmax for backward up to this many bytes (plain
+            float32 Linear head only); 0 always recomputes.
+    """
+    if torch.is_grad_enabled() and _uses_linear_kernel(head, hidden, transform):
+        keep = hidden.shape[0] * head.weight.shape[0] * 4 <= keep_probs_bytes
+        logps, *rest = _LinearHeadLogps.apply(
+            hidden, head.weight, head.bias, targets, chunk_size, stats, wpo, keep
+        )
+        return logps, (HeadStats(*rest) if stats else None)
+    chunked = torch.is_grad_enabled() and hidden.shape[0] > chunk_size
+    run = _checkpointed_chunk if chunked else _plain_chunk  # one chunk, or no graph to keep
+    logps, chunk_stats = [], []
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        lp, st = run(head, h, t, transform, stats, wpo)
+        logps.append(lp)
+        chunk_stats.append(st)
+    return torch.cat(logps), (_concat_stats(chunk_stats) if stats else None)

@@ -1,0 +1,240 @@
+"""``python -m parity.bench``: train ours and trl's DPOTrainer side by side; time, memory, losses.
+
+Both sides train the same model, rows, batch, optimizer and schedule from the same files
+(``parity.bench_presets``), each in its own process (``parity.bench_worker``), one after the
+other, so each peak memory is its own. Per side it reports the median seconds per optimizer step
+over the steps after warm-up, completion tokens per second, and peak RSS (peak CUDA memory on a
+GPU), then the ratios against trl. trl runs at the parity settings (float32, no gradient
+checkpointing: the same numbers as ours) and at its own defaults (bf16 autocast + gradient
+checkpointing: faster on some CPUs, other numbers).
+
+A fast wrong answer is worthless: every exact side's per-step losses must equal trl's parity
+run's within ``--loss-tolerance``; otherwise the table says so and the exit status is 1.
+
+    python -m parity.bench                                   # cpu-small
+    python -m parity.bench --preset hh-rlhf --json hh.json
+    python -m parity.bench --preset cpu-bigvocab --sides ours trl
+    python -m parity.bench --model ./my-model --dataset prefs.jsonl --steps 20 --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from parity.bench_presets import PRESETS, Preset, prepare_assets, with_overrides
+from parity.bench_worker import SIDES
+from parity.compare import ALL_STEPS
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_SIDES = ["trl", "ours", "trl_defaults", "ours_precompute"]
+HEADLINE = ("ours", "trl", "trl_defaults")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+    p.add_argument(
+        "--model", help="local causal-LM directory (with tokenizer) instead of the preset's"
+    )
+    p.add_argument("--dataset", help="local preference file instead of the preset's rows")
+    p.add_argument("--steps", type=int, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, help="untimed optimizer steps before them")
+    p.add_argument("--batch-size", type=int, help="pairs per optimizer step")
+    p.add_argument("--max-length", type=int, help="truncation length of prompt + completion")
+    p.add_argument("--threads", type=int, help="torch CPU threads per side")
+    p.add_argument(
+        "--sides", nargs="+", default=DEFAULT_SIDES, choices=sorted(SIDES), help="rows to run"
+    )
+    p.add_argument("--repeat", type=int, default=1, help="run every side N times, keep the best")
+    p.add_argument(
+        "--loss-tolerance",
+        type=float,
+        default=ALL_STEPS,
+        help="largest |loss - trl loss| / max(1, |trl loss|) over all steps (parity's bound)",
+    )
+    p.add_argument("--json", type=pathlib.Path, help="write the report here")
+    p.add_argument("--workdir", type=pathlib.Path, help="keep models, data and runs here")
+    return p
+
+
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    return with_overrides(
+        PRESETS[args.preset],
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        threads=args.threads,
+    )
+
+
+def run_worker(spec_path: pathlib.Path, side: str, workdir: pathlib.Path, threads) -> dict:
+    """Run one side in a fresh Python process; its output goes to ``runs/<side>.log``."""
+    out = workdir / "runs" / f"{side}.json"
+    log = workdir / "runs" / f"{side}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "parity.bench_worker", str(spec_path), side, str(out)]
+    with open(log, "w") as f:
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text().splitlines()[-25:]
+        raise RuntimeError(f"side {side!r} failed ({done.returncode}):\n" + "\n".join(tail))
+    return json.loads(out.read_text())
+
+
+def summarize(raw: dict, warmup: int) -> dict:
+    """Add the headline figures of one side to its raw measurements."""
+    seconds = raw["step_seconds"][warmup:]
+    tokens = raw["step_completion_tokens"][warmup : warmup + len(seconds)]
+    return {
+        **raw,
+        "seconds_per_step": statistics.median(seconds) if seconds else float("nan"),
+        "completion_tokens_per_second": sum(tokens) / sum(seconds) if seconds else float("nan"),
+    }
+
+
+def best_of(runs: list[dict]) -> dict:
+    """The run with the lowest seconds per step (repeats only fight noise from other load)."""
+    return min(runs, key=lambda r: r["seconds_per_step"])
+
+
+def loss_check(sides: dict[str, dict], tolerance: float) -> dict:
+    """Largest relative loss difference of every side from trl's parity run, and the verdict."""
+    if "trl" not in sides:
+        return {"reference": None, "tolerance": tolerance, "ok": True, "max_diff": {}}
+    reference = sides["trl"]["losses"]
+    diffs = {}
+    for name, side in sides.items():
+        if name == "trl":
+            continue
+        pairs = list(zip(side["losses"], reference, strict=True))
+        diffs[name] = max(abs(a - b) / max(1.0, abs(b)) for a, b in pairs)
+    ok = all(diffs[n] <= tolerance for n in diffs if sides[n]["exact"])
+    return {"reference": "trl", "tolerance": tolerance, "ok": ok, "max_diff": diffs}
+
+
+def ratio(sides: dict, num: str, den: str, key: str) -> float | None:
+    if num not in sides or den not in sides:
+        return None
+    return sides[num][key] / sides[den][key]
+
+
+def build_report(preset: Preset, case, sides: dict[str, dict], check: dict, load) -> dict:
+    """The JSON report: headline sides, ratios, the loss check and the settings."""
+    import torch
+    import transformers
+    import trl
+
+    report = {name: sides.get(name) for name in HEADLINE}
+    report["speedup"] = ratio(sides, "trl", "ours", "seconds_per_step")
+    report["peak_memory_ratio"] = ratio(sides, "ours", "trl", "peak_rss_mb")
+    if preset.device == "cuda":
+        report["peak_cuda_memory_ratio"] = ratio(sides, "ours", "trl", "peak_cuda_mb")
+    report["speedup_vs_trl_defaults"] = ratio(sides, "trl_defaults", "ours", "seconds_per_step")
+    report["variants"] = {k: v for k, v in sides.items() if k not in HEADLINE}
+    report["loss_check"] = check
+    report["config"] = {
+        "preset": preset.name,
+        "description": preset.description,
+        "preset_settings": {k: v for k, v in vars(preset).items() if k != "description"},
+        "model_path": case.model_path,
+        "dataset_path": case.dataset_path,
+        "rows": case.num_rows,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": load},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+        },
+    }
+    return report
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    """A markdown table of every side and the headline ratios."""
+    rows = [
+        "| side | s / step | completion tok / s | peak RSS MiB | peak CUDA MiB | setup s "
+        "| max loss diff vs trl |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    sides = {k: report[k] for k in HEADLINE if report.get(k)} | report["variants"]
+    diffs = report["loss_check"]["max_diff"]
+    for name, s in sides.items():
+        diff = "reference" if name == "trl" else _fmt(diffs.get(name), ".1e")
+        if name in diffs and not s["exact"]:
+            diff += " (not exact)"
+        rows.append(
+            f"| {name} | {s['seconds_per_step']:.3f} | {s['completion_tokens_per_second']:.0f} "
+            f"| {s['peak_rss_mb']:.0f} | {_fmt(s['peak_cuda_mb'], '.0f')} "
+            f"| {s['setup_seconds']:.1f} | {diff} |"
+        )
+    lines = ["\n".join(rows), ""]
+    for key, label in (
+        ("speedup", "speedup, trl parity s/step / ours"),
+        ("speedup_vs_trl_defaults", "speedup, trl defaults s/step / ours"),
+        ("peak_memory_ratio", "peak RSS, ours / trl parity"),
+        ("peak_cuda_memory_ratio", "peak CUDA memory, ours / trl parity"),
+    ):
+        if report.get(key) is not None:
+            lines.append(f"{label}: {report[key]:.2f}")
+    check = report["loss_check"]
+    verdict = "agree" if check["ok"] else "DISAGREE: THE TIMINGS ABOVE ARE NOT COMPARABLE"
+    lines.append(f"losses vs trl (tolerance {check['tolerance']:.0e}): {verdict}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, workdir: pathlib.Path) -> dict:
+    """Prepare the files, run every side (``--repeat`` times) and build the report."""
+    preset = resolve_preset(args)
+    case, ws = prepare_assets(preset, workdir, model=args.model, dataset=args.dataset)
+    spec = {
+        "case": {k: v for k, v in vars(case).items()},
+        "workspace": str(workdir / "case"),
+        "workdir": str(workdir),
+        "device": preset.device,
+        "threads": preset.threads,
+    }
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {side: [] for side in args.sides}
+    for _ in range(args.repeat):
+        for side in args.sides:
+            print(f"[bench] {preset.name}: {side}", file=sys.stderr, flush=True)
+            raw = run_worker(spec_path, side, workdir, preset.threads)
+            runs[side].append(summarize(raw, preset.warmup))
+    sides = {side: best_of(r) for side, r in runs.items()}
+    check = loss_check(sides, args.loss_tolerance)
+    load = {"before": load_before, "after": os.getloadavg()}
+    return build_report(preset, case, sides, check, load)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = (args.workdir or pathlib.Path(tmp)).resolve()
+        report = run(args, workdir)
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0 if report["loss_check"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""One side of ``python -m parity.bench``, alone in its own process so its memory is its own.
+
+    python -m parity.bench_worker SPEC.json SIDE OUT.json
+
+``SPEC.json`` (written by ``parity.bench``) names the prepared workspace, the parity case and
+the preset; ``SIDE`` is a key of ``SIDES``. The side trains through its normal entry point (ours:
+``training.fit.train``, the Lightning path; trl: ``DPOTrainer.train``) with a meter attached
+that times every optimizer step (forward + backward + clipping + optimizer + schedule; batch
+collation is outside) and counts its completion tokens. ``OUT.json`` receives the step times,
+token counts, per-step losses, peak RSS (``getrusage``) and, on a GPU, peak CUDA memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # setup time counts from here (imports included)
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Side:
+    """A row of the benchmark: who trains, with which settings changed.
+
+    Attributes:
+        trainer: ``ours`` or ``trl``.
+        settings: ours: ``FitConfig`` fields by name; trl: ``DPOConfig`` fields.
+        exact: its losses must equal trl's parity run's within float32 tolerance.
+    """
+
+    trainer: str
+    settings: dict = field(default_factory=dict)
+    exact: bool = True
+    description: str = ""
+
+
+SIDES = {
+    "ours": Side("ours", description="ours, default settings (live reference model)"),
+    "ours_precompute": Side(
+        "ours",
+        {"precompute_ref_log_probs": True},
+        description="ours, reference log-probs precomputed once (setup includes it)",
+    ),
+    "ours_no_sharing": Side(
+        "ours", {"prompt_sharing": False}, description="ours, prompt sharing off"
+    ),
+    "ours_group_by_length": Side(
+        "ours",
+        {"group_by_length": True},
+        exact=False,
+        description="ours, length-grouped batches (other batches: losses not comparable)",
+    ),
+    "trl": Side("trl", description="trl, parity settings (fp32, no checkpointing)"),
+    "trl_defaults": Side(
+        "trl",
+        {"bf16": True, "gradient_checkpointing": True},
+        exact=False,
+        description="trl, its defaults: bf16 autocast + gradient checkpointing",
+    ),
+    "trl_precompute": Side(
+        "trl",
+        {"precompute_ref_log_probs": True},
+        description="trl, parity settings + precompute_ref_log_probs",
+    ),
+}
+
+
+class Meter:
+    """Times optimizer steps and counts their completion tokens; both trainers feed it."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.step_seconds: list[float] = []
+        self.step_tokens: list[int] = []
+        self.setup_seconds: float | None = None
+        self.rss_at_start_mb: float | None = None
+        self.threads: int | None = None
+        self._start: float | None = None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def begin(self) -> None:
+        self._sync()
+        now = time.perf_counter()
+        if self.setup_seconds is None:
+            import psutil
+
+            self.setup_seconds = now - STARTED
+            self.rss_at_start_mb = psutil.Process().memory_info().rss / 2**20
+            self.threads = torch.get_num_threads()
+        self._start = now
+
+    def end(self) -> None:
+        self._sync()
+        self.step_seconds.append(time.perf_counter() - self._start)
+
+
+def _peak_memory(cuda: bool) -> dict[str, float | None]:
+    """Peak RSS of this process (MiB; ru_maxrss is KiB on Linux) and peak CUDA allocation."""
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    }
+
+
+# ------------------------------------------------------------------------------------- ours
+
+
+def _lightning_meter(meter: Meter):
+    import lightning as L
+
+    class LightningMeter(L.Callback):
+        """Step boundaries from Lightning: the first micro-batch's start to the last one's end."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx % trainer.accumulate_grad_batches == 0:
+                meter.begin()
+                meter.step_tokens.append(0)
+            meter.step_tokens[-1] += int(batch.completion_mask.sum())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+                meter.end()
+
+    return LightningMeter()
+
+
+def _set_fields(cfg, settings: dict):
+    """``cfg`` with FitConfig fields replaced by name, whatever group holds them."""
+    from training.config import field_names
+
+    groups = field_names()
+    changes: dict[str, dict] = {}
+    for name, value in settings.items():
+        changes.setdefault(groups[name], {})[name] = value
+    return dataclasses.replace(
+        cfg, **{g: dataclasses.replace(getattr(cfg, g), **kw) for g, kw in changes.items()}
+    )
+
+
+def run_ours(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> list[float]:
+    """Train through ``training.fit.train``; returns the per-step losses."""
+    from parity.cases import ParityCase
+    from parity.datasets_io import write_jsonl
+    from parity.ours_side import fit_config
+    from parity.workspace import prepare_workspace, training_rows
+    from training.fit import train
+    from training.prepare import prepare_inputs
+
+    case = ParityCase(**spec["case"])
+    ws = prepare_workspace(case, pathlib.Path(spec["workspace"]))
+    data_file = out_dir / "rows.jsonl"
+    write_jsonl(training_rows(case, ws), data_file)
+    settings = dict(side.settings)
+    if spec["device"] == "cuda":
+        settings["accelerator"] = "gpu"
+    cfg = _set_fields(fit_config(case, data_file, ws, out_dir / "run"), settings)
+    torch.manual_seed(case.seed)
+    result = train(cfg, prepare_inputs(cfg), callbacks=[_lightning_meter(meter)])
+    return [step["loss"] for step in result.history]
+
+
+# -------------------------------------------------------------------------------------- trl
+
+
+def _trl_meter(meter: Meter):
+    from transformers import TrainerCallback
+
+    class TrlMeter(TrainerCallback):
+        """Step boundaries from transformers' Trainer (on_step_begin .. on_step_end)."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            meter.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.end()
+
+    return TrlMeter()
+
+
+def _counting_collator(collator, counts: list[int]):
+    """``collator`` that also records each batch's completion tokens, in batch order."""
+
+    def collate(examples):
+        batch = collator(examples)
+        counts.append(int(batch["completion_mask"].sum()))
+        return batch
+
+    return collate
+
+
+def run_trl(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> list[float]:
+    """Train with trl's ``DPOTrainer`` (explicit reference, as ``parity.trl_side``)."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import DPOTrainer
+
+    from parity.cases import ParityCase
+    from parity.models import load_model
+    from parity.trl_side import step_metrics, trl_config
+    from parity.workspace import prepare_workspace, training_rows
+
+    case = ParityCase(**spec["case"])
+    ws = prepare_workspace(case, pathlib.Path(spec["workspace"]))
+    settings = dict(side.settings)
+    if spec["device"] == "cuda":
+        settings["use_cpu"] = False
+    trainer = DPOTrainer(
+        model=load_model(ws.policy_dir, case),
+        ref_model=load_model(ws.reference_dir, case),
+        args=trl_config(case, out_dir / "run", **settings),
+        train_dataset=Dataset.from_list(training_rows(case, ws)),
+        processing_class=ws.tokenizer(),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_trl_meter(meter))
+    counts: list[int] = []
+    trainer.data_collator = _counting_collator(trainer.data_collator, counts)
+    trainer.train()
+    per_step = case.grad_accum
+    meter.step_tokens = [sum(counts[i : i + per_step]) for i in range(0, len(counts), per_step)]
+    meter.step_tokens = meter.step_tokens[: len(meter.step_seconds)]
+    return [step["loss"] for step in step_metrics(trainer.state.log_history, case.steps)]
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def run_side(spec: dict, side_name: str) -> dict:
+    """Train one side and return its measurements (see the module docstring)."""
+    side = SIDES[side_name]
+    cuda = spec["device"] == "cuda"
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    out_dir = pathlib.Path(spec["workdir"]) / "runs" / side_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meter = Meter(cuda)
+    runner = run_ours if side.trainer == "ours" else run_trl
+    losses = runner(spec, side, meter, out_dir)
+    return {
+        "side": side_name,
+        "trainer": side.trainer,
+        "settings": side.settings,
+        "exact": side.exact,
+        "description": side.description,
+        "losses": losses,
+        "step_seconds": meter.step_seconds,
+        "step_completion_tokens": meter.step_tokens,
+        "setup_seconds": meter.setup_seconds,
+        "rss_at_start_mb": meter.rss_at_start_mb,
+        "threads": meter.threads,
+        **_peak_memory(cuda),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, side_name, out_path = argv if argv is not None else sys.argv[1:]
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    result = run_side(spec, side_name)
+    pathlib.Path(out_path).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""dpo_core.packing: one packed row per pair gives the plain forward's log-probs and gradients."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from dpo_core.collate import PreferenceCollator
+from dpo_core.logps import model_token_logps
+from dpo_core.packing import (
+    batch_blocker,
+    pack_pairs,
+    shared_prompt_token_logps,
+    sharing_saves_work,
+    token_logps,
+)
+from dpo_core.reference import AdapterDisabledReference, FrozenCopyReference
+from dpo_core.step import DPOSettings, dpo_step
+from tests.dpo_core.test_logps import lora_model, tiny_gpt2, tiny_llama
+
+torch.set_num_threads(1)
+
+# Per-token log-probs are O(log V) ~ 5; the packed and plain forwards run the same float32 math
+# over differently shaped (masked) attention matrices, so they may differ by a few ulp (~5e-7).
+VALUE_TOL = dict(rtol=0.0, atol=4e-6)
+# Gradients sum the same contributions in another order: relative float32 error ~ n·eps.
+GRAD_TOL = dict(rtol=2e-5, atol=2e-6)
+STATS = ("entropy", "mean_logits", "log_sum_sq_probs")
+
+# (prompt, chosen, rejected) lengths: padding, an empty prompt, an empty chosen completion,
+# and a rejected completion longer than everything else.
+SPANS = [(3, 4, 2), (5, 1, 6), (0, 3, 3), (2, 0, 2), (4, 2, 9)]
+
+
+def pair_batch(spans=SPANS, vocab: int = 128, seed: int = 0, **collate):
+    """Pairs with the given (P, C, R) lengths, collated as training collates them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+    features = [
+        {"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)} for p, c, r in spans
+    ]
+    return PreferenceCollator(pad_token_id=0, **collate)(features)
+
+
+def tiny_qwen2(vocab: int = 128):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).eval()
+
+
+def with_attention(model, attention: str):
+    model.set_attn_implementation(attention)
+    return model
+
+
+def both_ways(model, batch, **kw):
+    """(plain, packed) TokenLogps; packing must not fall back (a warning would say it did)."""
+    assert sharing_saves_work(batch, model.config.get_text_config().hidden_size)
+    plain = model_token_logps(model, batch, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        packed = shared_prompt_token_logps(model, batch, **kw)
+    return plain, packed
+
+
+def weighted_grads(logps, params):
+    w = torch.rand(logps.shape, generator=torch.Generator().manual_seed(3))
+    return torch.autograd.grad((logps * w).sum(), params)
+
+
+def test_packed_layout_hand_worked():
+    """Pair 0: prompt [1, 2], chosen [3], rejected [4, 5]; pair 1: prompt [6], chosen [7, 8],
+    rejected [9]. Rows ``prompt + chosen + rejected``; rejected positions restart after the
+    prompt; rejected tokens do not see chosen ones."""
+    features = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
+        {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+    ]
+    packed = pack_pairs(PreferenceCollator(pad_token_id=0)(features))
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert packed.position_ids.tolist()[0] == [0, 1, 2, 2, 3]
+    assert packed.position_ids.tolist()[1][:4] == [0, 1, 2, 1]
+    allowed = packed.allowed[:, 0].int()
+    # pair 0, query 3 (rejected 4): sees prompt 0-1 and itself, not chosen 2
+    assert allowed[0, 3].tolist() == [1, 1, 0, 1, 0]
+    assert allowed[0, 4].tolist() == [1, 1, 0, 1, 1]
+    assert allowed[1, 3].tolist() == [1, 0, 0, 1, 0]  # pair 1, rejected 9: prompt 6 only
+    assert allowed[0, 2].tolist() == [1, 1, 1, 0, 0]  # chosen: plain causal
+    # Scored tokens in grid order: chosen 3 (from position 1), chosen 7, 8 (positions 0, 1),
+    # rejected 4 (from the last prompt position 1), 5 (from 3), rejected 9 (from position 0).
+    assert packed.targets.tolist() == [3, 7, 8, 4, 5, 9]
+    assert packed.hidden_index.tolist() == [1, 5 + 0, 5 + 1, 1, 3, 5 + 0]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_qwen2, tiny_gpt2])
+def test_packed_equals_plain_values_and_gradients(builder, attention):
+    model = with_attention(builder(), attention)
+    batch = pair_batch()
+    params = list(model.parameters())
+    plain, packed = both_ways(model, batch, with_stats=True, with_wpo=True)
+    torch.testing.assert_close(packed.logps, plain.logps, **VALUE_TOL)
+    assert torch.equal(packed.mask, plain.mask)
+    assert torch.equal(packed.is_top1, plain.is_top1)
+    for name in STATS:
+        torch.testing.assert_close(getattr(packed, name), getattr(plain, name), **VALUE_TOL)
+    for got, want in zip(
+        weighted_grads(packed.logps, params), weighted_grads(plain.logps, params), strict=True
+    ):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+
+
+def test_packed_equals_plain_under_lora_and_for_its_reference():
+    """A LoRA policy (adapters live) and its adapters-off reference, packed vs plain."""
+    model = lora_model(tiny_llama())
+    batch = pair_batch(seed=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain, packed = both_ways(model, batch)
+    torch.testing.assert_close(packed.logps, plain.logps, **VALUE_TOL)
+    for got, want in zip(
+        weighted_grads(packed.logps, params), weighted_grads(plain.logps, params), strict=True
+    ):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+    shared = AdapterDisabledReference(model, prompt_sharing=True)(batch)
+    separate = AdapterDisabledReference(model, prompt_sharing=False)(batch)
+    for a, b in zip(shared, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=3e-5)  # sums of ~10 tokens of O(5)
+
+
+def test_dpo_step_with_and_without_sharing():
+    """The whole step: loss, metrics and gradients agree with prompt sharing on and off."""
+    policy = tiny_llama()
+    reference_model = copy.deepcopy(policy)
+    with torch.no_grad():  # a reference that differs from the policy: a non-trivial loss
+        for p in reference_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    reference = FrozenCopyReference(reference_model)
+    batch = pair_batch(seed=2)
+    outs, grads = [], []
+    for sharing in (True, False):
+        policy.zero_grad()
+        reference.prompt_sharing = sharing
+        out = dpo_step(policy, batch, reference, DPOSettings(prompt_sharing=sharing))
+        out.loss.backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, rtol=0.0, atol=1e-6)
+    for key in outs[0].sums:
+        torch.testing.assert_close(outs[0].sums[key], outs[1].sums[key], rtol=1e-5, atol=1e-5)
+        assert torch.equal(outs[0].counts[key], outs[1].counts[key])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+
+
+def test_sharing_is_used_only_where_it_saves_work():
+    """Long shared prompts save tokens; with no prompt the packed row is twice as long and its
+    masked attention computes 4x the (query, key) pairs of two causal rows."""
+    long_prompt = pair_batch([(128, 128, 128)] * 2)
+    no_prompt = pair_batch([(0, 2048, 2048)] * 2)
+    assert sharing_saves_work(long_prompt, hidden_size=256)
+    assert not sharing_saves_work(no_prompt, hidden_size=256)
+    model = tiny_llama()  # hidden 64: plain is cheaper for this batch, and is what runs
+    short = pair_batch([(0, 40, 40)] * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a silent choice, not a fallback
+        shared = shared_prompt_token_logps(model, short)
+    assert torch.equal(shared.logps, model_token_logps(model, short).logps)
+
+
+def test_unsupported_model_falls_back_with_a_warning():
+    """A model type not known to take 4D masks runs the plain forward, and says so."""
+    from tests.dpo_core.test_logps import tiny_gemma2
+
+    model = tiny_gemma2()
+    batch = pair_batch()
+    assert "gemma2" in batch_blocker(model, batch)
+    with pytest.warns(UserWarning, match="prompt sharing off"):
+        packed = shared_prompt_token_logps(model, batch)
+    assert torch.equal(packed.logps, model_token_logps(model, batch).logps)
+
+
+def test_unshared_prompts_fall_back():
+    """keep_end truncation cuts the two rows of a pair differently: no common prompt to share."""
+    model = tiny_llama()
+    batch = pair_batch(max_length=6, truncation_mode="keep_end")
+    assert "same prompt" in batch_blocker(model, batch)
+    with pytest.warns(UserWarning, match="same prompt"):
+        packed = token_logps(model, batch, prompt_sharing=True)
+    torch.testing.assert_close(packed.logps, model_token_logps(model, batch).logps)
+
+
+def test_sliding_window_shorter_than_rows_falls_back():
+    model = tiny_qwen2()
+    model.config.sliding_window = 4
+    assert "sliding window" in batch_blocker(model, pair_batch())
+    model.config.sliding_window = None
+    assert batch_blocker(model, pair_batch()) is None
+
+
+def test_pack_pairs_refuses_unpackable_batches():
+    with pytest.raises(ValueError, match="same prompt"):
+        pack_pairs(pair_batch(max_length=6, truncation_mode="keep_end"))

@@ -1,0 +1,104 @@
+"""parity.bench: the side-by-side benchmark runs end to end and refuses disagreeing losses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parity.bench import format_table, loss_check, main, summarize
+from parity.bench_presets import PRESETS, single_token_words, synthetic_rows
+
+SIDE_KEYS = {
+    "side", "trainer", "settings", "exact", "description", "losses", "step_seconds",
+    "step_completion_tokens", "setup_seconds", "rss_at_start_mb", "threads", "peak_rss_mb",
+    "peak_cuda_mb", "seconds_per_step", "completion_tokens_per_second",
+}  # fmt: skip
+REPORT_KEYS = {
+    "ours", "trl", "trl_defaults", "speedup", "peak_memory_ratio", "speedup_vs_trl_defaults",
+    "variants", "loss_check", "config",
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_preset_end_to_end(tmp_path):
+    """ours, trl (parity) and trl (defaults), each in its own process, on the tiny preset."""
+    out = tmp_path / "bench.json"
+    status = main(["--preset", "tiny", "--workdir", str(tmp_path / "work"), "--json", str(out),
+                   "--sides", "trl", "ours", "trl_defaults"])  # fmt: skip
+    assert status == 0
+    report = json.loads(out.read_text())
+    assert set(report) == REPORT_KEYS
+    preset = PRESETS["tiny"]
+    steps = preset.warmup + preset.steps
+    # 2 pairs x 2 rows x 12 completion tokens (11 words + EOS) in every step, on both sides
+    tokens_per_step = preset.batch_size * 2 * preset.completion_tokens
+    for name in ("ours", "trl", "trl_defaults"):
+        side = report[name]
+        assert set(side) == SIDE_KEYS
+        assert len(side["losses"]) == len(side["step_seconds"]) == steps
+        assert side["step_completion_tokens"] == [tokens_per_step] * steps
+        assert side["peak_rss_mb"] > 100 and side["threads"] == preset.threads
+        assert side["peak_cuda_mb"] is None
+    assert report["speedup"] == pytest.approx(
+        report["trl"]["seconds_per_step"] / report["ours"]["seconds_per_step"]
+    )
+    assert report["peak_memory_ratio"] == pytest.approx(
+        report["ours"]["peak_rss_mb"] / report["trl"]["peak_rss_mb"]
+    )
+    check = report["loss_check"]
+    assert check["ok"] and check["max_diff"]["ours"] <= check["tolerance"] == 1e-5
+    # bf16 autocast moves trl's own losses far more than float32 rounding does
+    assert check["max_diff"]["trl_defaults"] > 10 * check["max_diff"]["ours"]
+    assert report["config"]["preset"] == "tiny" and report["variants"] == {}
+
+
+def side(losses, seconds, exact=True):
+    return summarize(
+        {
+            "losses": losses, "step_seconds": seconds, "step_completion_tokens": [100] * len(seconds),
+            "exact": exact, "peak_rss_mb": 1000.0, "peak_cuda_mb": None, "setup_seconds": 1.0,
+        },
+        warmup=1,
+    )  # fmt: skip
+
+
+def test_summary_skips_warmup_and_takes_the_median():
+    s = side([0.7] * 4, [9.0, 1.0, 3.0, 2.0])
+    assert s["seconds_per_step"] == 2.0
+    assert s["completion_tokens_per_second"] == pytest.approx(300 / 6.0)
+
+
+def test_disagreeing_losses_fail_loudly():
+    sides = {
+        "trl": side([0.69, 0.68], [1, 1]),
+        "ours": side([0.69, 0.68 + 2e-5], [1, 1]),  # fast, and wrong by 2e-5 at step 2
+        "trl_defaults": side([0.69, 0.67], [1, 1], exact=False),  # allowed to differ
+    }
+    check = loss_check(sides, tolerance=1e-5)
+    assert not check["ok"]
+    assert check["max_diff"]["ours"] == pytest.approx(2e-5)
+    report = {"ours": sides["ours"], "trl": sides["trl"], "trl_defaults": sides["trl_defaults"],
+              "variants": {}, "loss_check": check, "speedup": 1.0}  # fmt: skip
+    assert "DISAGREE" in format_table(report)
+    sides["ours"]["losses"][1] = 0.68 + 5e-6
+    assert loss_check(sides, tolerance=1e-5)["ok"]  # trl_defaults' 1e-2 does not count
+
+
+def test_synthetic_rows_have_exact_token_counts():
+    """BOS + 127 single-token words = 128 prompt tokens; 127 words + EOS = 128 per completion."""
+    from dpo_core.data import tokenize_rows
+    from parity.bench_presets import _random_word_corpus
+    from training.tokenizer import train_tokenizer
+
+    preset = PRESETS["cpu-small"]
+    tokenizer = train_tokenizer(_random_word_corpus(2000, seed=0), vocab_size=2000)
+    assert len(tokenizer) == 2000
+    rows = synthetic_rows(preset, single_token_words(tokenizer), 3)
+    tokenized = tokenize_rows(rows, tokenizer, max_length=None, truncation_mode="keep_start")
+    for f in tokenized.rows:
+        assert (len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) == (
+            128,
+            128,
+            128,
+        )

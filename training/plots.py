@@ -1,0 +1,124 @@
+"""PNG plots of a run: training curves, before/after bars, and the reward-vs-KL frontier.
+
+matplotlib with the non-interactive Agg backend (no display needed). Each function writes one
+PNG and returns its path.
+
+- ``training_curves``: loss, rewards/chosen, rewards/rejected, rewards/margins and
+  rewards/accuracies over optimizer steps, from ``metrics.csv``;
+- ``before_after_bars``: eval.json's headline numbers, before vs after;
+- ``frontier``: win rate against KL(π ‖ π_ref), one point per policy, like Figure 2 (left) of
+  the DPO paper (Rafailov et al. 2023); ``training.sweep`` draws one point per β.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+CURVES = (
+    ("loss", "loss"),
+    ("rewards/chosen", "reward, chosen"),
+    ("rewards/rejected", "reward, rejected"),
+    ("rewards/margins", "reward margin"),
+    ("rewards/accuracies", "reward accuracy"),
+)
+BARS = (
+    ("preference_accuracy", "preference accuracy"),
+    ("win_rate", "win rate"),
+    ("reward_margin", "reward margin"),
+    ("kl", "KL(π ‖ π_ref)"),
+)
+
+
+def read_steps(metrics_csv: Path) -> list[dict[str, float]]:
+    """The training rows of ``metrics.csv`` (those with a ``loss``), values as floats."""
+    with open(metrics_csv, newline="") as f:
+        rows = [
+            {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
+        ]
+    return [r for r in rows if "loss" in r]
+
+
+def training_curves(metrics_csv: Path, path: Path) -> Path:
+    """Five panels, one per ``CURVES`` metric, against the optimizer step."""
+    steps = read_steps(metrics_csv)
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], CURVES):
+        points = [(r.get("step", i), r[key]) for i, r in enumerate(steps) if key in r]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="." if len(points) < 50 else None)
+        ax.set_title(label)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Training curves")
+    return _save(fig, path)
+
+
+def _finite(value) -> float:
+    return float(value) if value is not None and math.isfinite(float(value)) else math.nan
+
+
+def before_after_bars(report: dict, path: Path) -> Path:
+    """One panel per headline metric of an eval.json ``report``: a before and an after bar."""
+    fig, axes = plt.subplots(1, len(BARS), figsize=(3.2 * len(BARS), 3.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], BARS):
+        values = [_finite(report[side].get(key)) for side in ("before", "after")]
+        bars = ax.bar(["before", "after"], [0.0 if math.isnan(v) else v for v in values])
+        bars[0].set_color("tab:gray")
+        bars[1].set_color("tab:blue")
+        for bar, v in zip(bars, values):
+            text = "n/a" if math.isnan(v) else f"{v:.3g}"
+            xy = (bar.get_x() + bar.get_width() / 2, bar.get_height())
+            ax.annotate(text, xy, xytext=(0, 2), textcoords="offset points", ha="center")
+        ax.margins(y=0.15)
+        if key in ("preference_accuracy", "win_rate"):
+            ax.set_ylim(0, 1.12)
+            ax.axhline(0.5, color="black", lw=0.6, ls="--")  # chance
+        ax.set_title(label)
+    fig.suptitle(
+        f"Before vs after training ({report['n_pairs']} pairs, {report['n_prompts']} prompts)"
+    )
+    return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One policy on the frontier: its KL to the reference and its win rate."""
+
+    label: str
+    kl: float
+    win_rate: float
+
+
+def frontier(points: Sequence[FrontierPoint], path: Path, title: str = "") -> Path:
+    """Win rate against sequence-level KL(π ‖ π_ref), each point labelled."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    usable = [p for p in points if math.isfinite(p.kl) and math.isfinite(p.win_rate)]
+    ax.scatter([p.kl for p in usable], [p.win_rate for p in usable], color="tab:blue", zorder=3)
+    for p in usable:
+        ax.annotate(p.label, (p.kl, p.win_rate), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("KL(π ‖ π_ref), nats per completion (estimated on samples)")
+    ax.set_ylabel("win rate")
+    ax.set_ylim(0, 1.08)
+    ax.margins(x=0.15)  # room for the labels right of the points
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "Reward vs KL frontier")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
