@@ -117,6 +117,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[FitConfig, argparse.N
         annotation = next(f.type for f in dataclasses.fields(GROUPS[group]) if f.name == name)
         groups[group][name] = _check_type(name, value, annotation)
     cfg = FitConfig(**{g: GROUPS[g](**kw) for g, kw in groups.items()})
+    args.explicit = set(values)  # the fields the user set (YAML or flags), for recipe defaults
     return cfg, args
 
 

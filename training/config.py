@@ -95,7 +95,7 @@ class DPOConfig:
 class OptimConfig:
     """AdamW with linear warm-up and linear decay, as transformers' Trainer."""
 
-    learning_rate: float = _f(5e-4, "Peak learning rate.")
+    learning_rate: float = _f(1e-6, "Peak learning rate (trl's DPOConfig default).")
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")

@@ -201,8 +201,13 @@ def make_eval_trainer(cfg: FitConfig) -> L.Trainer:
     )
 
 
-def run(cfg: FitConfig) -> FitResult:
-    """The whole job for a resolved config."""
+def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
+    """The whole job for a resolved config. On the embedded default, the fields the user did not
+    set (``explicit``: names set by flag or YAML) take the embedded task's recipe."""
+    if cfg.model.model is None and cfg.data.dataset is None:
+        from training.prepare import apply_embedded_recipe
+
+        cfg = apply_embedded_recipe(cfg, explicit or set())
     L.seed_everything(cfg.trainer.seed, verbose=False)
     inputs = prepare_inputs(cfg)
     result = train(cfg, inputs)
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     try:
-        run(cfg)
+        run(cfg, explicit=args.explicit)
     except (DataError, FloatingPointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
