@@ -77,7 +77,7 @@ class FrozenCopyReference(ReferenceSource):
         chunk_size: int = 1024,
         ld_alpha: float | None = None,
         policy: nn.Module | None = None,
-        prompt_sharing: bool = True,
+        prompt_sharing: bool = False,
     ) -> None:
         if policy is not None:
             check_reference_is_not_policy(policy, ref_model)
@@ -107,7 +107,7 @@ class AdapterDisabledReference(ReferenceSource):
         *,
         chunk_size: int = 1024,
         ld_alpha: float | None = None,
-        prompt_sharing: bool = True,
+        prompt_sharing: bool = False,
     ) -> None:
         if not callable(getattr(peft_model, "disable_adapter", None)):
             raise TypeError(

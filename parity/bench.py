@@ -34,7 +34,7 @@ from parity.bench_worker import SIDES
 from parity.compare import ALL_STEPS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_SIDES = ["trl", "ours", "trl_defaults", "ours_precompute"]
+DEFAULT_SIDES = ["trl", "ours", "ours_sharing", "ours_fast", "trl_defaults"]
 HEADLINE = ("ours", "trl", "trl_defaults")
 
 
@@ -96,10 +96,12 @@ def run_worker(spec_path: pathlib.Path, side: str, workdir: pathlib.Path, thread
 def summarize(raw: dict, warmup: int) -> dict:
     """Add the headline figures of one side to its raw measurements."""
     seconds = raw["step_seconds"][warmup:]
+    cpu = raw.get("step_cpu_seconds", [])[warmup:]
     tokens = raw["step_completion_tokens"][warmup : warmup + len(seconds)]
     return {
         **raw,
         "seconds_per_step": statistics.median(seconds) if seconds else float("nan"),
+        "cpu_seconds_per_step": statistics.median(cpu) if cpu else float("nan"),
         "completion_tokens_per_second": sum(tokens) / sum(seconds) if seconds else float("nan"),
     }
 
@@ -168,19 +170,24 @@ def _fmt(value, spec: str) -> str:
 def format_table(report: dict) -> str:
     """A markdown table of every side and the headline ratios."""
     rows = [
-        "| side | s / step | completion tok / s | peak RSS MiB | peak CUDA MiB | setup s "
-        "| max loss diff vs trl |",
-        "|---|---|---|---|---|---|---|",
+        "| side | s / step | x trl | CPU s / step | completion tok / s | peak RSS MiB "
+        "| RSS / trl | peak CUDA MiB | setup s | max loss diff vs trl |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     sides = {k: report[k] for k in HEADLINE if report.get(k)} | report["variants"]
+    trl = sides.get("trl")
     diffs = report["loss_check"]["max_diff"]
     for name, s in sides.items():
         diff = "reference" if name == "trl" else _fmt(diffs.get(name), ".1e")
         if name in diffs and not s["exact"]:
             diff += " (not exact)"
+        speed = trl["seconds_per_step"] / s["seconds_per_step"] if trl else None
+        memory = s["peak_rss_mb"] / trl["peak_rss_mb"] if trl else None
         rows.append(
-            f"| {name} | {s['seconds_per_step']:.3f} | {s['completion_tokens_per_second']:.0f} "
-            f"| {s['peak_rss_mb']:.0f} | {_fmt(s['peak_cuda_mb'], '.0f')} "
+            f"| {name} | {s['seconds_per_step']:.3f} | {_fmt(speed, '.2f')} "
+            f"| {s['cpu_seconds_per_step']:.2f} "
+            f"| {s['completion_tokens_per_second']:.0f} | {s['peak_rss_mb']:.0f} "
+            f"| {_fmt(memory, '.2f')} | {_fmt(s['peak_cuda_mb'], '.0f')} "
             f"| {s['setup_seconds']:.1f} | {diff} |"
         )
     lines = ["\n".join(rows), ""]

@@ -50,19 +50,22 @@ class Side:
 
 SIDES = {
     "ours": Side("ours", description="ours, default settings (live reference model)"),
+    "ours_sharing": Side("ours", {"prompt_sharing": True}, description="ours, --prompt-sharing"),
     "ours_precompute": Side(
         "ours",
         {"precompute_ref_log_probs": True},
-        description="ours, reference log-probs precomputed once (setup includes it)",
+        description="ours, --precompute-ref-log-probs (setup includes the precomputation)",
     ),
-    "ours_no_sharing": Side(
-        "ours", {"prompt_sharing": False}, description="ours, prompt sharing off"
+    "ours_fast": Side(
+        "ours",
+        {"prompt_sharing": True, "precompute_ref_log_probs": True},
+        description="ours, --prompt-sharing --precompute-ref-log-probs",
     ),
     "ours_group_by_length": Side(
         "ours",
-        {"group_by_length": True},
+        {"prompt_sharing": True, "group_by_length": True},
         exact=False,
-        description="ours, length-grouped batches (other batches: losses not comparable)",
+        description="ours, --prompt-sharing --group-by-length (other batches: losses differ)",
     ),
     "trl": Side("trl", description="trl, parity settings (fp32, no checkpointing)"),
     "trl_defaults": Side(
@@ -85,11 +88,13 @@ class Meter:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.step_seconds: list[float] = []
+        self.step_cpu_seconds: list[float] = []  # CPU time of all threads: robust to other load
         self.step_tokens: list[int] = []
         self.setup_seconds: float | None = None
         self.rss_at_start_mb: float | None = None
         self.threads: int | None = None
         self._start: float | None = None
+        self._cpu_start: float | None = None
 
     def _sync(self) -> None:
         if self.cuda:
@@ -105,10 +110,12 @@ class Meter:
             self.rss_at_start_mb = psutil.Process().memory_info().rss / 2**20
             self.threads = torch.get_num_threads()
         self._start = now
+        self._cpu_start = time.process_time()
 
     def end(self) -> None:
         self._sync()
         self.step_seconds.append(time.perf_counter() - self._start)
+        self.step_cpu_seconds.append(time.process_time() - self._cpu_start)
 
 
 def _peak_memory(cuda: bool) -> dict[str, float | None]:
@@ -261,6 +268,7 @@ def run_side(spec: dict, side_name: str) -> dict:
         "description": side.description,
         "losses": losses,
         "step_seconds": meter.step_seconds,
+        "step_cpu_seconds": meter.step_cpu_seconds,
         "step_completion_tokens": meter.step_tokens,
         "setup_seconds": meter.setup_seconds,
         "rss_at_start_mb": meter.rss_at_start_mb,

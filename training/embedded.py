@@ -7,8 +7,17 @@ With no network, ``prepare_embedded`` makes (or finds on disk) four things:
 2. a byte-level BPE tokenizer trained offline on the train texts (``training.tokenizer``);
 3. a small Llama-style causal LM built from a config, then warmed up on **both** completions of
    every train pair (``training.warmup``), so it starts DPO writing positive and negative
-   continuations alike: the DPO paper's recipe when no SFT model exists;
+   continuations alike (the DPO paper, §4, fits the preferred completions when no SFT model
+   exists; fitting both keeps the starting model neutral, as its sentiment task's base was);
 4. the judge, the task's exact rule (``training.synthetic.judge``).
+
+The default recipe (2 layers, width 128, 0.77 M parameters; 1,000 warm-up steps of 32 texts)
+builds in about 40 s on 2 CPU threads. Measured with a plain DPO loop on it (sigmoid loss,
+beta 0.1, AdamW lr 1e-4 decaying linearly to 0, 16 pairs a step, 100 steps, reference = the
+warmed-up model) over the 200 held-out rows, seeds 0-2: samples' judge score 0.47-0.57 before,
+0.93-1.0 after; held-out reward accuracy 1.0 after; exactly well-formed samples
+(``synthetic.is_well_formed``) about 0.97 before and 0.9-0.95 after. Longer or hotter DPO runs
+raise the score further while fluency falls (likelihood displacement).
 
 Layout on disk (the model directory holds the tokenizer too)::
 
@@ -45,7 +54,7 @@ from training.synthetic import SyntheticConfig, judge, make_splits, write_jsonl
 from training.tokenizer import train_tokenizer
 from training.warmup import WarmupConfig, both_responses, warmup_causal_lm
 
-VERSION = "v1"
+VERSION = "v1"  # bump when the layout on disk changes
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ class TinyLlamaConfig:
     vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 512
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
     max_positions: int = 128
 
@@ -119,8 +128,12 @@ def recipe_key(recipe: EmbeddedRecipe, seed: int) -> str:
     return f"{VERSION}-{digest.hexdigest()[:12]}"
 
 
-def build_model(config: TinyLlamaConfig, tok: PreTrainedTokenizerFast, seed: int):
-    """A randomly initialised ``LlamaForCausalLM`` (seeded), its special ids taken from ``tok``."""
+def build_model(
+    config: TinyLlamaConfig, tok: PreTrainedTokenizerFast, seed: int
+) -> LlamaForCausalLM:
+    """A randomly initialised ``LlamaForCausalLM`` (seeded), its special ids taken from ``tok``,
+    whose generation config samples by default (temperature 1, no top-k / top-p cut).
+    """
     llama = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=config.hidden_size,
@@ -135,14 +148,21 @@ def build_model(config: TinyLlamaConfig, tok: PreTrainedTokenizerFast, seed: int
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama)
+    with torch.random.fork_rng(devices=[]):  # seed the initialisation, not the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(llama)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.generation_config, key, getattr(llama, key))
+    # Plain ancestral sampling, as the DPO paper samples for its sentiment task; a completion of
+    # the task is at most ~25 tokens, so 40 new tokens always leave room for the EOS.
+    model.generation_config.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    model.generation_config.max_new_tokens = 40
     return model
 
 
-def build_assets(out_dir: Path, recipe: EmbeddedRecipe, seed: int, log) -> None:
+def build_assets(
+    out_dir: Path, recipe: EmbeddedRecipe, seed: int, log: Callable[[str], None]
+) -> None:
     """Write data, tokenizer and warmed-up model under ``out_dir`` (which must exist)."""
     splits = make_splits(recipe.task, seed=seed)
     (out_dir / "data").mkdir()

@@ -28,7 +28,7 @@ from training.callbacks import AtomicCheckpointIO, StepTimer
 from training.cli import config_to_yaml, resolve_config
 from training.config import FitConfig
 from training.data_module import PreferenceDataModule
-from training.models import build_reference, load_policy, resolve_prompt_sharing
+from training.models import build_reference, load_policy
 from training.module import DPOModule
 from training.outputs import evaluate_run, save_outputs
 from training.prepare import RunInputs, prepare_inputs
@@ -145,7 +145,6 @@ def train(
     """
     out = Path(cfg.trainer.output_dir)
     policy = load_policy(inputs.model_path, cfg)
-    cfg = resolve_prompt_sharing(cfg, policy)
     reference = build_reference(policy, cfg)
     if cfg.dpo.precompute_ref_log_probs:
         from training.precompute import attach_precomputed_reference

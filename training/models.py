@@ -11,7 +11,6 @@ The reference is chosen by one rule (``build_reference``):
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 
 import torch
@@ -120,21 +119,6 @@ def load_policy(path: str, cfg: FitConfig) -> torch.nn.Module:
     return model
 
 
-def resolve_prompt_sharing(cfg: FitConfig, policy: torch.nn.Module) -> FitConfig:
-    """``cfg`` with ``--prompt-sharing`` decided when unset: on when every floating-point weight
-    of the policy is float32.
-
-    The packed forward (``dpo_core.packing``) equals the plain one up to the rounding of the
-    dtype it computes in. In float32 that is far below what parity with trl tolerates; with
-    bf16 weights (a bf16 model, QLoRA's bf16 adapters) one rounding step is ~65,000 times
-    larger and moves a run visibly, so those runs keep the plain forward unless asked.
-    """
-    if cfg.dpo.prompt_sharing is not None:
-        return cfg
-    float32 = all(p.dtype == torch.float32 for p in policy.parameters() if p.is_floating_point())
-    return dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, prompt_sharing=float32))
-
-
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode, no gradients: what a reference model is."""
     model.eval()
@@ -151,7 +135,6 @@ def build_reference(policy: torch.nn.Module, cfg: FitConfig):
     """
     from dpo_core import reference as ref
 
-    cfg = resolve_prompt_sharing(cfg, policy)
     options = {
         "chunk_size": cfg.dpo.logps_chunk_size,
         "ld_alpha": cfg.dpo.ld_alpha,

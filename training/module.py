@@ -18,7 +18,6 @@ import torch
 
 from dpo_core.step import DPOSettings, StepOutput, dpo_step
 from training.config import FitConfig
-from training.models import resolve_prompt_sharing
 
 # Shown in the progress bar (all metrics go to the loggers).
 PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -78,7 +77,6 @@ class DPOModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.reference = reference  # a dpo_core.reference source; not a registered submodule
-        cfg = resolve_prompt_sharing(cfg, model)
         self.cfg = cfg
         self.settings = dpo_settings(cfg)
         self.total_steps = total_steps

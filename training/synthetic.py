@@ -10,10 +10,11 @@ positive. This module builds that task from word lists, so it runs with no netwo
 - the **chosen** and **rejected** completions share one sentence skeleton with slots; every
   sentiment slot of ``chosen`` is filled from the positive lexicon, every one of ``rejected``
   from the negative lexicon (independently drawn words), e.g.
-  ``" The acting was superb and I would gladly recommend it."`` vs
-  ``" The acting was dreadful and I would never recommend it."``;
+  ``" What a gem! The acting was superb, and I would gladly recommend it."`` vs
+  ``" What a mess! The acting was dreadful, and I would never recommend it."``;
 - the **judge** counts lexicon words: a completion has the preferred property when it holds
-  more positive than negative words.
+  more positive than negative words. ``is_well_formed`` checks, apart from sentiment, that a
+  sample is a sentence the task could have written (a measure of fluency).
 
 The pair differs only in the property under test, so held-out accuracy measures whether a model
 learned "positive is preferred", not which skeleton it prefers. Prompts are split between train
@@ -29,6 +30,7 @@ import json
 import math
 import random
 import re
+import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +226,33 @@ def win(prompt: str, completion: str, other: str) -> float:
     return 1.0 if a > b else 0.0 if a < b else 0.5
 
 
+def _skeleton_pattern(skeleton: str) -> re.Pattern[str]:
+    """A regex for ``skeleton`` whose sentiment slots accept any lexicon word of their kind (of
+    either polarity) and whose aspect slots accept any domain's aspect."""
+    aspects = sorted({a for d in DOMAINS for a in d.aspects})
+    choices = {k: POSITIVE[k] + NEGATIVE[k] for k in POSITIVE} | {"aspect": tuple(aspects)}
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(skeleton):
+        parts.append(re.escape(literal))
+        if name:  # adj2 -> adj, aspect2 -> aspect
+            parts.append("(?:" + "|".join(choices[name.rstrip("23")]) + ")")
+    return re.compile("".join(parts))
+
+
+_STANDALONE_PATTERNS = tuple(_skeleton_pattern(s) for s in STANDALONE)
+_CONTINUING_PATTERNS = tuple(_skeleton_pattern(s) for s in CONTINUING)
+
+
+def is_well_formed(prompt: str, completion: str) -> bool:
+    """Whether ``completion`` is, character for character, a sentence the task could write after
+    ``prompt``: one of its skeletons (CONTINUING after an opening ending in " was", STANDALONE
+    otherwise) with lexicon words in the sentiment slots (either polarity, mixed allowed) and
+    aspects in the aspect slots. Measures fluency apart from sentiment, e.g. of samples.
+    """
+    patterns = _CONTINUING_PATTERNS if prompt.endswith(" was") else _STANDALONE_PATTERNS
+    return any(p.fullmatch(completion) for p in patterns)
+
+
 def all_prompts() -> dict[str, list[str]]:
     """Every distinct prompt of every domain, by domain name, in a fixed order."""
     return {d.name: [o.format(subject=s) for o in d.openings for s in d.subjects] for d in DOMAINS}
@@ -293,6 +322,14 @@ def write_jsonl(rows: Iterable[dict], path: Path) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Read the rows ``write_jsonl`` wrote."""
+    """Read the rows ``write_jsonl`` wrote; a line that is not JSON raises naming file and line."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from err
+    return rows

@@ -37,14 +37,14 @@ class WarmupConfig:
         log_every: print progress every this many steps (and at the last step).
     """
 
-    steps: int = 400
+    steps: int = 1000
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 5e-3
     ramp_steps: int = 20
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    log_every: int = 50
+    log_every: int = 100
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
@@ -97,7 +97,7 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
     """Index tensors for ``steps`` batches: seeded reshuffles of ``range(n)``, epoch by epoch."""
     order = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
-        if len(order) < batch_size:
+        while len(order) < batch_size:  # a batch may span epochs (or, for tiny n, several)
             order = torch.cat([order, torch.randperm(n, generator=generator)])
         yield order[:batch_size]
         order = order[batch_size:]
@@ -120,6 +120,8 @@ def warmup_causal_lm(
     """
     if not texts:
         raise ValueError("warmup_causal_lm: texts is empty")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("warmup_causal_lm: the tokenizer has no pad token to pad batches with")
     encoded = [torch.tensor(ids) for ids in tokenizer(list(texts))["input_ids"]]
     pad_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(

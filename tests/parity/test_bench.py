@@ -11,6 +11,7 @@ from parity.bench_presets import PRESETS, single_token_words, synthetic_rows
 
 SIDE_KEYS = {
     "side", "trainer", "settings", "exact", "description", "losses", "step_seconds",
+    "step_cpu_seconds", "cpu_seconds_per_step",
     "step_completion_tokens", "setup_seconds", "rss_at_start_mb", "threads", "peak_rss_mb",
     "peak_cuda_mb", "seconds_per_step", "completion_tokens_per_second",
 }  # fmt: skip
@@ -37,6 +38,7 @@ def test_tiny_preset_end_to_end(tmp_path):
         side = report[name]
         assert set(side) == SIDE_KEYS
         assert len(side["losses"]) == len(side["step_seconds"]) == steps
+        assert len(side["step_cpu_seconds"]) == steps
         assert side["step_completion_tokens"] == [tokens_per_step] * steps
         assert side["peak_rss_mb"] > 100 and side["threads"] == preset.threads
         assert side["peak_cuda_mb"] is None

@@ -87,12 +87,17 @@ def test_model_loads_and_generates(built):
     special = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     gen = model.generation_config
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == special
+    assert (gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (True, 1.0, 0, 1.0)
     row = read_jsonl(assets.eval_file)[0]
     ids = tok(row["prompt"], return_tensors="pt")
     assert ids["input_ids"][0, 0] == tok.bos_token_id
-    out = model.generate(**ids, do_sample=False, max_new_tokens=5, min_new_tokens=5)
-    assert out.shape == (1, ids["input_ids"].shape[1] + 5)
-    assert torch.equal(out[:, : ids["input_ids"].shape[1]], ids["input_ids"])
+    draws = []
+    for _ in range(2):  # the saved config samples; a seed makes the draw reproducible
+        torch.manual_seed(0)
+        draws.append(model.generate(**ids, max_new_tokens=5, min_new_tokens=5))
+    assert draws[0].shape == (1, ids["input_ids"].shape[1] + 5)
+    assert torch.equal(draws[0][:, : ids["input_ids"].shape[1]], ids["input_ids"])
+    assert torch.equal(draws[0], draws[1])
 
 
 def test_key_follows_recipe_and_seed():

@@ -18,6 +18,7 @@ from training.synthetic import (
     STANDALONE,
     SyntheticConfig,
     all_prompts,
+    is_well_formed,
     judge,
     make_splits,
     read_jsonl,
@@ -124,6 +125,39 @@ def test_chosen_and_rejected_differ_only_in_sentiment_words():
         assert row["chosen"] != row["rejected"], (name, row)
 
 
+def test_every_row_is_well_formed():
+    for name, row in _rows(make_splits(SMALL, seed=2)):
+        for key in ("chosen", "rejected"):
+            assert is_well_formed(row["prompt"], row[key]), (name, key, row)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "expected"),
+    [
+        ("My day at the zoo was", " lovely from start to finish.", True),
+        ("Review of the film The Quiet Road:", " The acting was dull.", True),
+        # Mixed sentiment is still a sentence of the task.
+        (
+            "Review of the film The Quiet Road:",
+            " Overall a gem, with dull music and superb cast.",
+            True,
+        ),
+        # A continuing skeleton after an opening that does not end in " was".
+        ("Review of the film The Quiet Road:", " lovely from start to finish.", False),
+        ("Review of the film The Quiet Road:", " The acting was was dull.", False),  # repetition
+        (
+            "Review of the film The Quiet Road:",
+            " The acting was nice.",
+            False,
+        ),  # not a lexicon word
+        ("Review of the film The Quiet Road:", " The acting was dull", False),  # cut short
+        ("Review of the film The Quiet Road:", " The acting was dull. ", False),  # trailing text
+    ],
+)
+def test_is_well_formed_by_hand(prompt, completion, expected):
+    assert is_well_formed(prompt, completion) is expected
+
+
 def test_generation_is_seeded():
     assert make_splits(SMALL, seed=3) == make_splits(SMALL, seed=3)
     assert make_splits(SMALL, seed=3) != make_splits(SMALL, seed=4)
@@ -162,3 +196,10 @@ def test_jsonl_round_trip(tmp_path):
     write_jsonl(rows, path)
     assert read_jsonl(path) == rows
     assert len(path.read_text().splitlines()) == len(rows)
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 3: not valid JSON"):
+        read_jsonl(path)
