@@ -208,7 +208,7 @@ def prepare_assets(
     model_dir = pathlib.Path(model) if model else assets / "model"
     data_path = pathlib.Path(dataset or (preset.data if preset.data != "synthetic" else ""))
     if not dataset and preset.data == "synthetic":
-        data_path = assets / "data.jsonl"
+        data_path = assets / f"data-{rows_needed(preset)}.jsonl"
     if not model and not (model_dir / "config.json").is_file():
         tokenizer = _preset_tokenizer(preset, data_path)
         build_model(preset, tokenizer).save_pretrained(str(model_dir))
