@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 
+from dpo_core.losses import LOSS_TYPES
 from parity.cases import ParityCase, comparable, default_label_smoothing
 from parity.compare import compare_runs
 from parity.ours_side import run_ours
@@ -21,23 +22,6 @@ from tests.conftest import HH_RLHF_FILE
 from training.tokenizer import train_tokenizer  # noqa: F401  (imported for a clear ImportError)
 
 STEPS = 8
-LOSS_TYPES = [
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-]
 
 
 def _case(name: str, **kw) -> ParityCase:
