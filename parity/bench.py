@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=ALL_STEPS,
         help="largest |loss - trl loss| / max(1, |trl loss|) over all steps (parity's bound)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run each side's last step under torch.profiler (top ops in the JSON, step untimed)",
+    )
     p.add_argument("--json", type=pathlib.Path, help="write the report here")
     p.add_argument("--workdir", type=pathlib.Path, help="keep models, data and runs here")
     return p
@@ -94,10 +99,12 @@ def run_worker(spec_path: pathlib.Path, side: str, workdir: pathlib.Path, thread
 
 
 def summarize(raw: dict, warmup: int) -> dict:
-    """Add the headline figures of one side to its raw measurements."""
-    seconds = raw["step_seconds"][warmup:]
-    cpu = raw.get("step_cpu_seconds", [])[warmup:]
-    tokens = raw["step_completion_tokens"][warmup : warmup + len(seconds)]
+    """Add the headline figures of one side to its raw measurements (the steps after warm-up,
+    less a profiled last step)."""
+    timed = slice(warmup, -1 if raw.get("profile") else None)
+    seconds = raw["step_seconds"][timed]
+    cpu = raw.get("step_cpu_seconds", [])[timed]
+    tokens = raw["step_completion_tokens"][timed]
     return {
         **raw,
         "seconds_per_step": statistics.median(seconds) if seconds else float("nan"),
@@ -202,6 +209,10 @@ def format_table(report: dict) -> str:
     check = report["loss_check"]
     verdict = "agree" if check["ok"] else "DISAGREE: THE TIMINGS ABOVE ARE NOT COMPARABLE"
     lines.append(f"losses vs trl (tolerance {check['tolerance']:.0e}): {verdict}")
+    for name, s in sides.items():
+        if s.get("profile"):
+            ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in s["profile"][:6])
+            lines.append(f"profile {name} (self CPU, one step): {ops}")
     return "\n".join(lines)
 
 
@@ -215,6 +226,7 @@ def run(args: argparse.Namespace, workdir: pathlib.Path) -> dict:
         "workdir": str(workdir),
         "device": preset.device,
         "threads": preset.threads,
+        "profile": args.profile,
     }
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))

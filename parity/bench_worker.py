@@ -85,8 +85,11 @@ SIDES = {
 class Meter:
     """Times optimizer steps and counts their completion tokens; both trainers feed it."""
 
-    def __init__(self, cuda: bool) -> None:
+    def __init__(self, cuda: bool, profile_step: int | None = None) -> None:
         self.cuda = cuda
+        self.profile_step = profile_step  # this step runs under torch.profiler
+        self.profile: list[dict] | None = None
+        self._profiler = None
         self.step_seconds: list[float] = []
         self.step_cpu_seconds: list[float] = []  # CPU time of all threads: robust to other load
         self.step_tokens: list[int] = []
@@ -109,6 +112,9 @@ class Meter:
             self.setup_seconds = now - STARTED
             self.rss_at_start_mb = psutil.Process().memory_info().rss / 2**20
             self.threads = torch.get_num_threads()
+        if len(self.step_seconds) == self.profile_step:
+            self._profiler = torch.profiler.profile()
+            self._profiler.__enter__()
         self._start = now
         self._cpu_start = time.process_time()
 
@@ -116,6 +122,25 @@ class Meter:
         self._sync()
         self.step_seconds.append(time.perf_counter() - self._start)
         self.step_cpu_seconds.append(time.process_time() - self._cpu_start)
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            self.profile = top_ops(self._profiler)
+            self._profiler = None
+
+
+def top_ops(profiler, rows: int = 15) -> list[dict]:
+    """The ops of a profiled step with the most self CPU time (seconds), largest first."""
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "self_seconds": e.self_cpu_time_total / 1e6,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in events[:rows]
+    ]
 
 
 def _peak_memory(cuda: bool) -> dict[str, float | None]:
@@ -257,7 +282,8 @@ def run_side(spec: dict, side_name: str) -> dict:
         torch.set_num_threads(spec["threads"])
     out_dir = pathlib.Path(spec["workdir"]) / "runs" / side_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    meter = Meter(cuda)
+    # --profile: the last step runs under torch.profiler (and is left out of the timing)
+    meter = Meter(cuda, profile_step=spec["case"]["steps"] - 1 if spec.get("profile") else None)
     runner = run_ours if side.trainer == "ours" else run_trl
     losses = runner(spec, side, meter, out_dir)
     return {
@@ -273,6 +299,7 @@ def run_side(spec: dict, side_name: str) -> dict:
         "setup_seconds": meter.setup_seconds,
         "rss_at_start_mb": meter.rss_at_start_mb,
         "threads": meter.threads,
+        "profile": meter.profile,
         **_peak_memory(cuda),
     }
 

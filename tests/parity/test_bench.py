@@ -11,7 +11,7 @@ from parity.bench_presets import PRESETS, single_token_words, synthetic_rows
 
 SIDE_KEYS = {
     "side", "trainer", "settings", "exact", "description", "losses", "step_seconds",
-    "step_cpu_seconds", "cpu_seconds_per_step",
+    "step_cpu_seconds", "cpu_seconds_per_step", "profile",
     "step_completion_tokens", "setup_seconds", "rss_at_start_mb", "threads", "peak_rss_mb",
     "peak_cuda_mb", "seconds_per_step", "completion_tokens_per_second",
 }  # fmt: skip
@@ -26,7 +26,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     """ours, trl (parity) and trl (defaults), each in its own process, on the tiny preset."""
     out = tmp_path / "bench.json"
     status = main(["--preset", "tiny", "--workdir", str(tmp_path / "work"), "--json", str(out),
-                   "--sides", "trl", "ours", "trl_defaults"])  # fmt: skip
+                   "--sides", "trl", "ours", "trl_defaults", "--profile"])  # fmt: skip
     assert status == 0
     report = json.loads(out.read_text())
     assert set(report) == REPORT_KEYS
@@ -42,6 +42,12 @@ def test_tiny_preset_end_to_end(tmp_path):
         assert side["step_completion_tokens"] == [tokens_per_step] * steps
         assert side["peak_rss_mb"] > 100 and side["threads"] == preset.threads
         assert side["peak_cuda_mb"] is None
+        # the last step ran under the profiler: its ops are listed, and it is not timed
+        assert {"op", "self_seconds", "share", "calls"} <= set(side["profile"][0])
+        assert any(op["op"] in ("aten::mm", "aten::addmm") for op in side["profile"])
+        assert side["seconds_per_step"] == pytest.approx(
+            sorted(side["step_seconds"][preset.warmup : -1])[(preset.steps - 1) // 2]
+        )
     assert report["speedup"] == pytest.approx(
         report["trl"]["seconds_per_step"] / report["ours"]["seconds_per_step"]
     )
@@ -69,6 +75,14 @@ def test_summary_skips_warmup_and_takes_the_median():
     s = side([0.7] * 4, [9.0, 1.0, 3.0, 2.0])
     assert s["seconds_per_step"] == 2.0
     assert s["completion_tokens_per_second"] == pytest.approx(300 / 6.0)
+
+
+def test_summary_leaves_out_a_profiled_step():
+    raw = {"step_seconds": [9.0, 1.0, 3.0, 50.0], "step_completion_tokens": [100] * 4,
+           "profile": [{"op": "aten::mm"}]}  # fmt: skip
+    s = summarize(raw, warmup=1)
+    assert s["seconds_per_step"] == 2.0
+    assert s["completion_tokens_per_second"] == pytest.approx(200 / 4.0)
 
 
 def test_disagreeing_losses_fail_loudly():
