@@ -22,6 +22,10 @@ transformers models listed in ``SUPPORTED_MODEL_TYPES`` with ``sdpa`` or ``eager
 Anything else, a sliding window shorter than the rows, or a batch whose two rows of a pair do
 not start with the same prompt (``keep_end`` truncation can cut them differently) falls back to
 the plain forward, with a warning the first time (``batch_blocker`` says why).
+
+It is off by default (``DPOSettings.prompt_sharing``): the packed rows change the attention's
+float32 summation order, a few ulps of a long completion's summed log-prob, which is more than
+the parity suite's step-1 reward bound allows on long rows (parity/BENCHMARKS.md).
 """
 
 from __future__ import annotations

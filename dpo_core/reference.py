@@ -77,7 +77,7 @@ class FrozenCopyReference(ReferenceSource):
         chunk_size: int = 1024,
         ld_alpha: float | None = None,
         policy: nn.Module | None = None,
-        prompt_sharing: bool = False,
+        prompt_sharing: bool = True,
     ) -> None:
         if policy is not None:
             check_reference_is_not_policy(policy, ref_model)
@@ -107,7 +107,7 @@ class AdapterDisabledReference(ReferenceSource):
         *,
         chunk_size: int = 1024,
         ld_alpha: float | None = None,
-        prompt_sharing: bool = False,
+        prompt_sharing: bool = True,
     ) -> None:
         if not callable(getattr(peft_model, "disable_adapter", None)):
             raise TypeError(
@@ -346,7 +346,7 @@ def save_reference_cache(
         "rejected": rejected.detach().float().cpu(),
         "index": index.detach().long().cpu(),
     }
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes of one run may race
     torch.save(payload, tmp)
     os.replace(tmp, path)
 

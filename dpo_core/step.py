@@ -47,7 +47,7 @@ class DPOSettings:
     # Speed and memory only; the numbers agree up to float32 rounding (dpo_core.lm_head, .packing).
     chunk_size: int = 1024
     keep_probs_bytes: int = KEEP_PROBS_BYTES
-    prompt_sharing: bool = False
+    prompt_sharing: bool = True
 
 
 @dataclass

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-target-modules", nargs="+", default=["all-linear"])
     p.add_argument("--load-in-4bit", action="store_true", help="NF4 weights + LoRA (QLoRA)")
     p.add_argument("--precompute-ref", action="store_true")
+    p.add_argument(
+        "--prompt-sharing",
+        action="store_true",
+        help="ours forwards each prompt once per pair (its training default; parity's default "
+        "is the plain path, summed in trl's order)",
+    )
     p.add_argument("--arch", nargs="+", default=["llama"], choices=[*ARCHS, "all"])
     p.add_argument("--model", help="local Hugging Face causal LM directory (the policy)")
     p.add_argument("--dataset", help="local preference file: .jsonl/.json/.parquet/.csv")

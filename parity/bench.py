@@ -34,7 +34,7 @@ from parity.bench_worker import SIDES
 from parity.compare import ALL_STEPS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_SIDES = ["trl", "ours", "ours_sharing", "ours_fast", "trl_defaults"]
+DEFAULT_SIDES = ["trl", "ours", "ours_plain", "trl_defaults"]
 HEADLINE = ("ours", "trl", "trl_defaults")
 
 

@@ -133,10 +133,19 @@ PRESETS = {
 }
 
 
-def single_token_words(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Lowercase words that the tokenizer encodes, after a space, as exactly one token."""
-    words = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha())
-    return [w for w in words if len(tokenizer(" " + w, add_special_tokens=False).input_ids) == 1]
+def single_token_words(tokenizer: PreTrainedTokenizerBase, limit: int = 4000) -> list[str]:
+    """Up to ``limit`` lowercase words that the tokenizer encodes, after a space, as exactly one
+    token (byte-level ``Ġword`` or sentencepiece ``▁word`` vocabularies alike)."""
+    words = []
+    for token in sorted(tokenizer.get_vocab()):
+        if token[:1] not in ("Ġ", "▁") or not token[1:].isalpha() or not token[1:].islower():
+            continue
+        word = token[1:]
+        if len(tokenizer(" " + word, add_special_tokens=False).input_ids) == 1:
+            words.append(word)
+            if len(words) == limit:
+                break
+    return words
 
 
 def _random_word_corpus(vocab_size: int, seed: int) -> list[str]:

@@ -113,6 +113,11 @@ class ParityCase:
     """Load policy and reference as bitsandbytes NF4 (needs ``lora``)."""
     precompute_ref: bool = False
     """Compute the reference log-probs once before training."""
+    prompt_sharing: bool = False
+    """Ours forwards each prompt once per pair (``dpo_core.packing``; on by default in
+    ``training.fit``). Off here: parity compares the plain path, which sums every number in the
+    order trl does; sharing reorders the attention's float32 sums (tests/dpo_core/test_packing.py
+    holds it to the plain path)."""
     max_length: int | None = 1024
     """Truncation length of prompt + completion; None keeps everything."""
     truncation_mode: str = "keep_start"
@@ -261,6 +266,7 @@ def cases_from_args(args: argparse.Namespace) -> list[ParityCase]:
                 lora_target_modules=_target_modules(args.lora_target_modules),
                 load_in_4bit=args.load_in_4bit,
                 precompute_ref=args.precompute_ref,
+                prompt_sharing=args.prompt_sharing,
                 max_length=None if args.max_length == 0 else args.max_length,
                 truncation_mode=args.truncation_mode,
                 seed=args.seed,

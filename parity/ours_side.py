@@ -57,6 +57,7 @@ def fit_config(case: ParityCase, data_file: pathlib.Path, ws, output_dir: pathli
             discopop_tau=case.discopop_tau,
             reference_free=case.reference_free,
             precompute_ref_log_probs=case.precompute_ref,
+            prompt_sharing=case.prompt_sharing,
         ),
         optim=OptimConfig(
             learning_rate=case.learning_rate,

@@ -79,13 +79,17 @@ class DPOConfig:
     ld_alpha: float | None = _f(None, "LD-DPO: weight of completion tokens past the shared length.")
     discopop_tau: float = _f(0.05, "Temperature of the discopop loss.")
     reference_free: bool = _f(False, "Take reference log-probs as 0 (no reference model).")
-    precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once, cached on disk.")
+    precompute_ref_log_probs: bool | None = _f(
+        None,
+        "Compute reference log-probs once before training, cached on disk. Unset: on when the "
+        "run reads every training row at least once (then it saves reference forwards), else off.",
+    )
     logps_chunk_size: int = _f(1024, "Completion tokens projected to the vocabulary at a time.")
     logps_keep_probs_mb: int = _f(
         512, "Keep the head's softmax for backward up to this size (MiB); 0 = recompute it."
     )
     prompt_sharing: bool = _f(
-        False,
+        True,
         "Forward each prompt once per pair (prompt+chosen+rejected in one row): faster, equal "
         "up to float32 rounding of the attention sums (dpo_core.packing).",
     )

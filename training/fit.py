@@ -31,6 +31,7 @@ from training.data_module import PreferenceDataModule
 from training.models import build_reference, load_policy
 from training.module import DPOModule
 from training.outputs import evaluate_run, save_outputs
+from training.precompute import attach_precomputed_reference, resolve_precompute
 from training.prepare import RunInputs, prepare_inputs
 
 log = logging.getLogger("training.fit")
@@ -144,14 +145,14 @@ def train(
     ``callbacks`` are extra Lightning callbacks for the training run (e.g. a benchmark's meter).
     """
     out = Path(cfg.trainer.output_dir)
-    policy = load_policy(inputs.model_path, cfg)
-    reference = build_reference(policy, cfg)
-    if cfg.dpo.precompute_ref_log_probs:
-        from training.precompute import attach_precomputed_reference
-
-        reference = attach_precomputed_reference(policy, inputs, cfg)
-    data = PreferenceDataModule(inputs.data, inputs.tokenizer, cfg)
     total = total_optimizer_steps(cfg, len(inputs.data.train))
+    cfg = resolve_precompute(cfg, len(inputs.data.train), total)
+    policy = load_policy(inputs.model_path, cfg)
+    if cfg.dpo.precompute_ref_log_probs:
+        reference = attach_precomputed_reference(policy, inputs, cfg)
+    else:
+        reference = build_reference(policy, cfg)
+    data = PreferenceDataModule(inputs.data, inputs.tokenizer, cfg)
     module = DPOModule(policy, reference, cfg, total_steps=total)
     timer = StepTimer()
     epochs = epochs_needed(cfg, len(inputs.data.train), total)

@@ -10,6 +10,7 @@ changed computes a new file, and a stale file is never read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -21,6 +22,39 @@ from dpo_core import reference as ref
 from training.data_module import features_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+def pairs_read(cfg, total_steps: int) -> int:
+    """Training pairs a run of ``total_steps`` optimizer steps reads, over all processes."""
+    t = cfg.trainer
+    return total_steps * t.batch_size * t.gradient_accumulation_steps * max(1, t.devices)
+
+
+def resolve_precompute(cfg, n_train: int, total_steps: int):
+    """``cfg`` with ``precompute_ref_log_probs`` decided: as set, or when unset (None), on
+    exactly when the run reads every one of the ``n_train`` rows at least once, so computing
+    each row's reference log-probs up front costs no more reference forwards than a live
+    reference would. Reference-free training never precomputes."""
+    want = cfg.dpo.precompute_ref_log_probs
+    if cfg.dpo.reference_free:
+        want = False
+    elif want is None:
+        want = pairs_read(cfg, total_steps) >= n_train
+        log.info(
+            "reference log-probs: %s (the run reads %d pairs of %d rows; set "
+            "--precompute-ref-log-probs / --no-precompute-ref-log-probs to choose)",
+            "precomputed once" if want else "computed live each step",
+            pairs_read(cfg, total_steps),
+            n_train,
+        )
+    return dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, precompute_ref_log_probs=want))
+
+
+def _precompute_device(cfg) -> torch.device:
+    """The device to run the precomputation on: the run's GPU when it trains on one."""
+    if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _live_reference(policy, cfg):
@@ -50,11 +84,29 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
         log.info("reference log-probs (%s): cached in %s", name, path)
         return ref.load_reference_cache(path, key, len(features))
     loader = DataLoader(features, batch_size=cfg.trainer.eval_batch_size, collate_fn=collator)
-    with torch.no_grad():
-        chosen, rejected = ref.precompute_reference_logps(reference, loader, num_rows=len(features))
+    with torch.no_grad(), _model_on(reference.model, _precompute_device(cfg)) as device:
+        batches = (batch.to(device) for batch in loader)
+        chosen, rejected = ref.precompute_reference_logps(
+            reference, batches, num_rows=len(features)
+        )
     ref.save_reference_cache(path, key, chosen, rejected, torch.arange(len(features)))
     log.info("reference log-probs (%s): computed for %d rows -> %s", name, len(features), path)
     return chosen, rejected
+
+
+@contextlib.contextmanager
+def _model_on(model: torch.nn.Module, device: torch.device):
+    """Hold ``model`` on ``device`` for the block, then move it back. 4-bit models stay where
+    bitsandbytes placed them."""
+    home = next(model.parameters()).device
+    if device == home or getattr(model, "is_loaded_in_4bit", False):
+        yield home
+        return
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to(home)
 
 
 def attach_precomputed_reference(policy, inputs, cfg) -> ref.PrecomputedReference:

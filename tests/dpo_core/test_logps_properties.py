@@ -18,7 +18,7 @@ from dpo_core.logps import (
     split_pairs,
     token_logps_from_logits,
 )
-from tests.dpo_core.test_logps import GRAD_TOL, VALUE_TOL, make_batch, softcap, tiny_llama
+from tests.dpo_core.tiny import GRAD_TOL, VALUE_TOL, make_batch, softcap, tiny_llama
 
 torch.set_num_threads(1)
 FAST = settings(max_examples=30, deadline=None)

@@ -19,7 +19,7 @@ from dpo_core.packing import (
 )
 from dpo_core.reference import AdapterDisabledReference, FrozenCopyReference
 from dpo_core.step import DPOSettings, dpo_step
-from tests.dpo_core.test_logps import lora_model, tiny_gpt2, tiny_llama
+from tests.dpo_core.tiny import lora_model, tiny_gpt2, tiny_llama
 
 torch.set_num_threads(1)
 
@@ -180,7 +180,7 @@ def test_sharing_is_used_only_where_it_saves_work():
 
 def test_unsupported_model_falls_back_with_a_warning():
     """A model type not known to take 4D masks runs the plain forward, and says so."""
-    from tests.dpo_core.test_logps import tiny_gemma2
+    from tests.dpo_core.tiny import tiny_gemma2
 
     model = tiny_gemma2()
     batch = pair_batch()

@@ -21,7 +21,7 @@ from dpo_core.reference import (
     reference_cache_key,
     save_reference_cache,
 )
-from tests.dpo_core.test_logps import SPANS, VALUE_TOL, lora_model, make_batch, tiny_llama
+from tests.dpo_core.tiny import SPANS, VALUE_TOL, lora_model, make_batch, tiny_llama
 
 torch.set_num_threads(1)
 

@@ -1,20 +1,39 @@
-"""The speed options reach the step: --prompt-sharing, --logps-keep-probs-mb, --group-by-length."""
+"""The speed options reach the step: --prompt-sharing, --logps-keep-probs-mb, --group-by-length,
+and --precompute-ref-log-probs (unset: decided from how much of the data the run reads)."""
 
 from __future__ import annotations
 
-from tests.dpo_core.test_logps import tiny_llama
+from tests.dpo_core.tiny import tiny_llama
 from training.cli import resolve_config
 from training.models import build_reference
 from training.module import DPOModule
+from training.precompute import pairs_read, resolve_precompute
 
 
-def test_defaults_keep_the_plain_forward_and_the_file_order():
+def test_defaults_share_prompts_and_keep_the_file_order():
     cfg, _ = resolve_config([])
-    assert cfg.dpo.prompt_sharing is False
+    assert cfg.dpo.prompt_sharing is True
+    assert cfg.dpo.precompute_ref_log_probs is None
     assert cfg.data.group_by_length is False
     settings = DPOModule(tiny_llama(), None, cfg, total_steps=1).settings
-    assert settings.prompt_sharing is False
+    assert settings.prompt_sharing is True
     assert settings.keep_probs_bytes == 512 * 2**20
+
+
+def test_unset_precompute_is_on_exactly_when_every_row_is_read():
+    cfg, _ = resolve_config(["--batch-size", "4", "--gradient-accumulation-steps", "2"])
+    assert pairs_read(cfg, total_steps=5) == 40
+    assert resolve_precompute(cfg, n_train=40, total_steps=5).dpo.precompute_ref_log_probs is True
+    assert resolve_precompute(cfg, n_train=41, total_steps=5).dpo.precompute_ref_log_probs is False
+
+
+def test_an_explicit_precompute_choice_wins_and_reference_free_never_precomputes():
+    off, _ = resolve_config(["--no-precompute-ref-log-probs"])
+    assert resolve_precompute(off, n_train=1, total_steps=10).dpo.precompute_ref_log_probs is False
+    on, _ = resolve_config(["--precompute-ref-log-probs"])
+    assert resolve_precompute(on, n_train=10**6, total_steps=1).dpo.precompute_ref_log_probs is True
+    free, _ = resolve_config(["--reference-free"])
+    assert resolve_precompute(free, n_train=1, total_steps=10).dpo.precompute_ref_log_probs is False
 
 
 def test_flags_reach_the_policy_step_and_the_reference():
