@@ -23,9 +23,11 @@ Anything else, a sliding window shorter than the rows, or a batch whose two rows
 not start with the same prompt (``keep_end`` truncation can cut them differently) falls back to
 the plain forward, with a warning the first time (``batch_blocker`` says why).
 
-It is off by default (``DPOSettings.prompt_sharing``): the packed rows change the attention's
-float32 summation order, a few ulps of a long completion's summed log-prob, which is more than
-the parity suite's step-1 reward bound allows on long rows (parity/BENCHMARKS.md).
+It is on by default (``DPOSettings.prompt_sharing``, ``--no-prompt-sharing`` in training.fit):
+the issue's "exact" is "equal to the plain computation within float32 rounding", and the packed
+rows change only the attention's summation order (tests/dpo_core/test_packing.py bounds the
+difference). ``python -m parity`` pins the plain path, which sums in trl's order, because its
+step-1 bounds (1e-6) are below a few ulps of a long completion's summed log-prob.
 """
 
 from __future__ import annotations

@@ -160,7 +160,12 @@ def build_report(preset: Preset, case, sides: dict[str, dict], check: dict, load
         "model_path": case.model_path,
         "dataset_path": case.dataset_path,
         "rows": case.num_rows,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": load},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "cpu_features": cpu_features(),
+            "load": load,
+        },
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -168,6 +173,23 @@ def build_report(preset: Preset, case, sides: dict[str, dict], check: dict, load
         },
     }
     return report
+
+
+# CPU features that decide float32 and bf16 matmul speed (bf16 without them is emulated: slow).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_features() -> list[str]:
+    """Which of ``CPU_FEATURES`` this machine's CPU has (Linux; empty elsewhere)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return [f for f in CPU_FEATURES if f in flags]
 
 
 def _fmt(value, spec: str) -> str:

@@ -3,7 +3,8 @@
 The reference is chosen by one rule (``build_reference``):
 
 - ``reference_free``            -> no reference (log-probs taken as 0);
-- ``precompute_ref_log_probs``  -> log-probs computed once before training and cached on disk;
+- ``precompute_ref_log_probs``  -> log-probs computed once before training and cached on disk
+                                   (unset: when the run reads every row, ``training.precompute``);
 - LoRA / QLoRA                  -> the same model with its adapters switched off;
 - otherwise                     -> a frozen copy (of ``--ref-model`` when given, else of the policy).
 """
