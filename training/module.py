@@ -196,6 +196,7 @@ class DPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.reference_to(self.device)
+        self.model.train()  # from_pretrained returns eval mode; trl's Trainer trains in train mode
 
     def on_train_epoch_start(self) -> None:
         # Lightning keeps submodules' modes; a model from from_pretrained starts in eval mode.
