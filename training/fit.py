@@ -28,6 +28,8 @@ from training.callbacks import AtomicCheckpointIO, StepTimer
 from training.cli import config_to_yaml, resolve_config
 from training.config import FitConfig
 from training.data_module import PreferenceDataModule
+from training.metrics_csv import read_rows as metrics_csv_rows
+from training.metrics_csv import restore_earlier_rows
 from training.models import build_reference, load_policy
 from training.module import DPOModule
 from training.outputs import evaluate_run, save_outputs
@@ -87,7 +89,8 @@ def make_trainer(
 ) -> L.Trainer:
     """The Lightning Trainer: loggers, checkpoints, clipping, accumulation, strategy."""
     out = Path(cfg.trainer.output_dir)
-    loggers = [CSVLogger(save_dir=str(out), name="logs", version="")]
+    # every step on disk, so that an interrupted run's file holds all the steps it finished
+    loggers = [CSVLogger(save_dir=str(out), name="logs", version="", flush_logs_every_n_steps=1)]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -154,17 +157,21 @@ def train(
         reference = build_reference(policy, cfg)
     data = PreferenceDataModule(inputs.data, inputs.tokenizer, cfg)
     module = DPOModule(policy, reference, cfg, total_steps=total)
-    timer = StepTimer()
-    epochs = epochs_needed(cfg, len(inputs.data.train), total)
-    trainer = make_trainer(cfg, total, epochs, timer, callbacks)
-    module.reference_to(trainer.strategy.root_device)
     last = out / "checkpoints" / "last.ckpt"
     resume = cfg.trainer.resume and last.exists()
     if cfg.trainer.resume and not resume:
         log.warning("--resume: no checkpoint at %s; starting from the beginning", last)
+    metrics_csv = out / "logs" / "metrics.csv"
+    earlier_rows = metrics_csv_rows(metrics_csv) if resume else []  # the logger deletes the file
+    timer = StepTimer()
+    epochs = epochs_needed(cfg, len(inputs.data.train), total)
+    trainer = make_trainer(cfg, total, epochs, timer, callbacks)
+    module.reference_to(trainer.strategy.root_device)
     evaluate = cfg.trainer.evaluate and bool(inputs.data.heldout)
     before = validate(make_eval_trainer(cfg), module, data) if evaluate and not resume else {}
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+    if earlier_rows and trainer.is_global_zero:
+        restore_earlier_rows(metrics_csv, earlier_rows)
     after = validate(make_eval_trainer(cfg), module, data) if evaluate else {}
     model_dir = out / "model"
     evaluation = report = None

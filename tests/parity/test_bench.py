@@ -56,6 +56,16 @@ def test_tiny_preset_end_to_end(tmp_path):
     )
     check = report["loss_check"]
     assert check["ok"] and check["max_diff"]["ours"] <= check["tolerance"] == 1e-5
+    # "ours" is what training.fit runs by default: this one-epoch run precomputed its reference
+    assert list(
+        (tmp_path / "work" / "runs" / "ours" / "run" / "reference_logps").glob("train-*.pt")
+    )
+    assert set(report["config"]["machine"]["cpu_features"]) <= {
+        "avx2",
+        "avx512f",
+        "avx512_bf16",
+        "amx_bf16",
+    }
     # bf16 autocast moves trl's own losses far more than float32 rounding does
     assert check["max_diff"]["trl_defaults"] > 10 * check["max_diff"]["ours"]
     assert report["config"]["preset"] == "tiny" and report["variants"] == {}

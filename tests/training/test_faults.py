@@ -89,12 +89,14 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_assets, tmp_path)
     assert ours.keys() == theirs.keys()
     for name, t in ours.items():
         assert torch.equal(t, theirs[name]), name
-    # Every step the resumed run took logs what the uninterrupted run logged at that step
+    # metrics.csv covers the whole run, each step once: the interrupted run's steps, then the
+    # resumed run's, and every step logs what the uninterrupted run logged at that step
     # (num_tokens, a running total, included).
-    resumed_steps = {int(r["step"]): r for r in read_metrics(out)}
+    resumed_rows = read_metrics(out)
+    assert [int(r["step"]) for r in resumed_rows] == list(range(RESUME["max_steps"]))
     whole_steps = read_metrics(tmp_path / "whole")
-    for step in range(killed_at, RESUME["max_steps"]):
-        assert resumed_steps[step] == whole_steps[step], f"step {step}"
+    for step, row in enumerate(resumed_rows):
+        assert row == whole_steps[step], f"step {step}"
 
 
 class Fault(L.Callback):
