@@ -151,7 +151,7 @@ def batch_blocker(model: nn.Module, batch: PreferenceBatch) -> str | None:
     config = unwrap_peft(model).config
     window = getattr(config.get_text_config(), "sliding_window", None)
     if window is not None and batch.input_ids.shape[1] > window:
-        return f"rows of {batch.input_ids.shape[1]} tokens exceed the sliding window {window}"
+        return f"rows longer than the sliding window ({window} tokens)"  # one warning, not one a length
     spans = _spans(batch)
     return spans if isinstance(spans, str) else None
 

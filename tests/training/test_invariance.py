@@ -41,23 +41,29 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(tiny_assets, tmp_path):
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed"])
+def test_ddp_two_processes_equal_one_process(tiny_assets, tmp_path, precompute):
+    """With a precomputed reference, both processes compute the cache and write it atomically
+    under their own temporary names; the run must not notice."""
+    options = dict(precompute_ref_log_probs=precompute, **STEPS)
     ddp_args = base_args(
-        tiny_assets, tmp_path / "ddp", strategy="ddp", devices=2, batch_size=2, **STEPS
+        tiny_assets, tmp_path / "ddp", strategy="ddp", devices=2, batch_size=2, **options
     )
     child = fit_subprocess(ddp_args)
     assert child.returncode == 0, child.stderr[-3000:]
-    single = fit(base_args(tiny_assets, tmp_path / "single", batch_size=4, **STEPS))
+    single = fit(base_args(tiny_assets, tmp_path / "single", batch_size=4, **options))
     ddp = read_metrics(tmp_path / "ddp")
     assert ddp[1]["rewards/margins"] != 0
     # Both halves of every step's 4 rows were seen: the token count adds up exactly.
     assert [r["num_tokens"] for r in ddp] == [r["num_tokens"] for r in single.history]
     assert_steps_close(ddp, single.history)
     assert_weights_close(tmp_path / "ddp" / "model", single.model_dir, tiny_assets.model_dir)
+    caches = sorted(p.name for p in (tmp_path / "ddp").glob("reference_logps/*"))
+    assert len(caches) == precompute and not any(n.endswith(".tmp") for n in caches)
 
 
 def test_precomputed_reference_equals_live_and_is_reused(tiny_assets, tmp_path, monkeypatch):
-    live = fit(base_args(tiny_assets, tmp_path / "live", **STEPS))
+    live = fit(base_args(tiny_assets, tmp_path / "live", precompute_ref_log_probs=False, **STEPS))
     cached_dir = tmp_path / "cached"
     first = fit(base_args(tiny_assets, cached_dir, precompute_ref_log_probs=True, **STEPS))
     assert first.history[1]["rewards/margins"] != 0
