@@ -25,25 +25,27 @@ Example: ``losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dpo_core.divergences import F_DIVERGENCE_TYPES, f_divergence_scores
+from dpo_core.divergences import f_divergence_scores
+from dpo_core.loss_checks import (  # noqa: F401 (the two type sets are re-exported)
+    F_DIVERGENCE_LOSS_TYPES,
+    LOSS_TYPES,
+    check_known_loss_types,
+    check_loss_types,
+    check_loss_weights,
+    check_needs,
+    check_pair_shapes,
+    check_pair_weights,
+)
 from dpo_core.loss_functions import LOSS_REGISTRY, LossInputs
 
 Tensor = torch.Tensor
 
-LOSS_TYPES: tuple[str, ...] = tuple(LOSS_REGISTRY)
-"""The 15 loss types of trl 1.16, in trl's order."""
-
-F_DIVERGENCE_LOSS_TYPES: frozenset[str] = frozenset(
-    name for name, spec in LOSS_REGISTRY.items() if spec.f_divergence
-)
-"""Loss types trl 1.16 allows with a non-default ``f_divergence_type`` (dpo_trainer.py:808-816)."""
 
 TRL_LABEL_SMOOTHING_LOSS_TYPES: frozenset[str] = frozenset(
     {"robust", "exo_pair", "aot", "aot_unpaired"}
@@ -153,9 +155,9 @@ def combined_dpo_loss(
         NotImplementedError: ``pair_weights`` with ``aot``/``aot_unpaired``, which sort the pairs.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = _check_loss_weights(loss_types, loss_weights)
+    weights = check_loss_weights(loss_types, loss_weights)
     if pair_weights is not None:
-        _check_pair_weights(pair_weights, loss_types, policy_chosen_logps.shape)
+        check_pair_weights(pair_weights, loss_types, policy_chosen_logps.shape)
     inputs = make_loss_inputs(
         policy_chosen_logps,
         policy_rejected_logps,
@@ -222,7 +224,7 @@ def trl_defines(
     True otherwise: the other losses read eps exactly as trl (``robust``, ``exo_pair``, ``aot*``)
     or ignore it, as trl does.
     """
-    _check_known_loss_types([loss_type])
+    check_known_loss_types([loss_type])
     if reference_free:
         return False
     if pair_weighted and loss_type in {"aot", "aot_unpaired", "sft", "hinge"}:
@@ -261,7 +263,7 @@ def make_loss_inputs(
     Warns when ``robust`` gets eps outside [0, 0.5).
     """
     opts = _resolve_extra(extra)
-    _check_loss_types(loss_types, label_smoothing, opts["f_divergence_type"])
+    check_loss_types(loss_types, label_smoothing, opts["f_divergence_type"])
     if not beta > 0:
         raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
     if not opts["discopop_tau"] > 0:
@@ -275,8 +277,8 @@ def make_loss_inputs(
         "ref_chosen_logps": ref_chosen_logps,
         "ref_rejected_logps": ref_rejected_logps,
     }
-    _check_pair_shapes(pairs)
-    _check_needs(loss_types, opts, batch_size=policy_chosen_logps.shape[0])
+    check_pair_shapes(pairs)
+    check_needs(loss_types, opts, batch_size=policy_chosen_logps.shape[0])
     for key in ("chosen_lengths", "rejected_lengths"):
         if opts[key] is not None:
             # Float, as trl's completion_mask.sum(dim=1).clamp(min=1.0).
@@ -305,99 +307,3 @@ def _resolve_extra(extra: dict[str, Any]) -> dict[str, Any]:
             f"dpo_loss: unknown keyword(s) {unknown}; accepted: {sorted(EXTRA_DEFAULTS)}"
         )
     return {**EXTRA_DEFAULTS, **extra}
-
-
-def _check_known_loss_types(loss_types: Sequence[str]) -> None:
-    if not loss_types:
-        raise ValueError("dpo_loss: loss_type is empty; give at least one of LOSS_TYPES")
-    for name in loss_types:
-        if name not in LOSS_REGISTRY:
-            raise ValueError(f"dpo_loss: unknown loss_type {name!r}; expected one of {LOSS_TYPES}")
-
-
-def _check_loss_types(loss_types: Sequence[str], label_smoothing: float, f_type: str) -> None:
-    """trl's init-time checks (dpo_trainer.py:808-833) on the loss types and their options."""
-    _check_known_loss_types(loss_types)
-    if f_type not in F_DIVERGENCE_TYPES:
-        raise ValueError(
-            f"dpo_loss: unknown f_divergence_type {f_type!r}; expected one of {F_DIVERGENCE_TYPES}"
-        )
-    disallowed = sorted(set(loss_types) - F_DIVERGENCE_LOSS_TYPES)
-    if f_type != "reverse_kl" and disallowed:
-        raise ValueError(
-            f"dpo_loss: f_divergence_type={f_type!r} is only defined for loss types "
-            f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; not for {disallowed}. Use 'reverse_kl' with those."
-        )
-    if "exo_pair" in loss_types and label_smoothing == 0.0:
-        raise ValueError(
-            "dpo_loss: loss_type 'exo_pair' needs label_smoothing > 0 (EXO suggests 1e-3)"
-        )
-    if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
-        warnings.warn(
-            f"dpo_loss: loss_type 'robust' expects label_smoothing in [0, 0.5); got {label_smoothing}",
-            stacklevel=3,
-        )
-
-
-def _check_pair_shapes(pairs: dict[str, Tensor | None]) -> None:
-    """All four per-pair tensors must be 1-D of one length B."""
-    expected = pairs["policy_chosen_logps"].shape
-    for name, value in pairs.items():
-        if value is None:
-            raise ValueError(f"dpo_loss: {name} is None; pass it, or reference_free=True")
-        if value.ndim != 1 or value.shape != expected:
-            raise ValueError(
-                f"dpo_loss: {name} has shape {tuple(value.shape)}; expected (B,) = "
-                f"{tuple(expected)} like policy_chosen_logps"
-            )
-
-
-def _check_needs(loss_types: Sequence[str], opts: dict[str, Any], batch_size: int) -> None:
-    """Each loss type's required extra inputs are present and shaped (B,) or (B, T)."""
-    for name in loss_types:
-        for key in LOSS_REGISTRY[name].needs:
-            if opts[key] is None:
-                raise ValueError(f"dpo_loss: loss_type {name!r} needs the keyword {key!r}")
-    for key in ("chosen_lengths", "rejected_lengths"):
-        if opts[key] is not None and tuple(opts[key].shape) != (batch_size,):
-            raise ValueError(
-                f"dpo_loss: {key} has shape {tuple(opts[key].shape)}; expected ({batch_size},)"
-            )
-    token_logps, token_mask = opts["chosen_token_logps"], opts["chosen_token_mask"]
-    if token_logps is None or token_mask is None:
-        return
-    if (
-        token_logps.ndim != 2
-        or token_logps.shape[0] != batch_size
-        or token_logps.shape != token_mask.shape
-    ):
-        raise ValueError(
-            f"dpo_loss: chosen_token_logps {tuple(token_logps.shape)} and chosen_token_mask "
-            f"{tuple(token_mask.shape)} must both be ({batch_size}, T)"
-        )
-    if "sft" in loss_types and not bool(token_mask.any()):
-        raise ValueError("dpo_loss: loss_type 'sft': chosen_token_mask has no completion token")
-
-
-def _check_loss_weights(loss_types: list[str], loss_weights: Sequence[float] | None) -> list[float]:
-    if loss_weights is None:
-        return [1.0] * len(loss_types)
-    if len(loss_weights) != len(loss_types):
-        raise ValueError(
-            f"combined_dpo_loss: got {len(loss_weights)} loss_weights for {len(loss_types)} "
-            f"loss types {loss_types}; give one weight per loss type"
-        )
-    return list(loss_weights)
-
-
-def _check_pair_weights(pair_weights: Tensor, loss_types: list[str], shape: torch.Size) -> None:
-    sorting = sorted({"aot", "aot_unpaired"} & set(loss_types))
-    if sorting:
-        raise NotImplementedError(
-            f"combined_dpo_loss: pair_weights (WPO) with {sorting}: those losses sort the pairs, "
-            "so per-pair weights would be misaligned (as trl)"
-        )
-    if pair_weights.shape != shape:
-        raise ValueError(
-            f"combined_dpo_loss: pair_weights has shape {tuple(pair_weights.shape)}; expected {tuple(shape)}"
-        )
