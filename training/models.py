@@ -107,12 +107,22 @@ def cast_qlora_adapters(model: torch.nn.Module, cfg: FitConfig) -> torch.nn.Modu
     return model
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward (non-reentrant, as trl), through
+    ``activation_checkpointing_enable`` where transformers has it (it deprecates the old name)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_policy(path: str, cfg: FitConfig) -> torch.nn.Module:
     """The model to train: full weights, or LoRA adapters on a (possibly 4-bit) base."""
     model = load_causal_lm(path, cfg, quantize=cfg.lora.load_in_4bit)
     disable_dropout(model)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         if cfg.lora.lora:
             model.enable_input_require_grads()
     if cfg.lora.lora:

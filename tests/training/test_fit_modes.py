@@ -142,3 +142,27 @@ def test_qlora_keeps_the_4bit_base_frozen_and_trains_the_adapters(tiny_assets, t
     after = batch_loss(peft, AdapterDisabledReference(peft), batch)
     assert after < before - MIN_LOSS_DROP
     assert_generates(peft, AutoTokenizer.from_pretrained(result.model_dir))
+
+
+def test_gradient_checkpointing_gives_the_same_run(tiny_assets, tmp_path):
+    """Recomputing activations in backward changes memory, not numbers: the same steps and
+    weights as without it, full fine-tuning and LoRA alike (LoRA needs input gradients on)."""
+    from tests.training.conftest import assert_steps_close, assert_weights_close
+
+    for mode in ({}, {"lora": True}):
+        plain = fit(base_args(tiny_assets, tmp_path / f"plain{len(mode)}", **TRAIN, **mode))
+        ckpt = fit(
+            base_args(
+                tiny_assets,
+                tmp_path / f"ckpt{len(mode)}",
+                gradient_checkpointing=True,
+                **TRAIN,
+                **mode,
+            )
+        )
+        model = ckpt.policy.get_base_model() if mode else ckpt.policy
+        assert model.is_gradient_checkpointing
+        assert ckpt.history[-1]["rewards/margins"] != 0
+        assert_steps_close(ckpt.history, plain.history)
+        if not mode:
+            assert_weights_close(ckpt.model_dir, plain.model_dir, tiny_assets.model_dir)
