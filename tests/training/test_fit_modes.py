@@ -161,7 +161,9 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_assets, tmp_path):
             )
         )
         model = ckpt.policy.get_base_model() if mode else ckpt.policy
-        assert model.is_gradient_checkpointing
+        assert (
+            getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+        )
         assert ckpt.history[-1]["rewards/margins"] != 0
         assert_steps_close(ckpt.history, plain.history)
         if not mode:
