@@ -90,3 +90,19 @@ def lora_model(model, targets=("q_proj", "v_proj", "lm_head")):
         if "lora_B" in name:
             nn.init.normal_(p, std=0.1)
     return peft
+
+
+def make_head(kind: str, hidden: int, vocab: int) -> nn.Module:
+    """A head of the given kind, with every trainable part non-trivial."""
+    torch.manual_seed(1)
+    linear = nn.Linear(hidden, vocab, bias=kind == "linear_bias")
+    if kind in ("linear", "linear_bias", "softcap"):
+        return linear
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        holder = nn.Sequential(linear)
+        peft = get_peft_model(holder, LoraConfig(r=4, target_modules=["0"], lora_alpha=8))
+        nn.init.normal_(peft.base_model.model[0].lora_B.default.weight)  # B != 0: LoRA is live
+        return peft.base_model.model[0]
+    raise ValueError(kind)
