@@ -155,6 +155,11 @@ class TrainerConfig:
     evaluate: bool = _f(True, "Evaluate before vs after and write the report at the end.")
     num_workers: int = _f(0, "DataLoader workers.")
 
+    @property
+    def pairs_per_batch(self) -> int:
+        """Pairs in one micro-batch over all processes."""
+        return self.batch_size * max(1, self.devices)
+
 
 @dataclass
 class EvalConfig:

@@ -64,7 +64,7 @@ def total_optimizer_steps(cfg: FitConfig, n_train: int) -> int:
     """``max_steps`` if set, else epochs x ceil(batches per device / accumulation)."""
     if cfg.trainer.max_steps > 0:
         return cfg.trainer.max_steps
-    per_step = cfg.trainer.batch_size * max(1, cfg.trainer.devices)
+    per_step = cfg.trainer.pairs_per_batch
     batches = math.ceil(n_train / per_step)
     return cfg.trainer.num_train_epochs * math.ceil(
         batches / cfg.trainer.gradient_accumulation_steps
@@ -73,7 +73,7 @@ def total_optimizer_steps(cfg: FitConfig, n_train: int) -> int:
 
 def epochs_needed(cfg: FitConfig, n_train: int, total_steps: int) -> int:
     """Epochs that ``total_steps`` optimizer steps span (shown by the progress bar)."""
-    per_step = cfg.trainer.batch_size * max(1, cfg.trainer.devices)
+    per_step = cfg.trainer.pairs_per_batch
     steps_per_epoch = math.ceil(
         math.ceil(n_train / per_step) / cfg.trainer.gradient_accumulation_steps
     )

@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 def pairs_read(cfg, total_steps: int) -> int:
     """Training pairs a run of ``total_steps`` optimizer steps reads, over all processes."""
-    t = cfg.trainer
-    return total_steps * t.batch_size * t.gradient_accumulation_steps * max(1, t.devices)
+    return total_steps * cfg.trainer.pairs_per_batch * cfg.trainer.gradient_accumulation_steps
 
 
 def resolve_precompute(cfg, n_train: int, total_steps: int):
@@ -39,12 +38,13 @@ def resolve_precompute(cfg, n_train: int, total_steps: int):
     if cfg.dpo.reference_free:
         want = False
     elif want is None:
-        want = pairs_read(cfg, total_steps) >= n_train
+        pairs = pairs_read(cfg, total_steps)
+        want = pairs >= n_train
         log.info(
             "reference log-probs: %s (the run reads %d pairs of %d rows; set "
             "--precompute-ref-log-probs / --no-precompute-ref-log-probs to choose)",
             "precomputed once" if want else "computed live each step",
-            pairs_read(cfg, total_steps),
+            pairs,
             n_train,
         )
     return dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, precompute_ref_log_probs=want))
