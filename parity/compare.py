@@ -29,6 +29,8 @@ learning_rate           1e-12 abs   the same float64 schedule formula on both si
 token ids, dropped rows 0           tokenization must be identical
 final weights           1e-4 abs    Adam at lr 1e-3 turns last-bit gradient noise into ~1e-5
                                     weight differences (measured 1.07e-5)
+packed_4bit             0           4-bit layers left in bitsandbytes' gradient-less CPU layout
+                                    (training.four_bit): a count, on both sides together
 ======================  ==========  ============================================================
 
 Trainable weights stored in bf16/fp16 (trl 1.16 casts QLoRA adapters to bf16, as the QLoRA paper
@@ -242,4 +244,15 @@ def compare_runs(name: str, trl: RunResult, ours: RunResult) -> CaseReport:
     dropped = float(abs(trl.dropped_rows - ours.dropped_rows))
     checks.append(MetricCheck("dropped_rows", trl.dropped_rows, ours.dropped_rows, dropped, 0.0))
     checks.append(compare_weights(trl, ours))
+    checks.append(compare_packed_4bit(trl, ours))
     return CaseReport(name=name, checks=checks)
+
+
+def compare_packed_4bit(trl: RunResult, ours: RunResult) -> MetricCheck:
+    """No side may have run a 4-bit layer in bitsandbytes' CPU inference layout: its gradients
+    there are zero, so two such runs could agree and both be wrong. The difference is the
+    number of packed layers found on both sides; the note names a side's first one."""
+    sides = [(who, r.packed_4bit_layers) for who, r in (("trl", trl), ("ours", ours))]
+    note = "; ".join(f"{who}: {layers[0]} (+{len(layers) - 1})" for who, layers in sides if layers)
+    found = [len(layers) for _, layers in sides]
+    return MetricCheck("packed_4bit", found[0], found[1], float(sum(found)), 0.0, note=note)

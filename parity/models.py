@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from parity.cases import ParityCase
+from training.four_bit import disable_cpu_packing
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -122,9 +123,13 @@ def lora_config(case: ParityCase) -> LoraConfig:
 
 def load_model(path: pathlib.Path | str, case: ParityCase) -> PreTrainedModel:
     """Load a policy or reference directory as both sides must: float32, or NF4 for 4-bit."""
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32, quantization_config=quantization_config(case)
     )
+    # Both sides alike: no bitsandbytes CPU repacking, which drops 4-bit gradients after any
+    # no-grad pass on AVX-512 BF16 CPUs (training.four_bit); trl would hit it too.
+    disable_cpu_packing(model)
+    return model
 
 
 def save_adapter_init(policy_dir: pathlib.Path, case: ParityCase, out_dir: pathlib.Path) -> None:

@@ -17,6 +17,7 @@ from parity.cases import ParityCase
 from parity.datasets_io import write_jsonl
 from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
+from training.four_bit import packed_layers
 
 
 def fit_config(case: ParityCase, data_file: pathlib.Path, ws, output_dir: pathlib.Path):
@@ -110,9 +111,16 @@ def run_ours(case: ParityCase, workdir: pathlib.Path) -> RunResult:
     inputs = prepare_inputs(cfg)
     token_ids = [{k: list(f[k]) for k in TOKEN_FIELDS} for f in inputs.data.train]
     result = train(cfg, inputs)
+    reference_model = getattr(result.reference, "model", None)
     return RunResult(
         steps=result.history,
         token_ids=token_ids,
         final_weights=trained_weights(result.policy, case),
         dropped_rows=len(rows) - len(inputs.data.train),
+        packed_4bit_layers=[
+            name
+            for m in (result.policy, reference_model)
+            if m is not None
+            for name in packed_layers(m)
+        ],
     )

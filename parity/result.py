@@ -46,12 +46,16 @@ class RunResult:
             the adapter weights named as ``peft.get_peft_model_state_dict`` names them.
         dropped_rows: rows removed before training (trl drops rows whose prompt alone fills
             ``max_length`` under ``keep_start``).
+        packed_4bit_layers: 4-bit layers of the policy or reference found, after training, in
+            bitsandbytes' CPU inference layout, where they have no gradient
+            (``training.four_bit``); empty for a correct run.
     """
 
     steps: list[dict[str, float]]
     token_ids: list[dict[str, list[int]]]
     final_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     dropped_rows: int = 0
+    packed_4bit_layers: list[str] = field(default_factory=list)
 
     def metric(self, name: str) -> list[float]:
         """The values of one metric over steps; ``KeyError`` naming the step when one lacks it."""

@@ -20,6 +20,7 @@ from parity.cases import ParityCase
 from parity.models import load_adapter_init, load_model, lora_config
 from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
+from training.four_bit import packed_layers
 
 
 def trl_config(case: ParityCase, output_dir: pathlib.Path, **overrides):
@@ -105,6 +106,12 @@ def run_trl(case: ParityCase, workdir: pathlib.Path) -> RunResult:
         token_ids=trainer.train_dataset.select_columns(list(TOKEN_FIELDS)).to_list(),
         final_weights=trained_weights(trainer.accelerator.unwrap_model(trainer.model), case),
         dropped_rows=len(rows) - len(trainer.train_dataset),
+        packed_4bit_layers=[
+            name
+            for m in (trainer.model, trainer.ref_model)
+            if m is not None
+            for name in packed_layers(m)
+        ],
     )
 
 

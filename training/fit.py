@@ -55,6 +55,7 @@ class FitResult:
     seconds_per_step: float
     history: list[dict[str, float]]
     policy: object = None
+    reference: object = None  # the dpo_core.reference source trained against (None: precomputed)
     evaluation: object = None  # training.evaluate.Evaluation, when evaluated
     report: object = None  # training.report.ReportPaths: eval.json, report.md, plots
     step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time
@@ -189,6 +190,7 @@ def train(
         timer.median(),
         module.history,
         policy,
+        reference,
         evaluation,
         report,
         step_seconds=list(timer.durations),

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from training.config import FitConfig
+from training.four_bit import disable_cpu_packing
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def load_causal_lm(path: str, cfg: FitConfig, *, quantize: bool = False) -> PreT
         kwargs["quantization_config"] = _quantization_config(cfg)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
+    if quantize:  # before any forward: bitsandbytes' CPU repacking drops gradients (four_bit)
+        disable_cpu_packing(model)
     return model
 
 

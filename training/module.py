@@ -18,6 +18,7 @@ import torch
 
 from dpo_core.step import DPOSettings, StepOutput, dpo_step
 from training.config import FitConfig
+from training.four_bit import check_not_packed
 
 # Shown in the progress bar (all metrics go to the loggers).
 PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -197,6 +198,10 @@ class DPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.reference_to(self.device)
         self.model.train()  # from_pretrained returns eval mode; trl's Trainer trains in train mode
+
+    def on_train_start(self) -> None:
+        # after the reference precomputation and the "before" evaluation (no-grad passes)
+        check_not_packed(self.model, "training start")
 
     def on_train_epoch_start(self) -> None:
         # Lightning keeps submodules' modes; a model from from_pretrained starts in eval mode.

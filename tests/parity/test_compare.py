@@ -254,3 +254,13 @@ def test_bf16_weights_are_compared_in_ulps_of_their_scale():
     ours = RunResult(steps=[], token_ids=[], final_weights={"w": two.to(torch.bfloat16)})
     check = compare_weights(trl, ours)
     assert check.name == "final_weights (ulps)" and not check.passed
+
+
+def test_a_side_whose_4bit_layers_were_packed_fails_and_is_named():
+    trl, ours = make_run(), make_run()
+    assert check(compare_runs("c", trl, ours), "packed_4bit").passed
+    ours.packed_4bit_layers = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    report = compare_runs("c", trl, ours)
+    packed = check(report, "packed_4bit")
+    assert not report.passed and packed.max_diff == 2
+    assert packed.note == "ours: model.layers.0.mlp.up_proj (+1)"

@@ -108,6 +108,7 @@ def test_step1_matches_hand_computation(full_run):
 def test_qlora_run_trains_the_shared_adapter(qlora_run):
     case, workdir, result = qlora_run
     assert len(result.steps) == case.steps
+    assert result.packed_4bit_layers == []  # bitsandbytes' CPU repacking is off (four_bit)
     assert all(set(STEP_METRICS) <= set(s) for s in result.steps)
     initial = load_file(str(workspace_paths(case, workdir).adapter_init_dir / ADAPTER_WEIGHTS))
     # Final weights are exactly the adapter, named as peft names it.

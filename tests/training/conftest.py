@@ -168,6 +168,22 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def base_name(peft_name: str) -> str:
+    """peft's name of a base-model tensor -> the plain model's name."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def dequantized(module) -> torch.Tensor:
+    """The float32 weight a bitsandbytes 4-bit layer computes with, whatever its storage layout
+    (bitsandbytes may have repacked it for CPU inference: ``training.four_bit``)."""
+    from bitsandbytes import functional as F
+
+    data, state = module.weight.data, module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
+    return F.dequantize_4bit(data, state).float()
+
+
 def fixed_batch(assets: TinyAssets, num_pairs: int = 8):
     """The first ``num_pairs`` rows of the data file, tokenized and collated as training does."""
     from dpo_core.data import PreferenceCollator, tokenize_rows

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_core.reference import AdapterDisabledReference, FrozenCopyReference
 from dpo_core.step import DPOSettings, dpo_step
-from tests.training.conftest import base_args, fit, fixed_batch
+from tests.training.conftest import base_args, base_name, dequantized, fit, fixed_batch
+from training.four_bit import linear4bit_layers
 
 # A few steps at a learning rate well above the default: enough for the loss on the training
 # rows to move clearly, still far from divergence for a 1-layer model.
@@ -24,11 +25,6 @@ MIN_LOSS_DROP = 1e-2
 def batch_loss(policy, reference, batch) -> float:
     with torch.no_grad():
         return dpo_step(policy, batch, reference, DPOSettings()).loss.item()
-
-
-def base_name(peft_name: str) -> str:
-    """peft's name of a base-model tensor -> the plain model's name."""
-    return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
 
 
 def assert_generates(model, tokenizer) -> None:
@@ -95,16 +91,13 @@ def test_lora_trains_only_the_adapters_and_saves_an_adapter(tiny_assets, tmp_pat
     assert_generates(peft, AutoTokenizer.from_pretrained(result.model_dir))
 
 
-def quantized_state(model) -> dict[str, torch.Tensor]:
-    """Every base tensor of a (peft-wrapped) 4-bit model, the NF4 blocks' scales included."""
-    import bitsandbytes as bnb
-
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            state[base_name(name) + ".absmax"] = module.weight.quant_state.absmax
+def frozen_base(model) -> dict[str, torch.Tensor]:
+    """What a (peft-wrapped) 4-bit model's base computes with: each 4-bit layer's dequantized
+    weight (whatever layout bitsandbytes stores it in) and every other non-LoRA parameter."""
+    four_bit = dict(linear4bit_layers(model))
+    state = {base_name(name) + ".weight": dequantized(m) for name, m in four_bit.items()}
     for name, p in model.named_parameters():
-        if "lora_" not in name:
+        if "lora_" not in name and name.rsplit(".", 1)[0] not in four_bit:
             state[base_name(name)] = p
     return state
 
@@ -128,7 +121,7 @@ def test_qlora_keeps_the_4bit_base_frozen_and_trains_the_adapters(tiny_assets, t
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trained.modules())
 
     # NF4 quantization is deterministic: a fresh load is the base the run started from.
-    start, now = quantized_state(quantized_base()), quantized_state(trained)
+    start, now = frozen_base(quantized_base()), frozen_base(trained)
     assert now.keys() == start.keys()
     for name, t in now.items():
         assert torch.equal(t, start[name]), f"frozen {name} changed"
