@@ -1,7 +1,7 @@
 """What ``python -m parity.bench`` trains: presets, and the files both sides load.
 
 A preset fixes the model architecture, the data and the batch. ``prepare_assets`` builds the
-model from its config and a tokenizer offline (``training.tokenizer.train_tokenizer``), writes
+model from its config and a tokenizer offline (``training.embedded.tokenizer.train_tokenizer``), writes
 the preference rows, and lays out a parity workspace (``parity.workspace``: the same policy, a
 *different* reference, the same rows for trl and for us). Nothing is downloaded.
 
@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from parity.cases import ParityCase
 from parity.datasets_io import HH_RLHF_FILE, load_preference_rows, tokenizer_corpus, write_jsonl
 from parity.workspace import Workspace, prepare_workspace
-from training.tokenizer import train_tokenizer
+from training.embedded.tokenizer import train_tokenizer
 
 # The cpu-small model of notes §5: 8.3M parameters, sdpa, fp32, separate LM head.
 SMALL_LLAMA = {

@@ -179,7 +179,7 @@ def _lightning_meter(meter: Meter):
 
 def _set_fields(cfg, settings: dict):
     """``cfg`` with FitConfig fields replaced by name, whatever group holds them."""
-    from training.config import field_names
+    from training.run.config import field_names
 
     groups = field_names()
     changes: dict[str, dict] = {}
@@ -193,7 +193,7 @@ def _set_fields(cfg, settings: dict):
 def _our_defaults() -> dict:
     """The speed settings a plain ``python -m training.fit`` run gets (parity's case pins the
     plain path; the benchmark measures what users run)."""
-    from training.config import DPOConfig
+    from training.run.config import DPOConfig
 
     d = DPOConfig()
     return {
@@ -209,7 +209,7 @@ def run_ours(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> lis
     from parity.ours_side import fit_config
     from parity.workspace import prepare_workspace, training_rows
     from training.fit import train
-    from training.prepare import prepare_inputs
+    from training.inputs.prepare import prepare_inputs
 
     case = ParityCase(**spec["case"])
     ws = prepare_workspace(case, pathlib.Path(spec["workspace"]))

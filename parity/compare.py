@@ -30,7 +30,7 @@ token ids, dropped rows 0           tokenization must be identical
 final weights           1e-4 abs    Adam at lr 1e-3 turns last-bit gradient noise into ~1e-5
                                     weight differences (measured 1.07e-5)
 packed_4bit             0           4-bit layers left in bitsandbytes' gradient-less CPU layout
-                                    (training.four_bit): a count, on both sides together
+                                    (training.inputs.four_bit): a count, on both sides together
 ======================  ==========  ============================================================
 
 Trainable weights stored in bf16/fp16 (trl 1.16 casts QLoRA adapters to bf16, as the QLoRA paper

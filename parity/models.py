@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from parity.cases import ParityCase
-from training.four_bit import disable_cpu_packing
+from training.inputs.four_bit import disable_cpu_packing
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -127,7 +127,7 @@ def load_model(path: pathlib.Path | str, case: ParityCase) -> PreTrainedModel:
         str(path), dtype=torch.float32, quantization_config=quantization_config(case)
     )
     # Both sides alike: no bitsandbytes CPU repacking, which drops 4-bit gradients after any
-    # no-grad pass on AVX-512 BF16 CPUs (training.four_bit); trl would hit it too.
+    # no-grad pass on AVX-512 BF16 CPUs (training.inputs.four_bit); trl would hit it too.
     disable_cpu_packing(model)
     return model
 

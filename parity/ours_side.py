@@ -1,6 +1,6 @@
 """Our side of a parity case: the same files through the path users train with.
 
-The case becomes a ``training.config.FitConfig`` and runs through ``training.fit.train`` (the
+The case becomes a ``training.run.config.FitConfig`` and runs through ``training.fit.train`` (the
 Lightning module, the data module, ``dpo_core.step``), not a separate copy of the math. The
 settings that make it comparable with trl's run are the ones trl's side uses: the same policy,
 reference and initial adapter files, the same rows in the same order (no shuffle), no held-out
@@ -17,12 +17,12 @@ from parity.cases import ParityCase
 from parity.datasets_io import write_jsonl
 from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
-from training.four_bit import packed_layers
+from training.inputs.four_bit import packed_layers
 
 
 def fit_config(case: ParityCase, data_file: pathlib.Path, ws, output_dir: pathlib.Path):
     """The ``FitConfig`` that trains ``case`` as trl's side does."""
-    from training.config import (
+    from training.run.config import (
         DataConfig,
         DPOConfig,
         FitConfig,
@@ -98,7 +98,7 @@ def trained_weights(policy: torch.nn.Module, case: ParityCase) -> dict[str, torc
 def run_ours(case: ParityCase, workdir: pathlib.Path) -> RunResult:
     """Train ``case`` with our Lightning path and collect what ``parity.compare`` compares."""
     from training.fit import train
-    from training.prepare import prepare_inputs
+    from training.inputs.prepare import prepare_inputs
 
     workdir = pathlib.Path(workdir)
     ws = prepare_workspace(case, workdir)

@@ -48,7 +48,7 @@ class RunResult:
             ``max_length`` under ``keep_start``).
         packed_4bit_layers: 4-bit layers of the policy or reference found, after training, in
             bitsandbytes' CPU inference layout, where they have no gradient
-            (``training.four_bit``); empty for a correct run.
+            (``training.inputs.four_bit``); empty for a correct run.
     """
 
     steps: list[dict[str, float]]

@@ -20,7 +20,7 @@ from parity.cases import ParityCase
 from parity.models import load_adapter_init, load_model, lora_config
 from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
-from training.four_bit import packed_layers
+from training.inputs.four_bit import packed_layers
 
 
 def trl_config(case: ParityCase, output_dir: pathlib.Path, **overrides):

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from parity.cases import ParityCase
 from parity.datasets_io import generate_rows, load_preference_rows, tokenizer_corpus, write_jsonl
 from parity.models import build_tiny_model, load_model, perturbed_copy, save_adapter_init
-from training.tokenizer import train_tokenizer
+from training.embedded.tokenizer import train_tokenizer
 
 MARKER = "workspace.json"
 # The case fields the files depend on; the loss, optimizer and schedule do not change them.

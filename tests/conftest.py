@@ -37,8 +37,8 @@ def hh_rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(hh_rows):
     """A 1,000-token byte-level BPE tokenizer trained on hh-rlhf text, with BOS, EOS, pad and a
-    chat template (see ``training.tokenizer``)."""
-    from training.tokenizer import train_tokenizer
+    chat template (see ``training.embedded.tokenizer``)."""
+    from training.embedded.tokenizer import train_tokenizer
 
     corpus = [r["chosen"] for r in hh_rows] + [r["rejected"] for r in hh_rows]
     return train_tokenizer(corpus, vocab_size=1000)

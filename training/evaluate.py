@@ -14,9 +14,9 @@ For each of the two policies, *before* (the starting model) and *after* (the tra
   ``β log π/π_ref`` (ties count 1/2: before training every reward is 0), the policy's own
   ``logp_accuracy``, and the mean log-probs of chosen and rejected completions;
 - samples, one per held-out prompt (``generate`` with a seed): the sequence-level
-  ``KL(π ‖ π_ref)`` estimate and the win rate under the judge (``training.judges``).
+  ``KL(π ‖ π_ref)`` estimate and the win rate under the judge (``training.eval.judges``).
 
-Writes ``eval.json``, ``report.md`` and PNG plots to the output directory (``training.report``).
+Writes ``eval.json``, ``report.md`` and PNG plots to the output directory (``training.eval.report``).
 The models and data default to the run's ``config.yaml`` beside ``--model-dir``: the reference is
 the run's ``--ref-model``, else its starting model; a LoRA adapter directory is loaded on it.
 """
@@ -35,17 +35,17 @@ import torch
 
 from dpo_core.collate import PreferenceCollator
 from dpo_core.evaluation import PreferenceSummary, preference_summary, sequence_kl
-from training.config import FitConfig
-from training.eval_setup import EvalModels
-from training.generation import (
+from training.eval.judges import Candidates, make_judge
+from training.eval.loading import EvalModels
+from training.eval.sampling import (
     ModelView,
     SamplingSettings,
     sample_completions,
     score_completions,
     score_pairs,
 )
-from training.judges import Candidates, make_judge
-from training.prepare import RunInputs
+from training.inputs.prepare import RunInputs
+from training.run.config import FitConfig
 
 log = logging.getLogger("training.evaluate")
 
@@ -232,7 +232,7 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m training.evaluate``'s flags; the evaluation settings are ``EvalConfig``'s."""
-    from training.cli import add_group_flags
+    from training.run.cli import add_group_flags
 
     parser = argparse.ArgumentParser(
         prog="python -m training.evaluate",
@@ -257,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_evaluation(args: argparse.Namespace, eval_fields: dict) -> tuple[Evaluation, object]:
     """Resolve config, data and models from the command line; evaluate; write the report."""
-    from training.eval_setup import build_models, eval_config, load_trained, pick_device
-    from training.prepare import prepare_inputs
-    from training.report import write_report
+    from training.eval.loading import build_models, eval_config, load_trained, pick_device
+    from training.eval.report import write_report
+    from training.inputs.prepare import prepare_inputs
 
     if not args.model_dir.is_dir():
         raise FileNotFoundError(f"--model-dir {args.model_dir} is not a directory")
@@ -283,7 +283,7 @@ def run_evaluation(args: argparse.Namespace, eval_fields: dict) -> tuple[Evaluat
 
 def print_report(evaluation: Evaluation, paths) -> None:
     """The before/after table and where the files are."""
-    from training.report import format_table
+    from training.eval.report import format_table
 
     print()
     print(format_table(evaluation.to_json()))

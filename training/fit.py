@@ -24,17 +24,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from dpo_core.rows import DataError
-from training.callbacks import AtomicCheckpointIO, StepTimer
-from training.cli import config_to_yaml, resolve_config
-from training.config import FitConfig
-from training.data_module import PreferenceDataModule
-from training.metrics_csv import read_rows as metrics_csv_rows
-from training.metrics_csv import restore_earlier_rows
-from training.models import build_reference, load_policy
-from training.module import DPOModule
-from training.outputs import evaluate_run, save_outputs
-from training.precompute import attach_precomputed_reference, resolve_precompute
-from training.prepare import RunInputs, prepare_inputs
+from training.inputs.data_module import PreferenceDataModule
+from training.inputs.model_loading import build_reference, load_policy
+from training.inputs.precompute import attach_precomputed_reference, resolve_precompute
+from training.inputs.prepare import RunInputs, prepare_inputs
+from training.run.callbacks import AtomicCheckpointIO, StepTimer
+from training.run.cli import config_to_yaml, resolve_config
+from training.run.config import FitConfig
+from training.run.metrics_csv import read_rows as metrics_csv_rows
+from training.run.metrics_csv import restore_earlier_rows
+from training.run.module import DPOModule
+from training.run.outputs import evaluate_run, save_outputs
 
 log = logging.getLogger("training.fit")
 
@@ -57,7 +57,7 @@ class FitResult:
     policy: object = None
     reference: object = None  # the dpo_core.reference source trained against (None: precomputed)
     evaluation: object = None  # training.evaluate.Evaluation, when evaluated
-    report: object = None  # training.report.ReportPaths: eval.json, report.md, plots
+    report: object = None  # training.eval.report.ReportPaths: eval.json, report.md, plots
     step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time
 
 
@@ -214,14 +214,14 @@ def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
     """The whole job for a resolved config. On the embedded default, the fields the user did not
     set (``explicit``: names set by flag or YAML) take the embedded task's recipe."""
     if cfg.model.model is None and cfg.data.dataset is None:
-        from training.prepare import apply_embedded_recipe
+        from training.inputs.prepare import apply_embedded_recipe
 
         cfg = apply_embedded_recipe(cfg, explicit or set())
     L.seed_everything(cfg.trainer.seed, verbose=False)
     inputs = prepare_inputs(cfg)
     result = train(cfg, inputs)
     if result.before or result.after or result.evaluation:
-        from training.outputs import print_summary
+        from training.run.outputs import print_summary
 
         print_summary(result)
     return result

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from training import plots
+from training.eval import plots
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +41,8 @@ def run_dir(root: Path, beta: float) -> Path:
 
 def fit_one(beta: float, root: Path, fit_argv: list[str]) -> dict:
     """Train and evaluate at ``beta``; its eval.json as a dict, with ``beta`` added."""
-    from training.cli import resolve_config
     from training.fit import run
+    from training.run.cli import resolve_config
 
     argv = [*fit_argv, "--beta", str(beta), "--output-dir", str(run_dir(root, beta)), "--evaluate"]
     cfg, _ = resolve_config(argv)

@@ -115,7 +115,7 @@ def test_synthetic_rows_have_exact_token_counts():
     """BOS + 127 single-token words = 128 prompt tokens; 127 words + EOS = 128 per completion."""
     from dpo_core.data import tokenize_rows
     from parity.bench_presets import _random_word_corpus
-    from training.tokenizer import train_tokenizer
+    from training.embedded.tokenizer import train_tokenizer
 
     preset = PRESETS["cpu-small"]
     tokenizer = train_tokenizer(_random_word_corpus(2000, seed=0), vocab_size=2000)

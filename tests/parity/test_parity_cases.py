@@ -19,7 +19,7 @@ from parity.compare import compare_runs
 from parity.ours_side import run_ours
 from parity.trl_side import run_trl
 from tests.conftest import HH_RLHF_FILE
-from training.tokenizer import train_tokenizer  # noqa: F401  (imported for a clear ImportError)
+from training.embedded.tokenizer import train_tokenizer  # noqa: F401  (imported for a clear ImportError)
 
 STEPS = 8
 

@@ -60,7 +60,7 @@ def build_tiny_model(model_dir: Path, rows: list[dict]) -> None:
     text, so both tokenize compactly), saved to ``model_dir``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.tokenizer import train_tokenizer
+    from training.embedded.tokenizer import train_tokenizer
 
     texts = [r["prompt"] + r[k] for r in rows for k in ("chosen", "rejected")]
     texts += [r[k] for r in load_hh_rows(200) for k in ("chosen", "rejected")]  # for --dataset hh
@@ -125,8 +125,8 @@ def base_args(assets: TinyAssets, output_dir: Path, **flags) -> list[str]:
 
 def fit(argv: list[str]):
     """``training.fit.run`` in this process on a config resolved from ``argv``."""
-    from training.cli import resolve_config
     from training.fit import run
+    from training.run.cli import resolve_config
 
     cfg, _ = resolve_config(argv)
     return run(cfg)
@@ -175,7 +175,7 @@ def base_name(peft_name: str) -> str:
 
 def dequantized(module) -> torch.Tensor:
     """The float32 weight a bitsandbytes 4-bit layer computes with, whatever its storage layout
-    (bitsandbytes may have repacked it for CPU inference: ``training.four_bit``)."""
+    (bitsandbytes may have repacked it for CPU inference: ``training.inputs.four_bit``)."""
     from bitsandbytes import functional as F
 
     data, state = module.weight.data, module.weight.quant_state
@@ -188,7 +188,7 @@ def fixed_batch(assets: TinyAssets, num_pairs: int = 8):
     """The first ``num_pairs`` rows of the data file, tokenized and collated as training does."""
     from dpo_core.data import PreferenceCollator, tokenize_rows
     from dpo_core.rows import read_jsonl
-    from training.models import load_tokenizer
+    from training.inputs.model_loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(assets.model_dir))
     rows = read_jsonl(assets.data_file)[:num_pairs]

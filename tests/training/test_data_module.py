@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.data_module import EpochSampler, ResumableDataLoader
+from training.inputs.data_module import EpochSampler, ResumableDataLoader
 
 
 def test_unshuffled_order_is_the_file_order():

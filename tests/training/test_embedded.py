@@ -1,5 +1,5 @@
-"""The embedded default's assets (``training.embedded``) and the warm-up that makes its model
-(``training.warmup``), on a tiny recipe that builds in a few seconds."""
+"""The embedded default's assets (``training.embedded.assets``) and the warm-up that makes its model
+(``training.embedded.warmup``), on a tiny recipe that builds in a few seconds."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from training import embedded
-from training.embedded import (
+from training.embedded.assets import (
     VERSION,
     EmbeddedRecipe,
     TinyLlamaConfig,
@@ -20,9 +19,10 @@ from training.embedded import (
     prepare_embedded,
     recipe_key,
 )
-from training.synthetic import SyntheticConfig, judge, read_jsonl
-from training.tokenizer import train_tokenizer
-from training.warmup import (
+from training.embedded import assets as embedded
+from training.embedded.synthetic import SyntheticConfig, judge, read_jsonl
+from training.embedded.tokenizer import train_tokenizer
+from training.embedded.warmup import (
     WarmupConfig,
     both_responses,
     causal_lm_loss,
@@ -149,7 +149,7 @@ def test_model_config_rejects_indivisible_heads():
         TinyLlamaConfig(hidden_size=30, num_heads=4)
 
 
-# --- training.warmup ---------------------------------------------------------------------------
+# --- training.embedded.warmup ---------------------------------------------------------------------------
 
 
 def test_lr_schedule_by_hand():

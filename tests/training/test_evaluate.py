@@ -15,9 +15,14 @@ from transformers import AutoModelForCausalLM
 from dpo_core.evaluation import sequence_kl
 from tests.training.conftest import BAD, GOOD, base_args, fit
 from tests.training.test_plots import assert_png
+from training.eval.sampling import (
+    ModelView,
+    SamplingSettings,
+    sample_completions,
+    score_completions,
+)
 from training.evaluate import main as evaluate_main
-from training.generation import ModelView, SamplingSettings, sample_completions, score_completions
-from training.models import load_tokenizer
+from training.inputs.model_loading import load_tokenizer
 
 HEADLINE = ("preference_accuracy", "reward_margin", "win_rate", "kl")
 # Few, short samples: the evaluation's paths all run, in seconds.

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dpo_core.reference import AdapterDisabledReference, FrozenCopyReference
 from dpo_core.step import DPOSettings, dpo_step
 from tests.training.conftest import base_args, base_name, dequantized, fit, fixed_batch
-from training.four_bit import linear4bit_layers
+from training.inputs.four_bit import linear4bit_layers
 
 # A few steps at a learning rate well above the default: enough for the loss on the training
 # rows to move clearly, still far from divergence for a 1-layer model.
@@ -106,8 +106,8 @@ def test_qlora_keeps_the_4bit_base_frozen_and_trains_the_adapters(tiny_assets, t
     import bitsandbytes as bnb
     from peft import PeftModel
 
-    from training.cli import resolve_config
-    from training.models import load_causal_lm
+    from training.inputs.model_loading import load_causal_lm
+    from training.run.cli import resolve_config
 
     argv = base_args(tiny_assets, tmp_path, load_in_4bit=True, **TRAIN)
     cfg, _ = resolve_config(argv)

@@ -1,4 +1,4 @@
-"""4-bit layers stay trainable on every CPU (``training.four_bit``).
+"""4-bit layers stay trainable on every CPU (``training.inputs.four_bit``).
 
 bitsandbytes 0.50 repacks a ``Linear4bit`` into a gradient-less CPU inference layout after a
 no-grad pass on AVX-512 BF16 CPUs. These tests compare against an independent computation,
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.training.conftest import base_args, base_name, dequantized, fit, load_weights
-from training.four_bit import disable_cpu_packing, linear4bit_layers, packed_layers
+from training.inputs.four_bit import disable_cpu_packing, linear4bit_layers, packed_layers
 
 # A 3-step QLoRA run with a precomputed reference: a no-grad pass over every row before the
 # first step, exactly what made bitsandbytes repack (and then drop gradients).
@@ -48,8 +48,8 @@ def save_float_twin(model_4bit, float_dir, out_dir) -> None:
 
 
 def quantized_base(assets):
-    from training.cli import resolve_config
-    from training.models import load_causal_lm
+    from training.inputs.model_loading import load_causal_lm
+    from training.run.cli import resolve_config
 
     cfg, _ = resolve_config(base_args(assets, "unused", load_in_4bit=True))
     return load_causal_lm(str(assets.model_dir), cfg, quantize=True)
@@ -106,9 +106,9 @@ def pack_every_4bit_layer(model) -> int:
 
 
 def test_training_refuses_to_start_on_packed_4bit_layers(tiny_assets, tmp_path, monkeypatch):
-    import training.models
+    import training.inputs.model_loading
 
-    monkeypatch.setattr(training.models, "disable_cpu_packing", pack_every_4bit_layer)
+    monkeypatch.setattr(training.inputs.model_loading, "disable_cpu_packing", pack_every_4bit_layer)
     argv = base_args(
         tiny_assets, tmp_path, load_in_4bit=True, precompute_ref_log_probs=False, max_steps=1
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from training.eval.sampling import completion_batch, cut_at_eos, left_pad
 from training.evaluate import distinct_prompts
-from training.generation import completion_batch, cut_at_eos, left_pad
 
 
 def test_left_pad_right_aligns_prompts():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from training.data_module import (
+from training.inputs.data_module import (
     GROUP_WINDOW_BATCHES,
     EpochSampler,
     PreferenceData,

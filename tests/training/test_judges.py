@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.generation import ModelView
-from training.judges import Candidates, RewardJudge, ScoreJudge, load_callable, make_judge
+from training.eval.judges import Candidates, RewardJudge, ScoreJudge, load_callable, make_judge
+from training.eval.sampling import ModelView
 
 
 def candidates(completions: list[str], baselines: list[str]) -> Candidates:
@@ -36,7 +36,7 @@ def test_make_judge_resolves_auto_rule_callable_and_none():
     assert make_judge("none", embedded=True, rule=None, **kw) is None
     auto = make_judge("auto", embedded=True, rule=None, **kw)
     assert isinstance(auto, ScoreJudge) and auto(candidates([" superb"], [""])) == [1.0]
-    called = make_judge("training.synthetic:judge", embedded=False, rule=None, **kw)
+    called = make_judge("training.embedded.synthetic:judge", embedded=False, rule=None, **kw)
     assert called(candidates([" dreadful"], [""])) == [0.0]
 
 
@@ -44,7 +44,7 @@ def test_load_callable_errors_name_the_spec():
     with pytest.raises(ValueError, match="no_such_module"):
         load_callable("no_such_module:f")
     with pytest.raises(ValueError, match="VERSION.*not callable"):
-        load_callable("training.embedded:VERSION")
+        load_callable("training.embedded.assets:VERSION")
 
 
 def test_a_reward_model_directory_is_a_reward_judge(tiny_assets, tmp_path):

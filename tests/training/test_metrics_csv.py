@@ -1,10 +1,10 @@
-"""training.metrics_csv: a resumed run's metrics.csv keeps the interrupted run's earlier steps."""
+"""training.run.metrics_csv: a resumed run's metrics.csv keeps the interrupted run's earlier steps."""
 
 from __future__ import annotations
 
 import csv
 
-from training.metrics_csv import read_rows, restore_earlier_rows
+from training.run.metrics_csv import read_rows, restore_earlier_rows
 
 
 def write(path, rows):

@@ -3,7 +3,7 @@
 import torch
 import transformers as T
 
-from training.module import linear_schedule, param_groups
+from training.run.module import linear_schedule, param_groups
 
 
 def test_tied_weight_is_in_one_group_once():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import matplotlib.image
 
-from training import plots
+from training.eval import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

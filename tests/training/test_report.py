@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from dpo_core.evaluation import PreferenceSummary
+from training.eval.report import DISPLACEMENT_WARNING, format_table, render_markdown, write_report
+from training.eval.sampling import SamplingSettings
 from training.evaluate import Evaluation, PolicyResult
-from training.generation import SamplingSettings
-from training.report import DISPLACEMENT_WARNING, format_table, render_markdown, write_report
 
 
 def summary(accuracy: float, logps_chosen: float, logps_rejected: float) -> PreferenceSummary:

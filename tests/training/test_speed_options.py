@@ -4,10 +4,10 @@ and --precompute-ref-log-probs (unset: decided from how much of the data the run
 from __future__ import annotations
 
 from tests.dpo_core.tiny import tiny_llama
-from training.cli import resolve_config
-from training.models import build_reference
-from training.module import DPOModule
-from training.precompute import pairs_read, resolve_precompute
+from training.inputs.model_loading import build_reference
+from training.inputs.precompute import pairs_read, resolve_precompute
+from training.run.cli import resolve_config
+from training.run.module import DPOModule
 
 
 def test_defaults_share_prompts_and_keep_the_file_order():

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from training.synthetic import (
+from training.embedded.synthetic import (
     CONTINUING,
     DOMAINS,
     NEGATIVE,

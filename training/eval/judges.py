@@ -2,10 +2,10 @@
 
 ``--judge`` picks one:
 
-- ``rule``: the embedded task's exact rule (``training.synthetic.judge``): 1 for a positive
+- ``rule``: the embedded task's exact rule (``training.embedded.synthetic.judge``): 1 for a positive
   completion, 0 for a negative one, 1/2 for a tie. ``auto`` means this on the embedded default.
 - ``module:function``: any callable ``function(prompt: str, completion: str) -> float`` in
-  [0, 1], used as the verdict directly (``training.synthetic:judge`` is the rule above).
+  [0, 1], used as the verdict directly (``training.embedded.synthetic:judge`` is the rule above).
 - ``implicit``: DPO's implicit reward ``β log π(y|x)/π_ref(y|x)`` of the **trained** policy (the
   same judge for the samples of both policies). ``auto`` means this on other data.
 - a directory or hub id of an ``AutoModelForSequenceClassification`` reward model: its logit
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dpo_core.evaluation import implicit_reward, win_scores
-from training.generation import ModelView, score_completions
+from training.eval.sampling import ModelView, score_completions
 
 
 @dataclass
@@ -147,7 +147,7 @@ def make_judge(
         return None
     if spec == "rule":
         if rule is None:
-            from training.synthetic import judge as rule
+            from training.embedded.synthetic import judge as rule
         return ScoreJudge(rule, "the synthetic task's rule")
     if spec == "implicit":
         return implicit_judge(after, reference, beta, pad_id)

@@ -4,7 +4,7 @@ The reference is chosen by one rule (``build_reference``):
 
 - ``reference_free``            -> no reference (log-probs taken as 0);
 - ``precompute_ref_log_probs``  -> log-probs computed once before training and cached on disk
-                                   (unset: when the run reads every row, ``training.precompute``);
+                                   (unset: when the run reads every row, ``training.inputs.precompute``);
 - LoRA / QLoRA                  -> the same model with its adapters switched off;
 - otherwise                     -> a frozen copy (of ``--ref-model`` when given, else of the policy).
 """
@@ -17,8 +17,8 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from training.config import FitConfig
-from training.four_bit import disable_cpu_packing
+from training.inputs.four_bit import disable_cpu_packing
+from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def build_reference(policy: torch.nn.Module, cfg: FitConfig):
     """A live reference source for ``policy`` following the module docstring's rule, or None.
 
     Returns None for reference-free training and for precomputed references (those are attached
-    to the data by ``training.data_module``).
+    to the data by ``training.inputs.data_module``).
     """
     from dpo_core import reference as ref
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_core.evaluation import likelihood_displacement
-from training import plots
+from training.eval import plots
 
 TABLE_ROWS = (
     ("preference_accuracy", "preference accuracy"),

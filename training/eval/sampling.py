@@ -53,7 +53,7 @@ class ModelView:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How completions are drawn (see ``training.config.EvalConfig``)."""
+    """How completions are drawn (see ``training.run.config.EvalConfig``)."""
 
     max_new_tokens: int = 48
     temperature: float = 1.0

@@ -1,6 +1,6 @@
 """Resolve a run's inputs: model path, tokenizer, train and held-out rows, tokenized.
 
-Unset ``--model`` / ``--dataset`` fall back to the embedded default (``training.embedded``),
+Unset ``--model`` / ``--dataset`` fall back to the embedded default (``training.embedded.assets``),
 which is built offline and cached on disk.
 """
 
@@ -10,14 +10,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from training.config import FitConfig
-from training.data_module import PreferenceData, load_rows, split_heldout, tokenize_source
-from training.models import load_tokenizer
+from training.inputs.data_module import PreferenceData, load_rows, split_heldout, tokenize_source
+from training.inputs.model_loading import load_tokenizer
+from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
 
 
-# The DPO recipe of the embedded task (``training.embedded``): used by ``python -m training.fit``
+# The DPO recipe of the embedded task (``training.embedded.assets``): used by ``python -m training.fit``
 # with no model and no data, for every field the user did not set. Measured on this 2-core CPU:
 # see the README's "Embedded default" table.
 EMBEDDED_RECIPE: dict[str, dict[str, Any]] = {
@@ -78,7 +78,7 @@ def prepare_inputs(cfg: FitConfig) -> RunInputs:
     """Build or load everything the run reads, and tokenize it as trl would."""
     embedded = None
     if cfg.model.model is None or cfg.data.dataset is None:
-        from training.embedded import prepare_embedded
+        from training.embedded.assets import prepare_embedded
 
         embedded = prepare_embedded(log=log.info)
     model_path = cfg.model.model or str(embedded.model_dir)

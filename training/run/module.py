@@ -17,8 +17,8 @@ import lightning as L
 import torch
 
 from dpo_core.step import DPOSettings, StepOutput, dpo_step
-from training.config import FitConfig
-from training.four_bit import check_not_packed
+from training.inputs.four_bit import check_not_packed
+from training.run.config import FitConfig
 
 # Shown in the progress bar (all metrics go to the loggers).
 PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_core import reference as ref
-from training.data_module import features_fingerprint
+from training.inputs.data_module import features_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _precompute_device(cfg) -> torch.device:
 
 def _live_reference(policy, cfg):
     """The reference to precompute with: what ``build_reference`` would use live."""
-    from training.models import build_reference
+    from training.inputs.model_loading import build_reference
 
     live_cfg = dataclasses.replace(
         cfg, dpo=dataclasses.replace(cfg.dpo, precompute_ref_log_probs=False)

@@ -5,7 +5,7 @@ concept (beta, loss_type, loss_weights, label_smoothing, max_length, truncation_
 precompute_ref_log_probs, learning_rate, gradient_accumulation_steps, max_steps,
 num_train_epochs, warmup_steps, weight_decay, max_grad_norm, seed). Every field becomes a
 command-line flag of ``python -m training.fit`` (``max_steps`` -> ``--max-steps``) and a key of
-the YAML file (``--config``); see ``training.cli``. The ``help`` text of each field is its
+the YAML file (``--config``); see ``training.run.cli``. The ``help`` text of each field is its
 one-line documentation.
 """
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.cli import resolve_config
-from training.config import FitConfig, check_config
-from training.generation import ModelView
-from training.models import frozen, load_causal_lm
+from training.eval.sampling import ModelView
+from training.inputs.model_loading import frozen, load_causal_lm
+from training.run.cli import resolve_config
+from training.run.config import FitConfig, check_config
 
 
 @dataclass

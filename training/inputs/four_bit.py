@@ -67,5 +67,5 @@ def check_not_packed(model: torch.nn.Module, when: str) -> None:
             f"{when}: 4-bit layer {packed[0]}{more} is in bitsandbytes' CPU inference layout "
             "(packing_format_for_cpu), where it has no gradient: training would silently leave "
             "the base's input gradients at zero. Load 4-bit models with "
-            "training.four_bit.disable_cpu_packing before their first forward."
+            "training.inputs.four_bit.disable_cpu_packing before their first forward."
         )

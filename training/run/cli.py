@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from training.config import GROUPS, FitConfig, field_names
+from training.run.config import GROUPS, FitConfig, field_names
 
 
 def _base_type(annotation: Any) -> tuple[type, bool, bool]:

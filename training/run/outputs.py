@@ -9,7 +9,7 @@
       metrics.csv       per-step metrics, trl's names (from Lightning's CSVLogger)
       checkpoints/      Lightning checkpoints (atomic), for --resume
       eval.json         before / after evaluation (``training.evaluate``; not with --no-evaluate)
-      report.md, *.png  the evaluation's report and plots (``training.report``)
+      report.md, *.png  the evaluation's report and plots (``training.eval.report``)
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from training.cli import config_to_yaml
-from training.config import FitConfig
+from training.run.cli import config_to_yaml
+from training.run.config import FitConfig
 
 SUMMARY_KEYS = (
     ("eval_rewards/accuracies", "preference accuracy"),
@@ -68,9 +68,9 @@ def evaluate_run(cfg: FitConfig, inputs, policy, reference, validation: dict):
     """Evaluate the trained ``policy`` against the starting model (``training.evaluate``) and
     write eval.json, report.md and the plots. ``reference``: the training's reference source,
     whose frozen model is reused. Returns (Evaluation, ReportPaths)."""
-    from training.eval_setup import build_models
+    from training.eval.loading import build_models
+    from training.eval.report import write_report
     from training.evaluate import evaluate
-    from training.report import write_report
 
     live = getattr(reference, "model", None)
     models = build_models(policy, cfg, inputs.model_path, live_copy=live)
@@ -101,7 +101,7 @@ def print_summary(result) -> None:
     """The before/after table and a one-line summary with where the outputs are."""
     print()
     if result.evaluation is not None:
-        from training.report import format_table as evaluation_table
+        from training.eval.report import format_table as evaluation_table
 
         print(evaluation_table(result.evaluation.to_json()))
     else:

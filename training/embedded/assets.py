@@ -2,14 +2,14 @@
 
 With no network, ``prepare_embedded`` makes (or finds on disk) four things:
 
-1. the synthetic controlled-sentiment task of ``training.synthetic``, as ``train.jsonl`` and
+1. the synthetic controlled-sentiment task of ``training.embedded.synthetic``, as ``train.jsonl`` and
    ``eval.jsonl`` (explicit ``prompt`` / ``chosen`` / ``rejected`` rows);
-2. a byte-level BPE tokenizer trained offline on the train texts (``training.tokenizer``);
+2. a byte-level BPE tokenizer trained offline on the train texts (``training.embedded.tokenizer``);
 3. a small Llama-style causal LM built from a config, then warmed up on **both** completions of
-   every train pair (``training.warmup``), so it starts DPO writing positive and negative
+   every train pair (``training.embedded.warmup``), so it starts DPO writing positive and negative
    continuations alike (the DPO paper, §4, fits the preferred completions when no SFT model
    exists; fitting both keeps the starting model neutral, as its sentiment task's base was);
-4. the judge, the task's exact rule (``training.synthetic.judge``).
+4. the judge, the task's exact rule (``training.embedded.synthetic.judge``).
 
 The default recipe (2 layers, width 128, 0.77 M parameters; 1,000 warm-up steps of 32 texts)
 builds in about 40 s on 2 CPU threads. Measured with a plain DPO loop on it (sigmoid loss,
@@ -49,10 +49,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from training import synthetic, tokenizer, warmup
-from training.synthetic import SyntheticConfig, judge, make_splits, write_jsonl
-from training.tokenizer import train_tokenizer
-from training.warmup import WarmupConfig, both_responses, warmup_causal_lm
+from training.embedded import synthetic, tokenizer, warmup
+from training.embedded.synthetic import SyntheticConfig, judge, make_splits, write_jsonl
+from training.embedded.tokenizer import train_tokenizer
+from training.embedded.warmup import WarmupConfig, both_responses, warmup_causal_lm
 
 VERSION = "v1"  # bump when the layout on disk changes
 

@@ -1,0 +1,1 @@
+"""A run's inputs: rows and the tokenized data module, model loading (LoRA, 4-bit), the reference precomputation."""

@@ -1,0 +1,1 @@
+"""The training run: config, command line, the Lightning module, callbacks and outputs."""
