@@ -196,7 +196,7 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_table(report: dict) -> str:
+def bench_table(report: dict) -> str:
     """A markdown table of every side and the headline ratios."""
     rows = [
         "| side | s / step | x trl | CPU s / step | completion tok / s | peak RSS MiB "
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = (args.workdir or pathlib.Path(tmp)).resolve()
         report = run(args, workdir)
-    print(format_table(report))
+    print(bench_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

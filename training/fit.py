@@ -56,7 +56,7 @@ class FitResult:
     history: list[dict[str, float]]
     policy: object = None
     reference: object = None  # the dpo_core.reference source trained against (None: precomputed)
-    evaluation: object = None  # training.evaluate.Evaluation, when evaluated
+    evaluation: object = None  # training.eval.before_after.Evaluation, when evaluated
     report: object = None  # training.eval.report.ReportPaths: eval.json, report.md, plots
     step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from parity.bench import format_table, loss_check, main, summarize
+from parity.bench import bench_table, loss_check, main, summarize
 from parity.bench_presets import PRESETS, single_token_words, synthetic_rows
 
 SIDE_KEYS = {
@@ -106,7 +106,7 @@ def test_disagreeing_losses_fail_loudly():
     assert check["max_diff"]["ours"] == pytest.approx(2e-5)
     report = {"ours": sides["ours"], "trl": sides["trl"], "trl_defaults": sides["trl_defaults"],
               "variants": {}, "loss_check": check, "speedup": 1.0}  # fmt: skip
-    assert "DISAGREE" in format_table(report)
+    assert "DISAGREE" in bench_table(report)
     sides["ours"]["losses"][1] = 0.68 + 5e-6
     assert loss_check(sides, tolerance=1e-5)["ok"]  # trl_defaults' 1e-2 does not count
 

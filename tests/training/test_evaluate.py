@@ -15,12 +15,8 @@ from transformers import AutoModelForCausalLM
 from dpo_core.evaluation import sequence_kl
 from tests.training.conftest import BAD, GOOD, base_args, fit
 from tests.training.test_plots import assert_png
-from training.eval.sampling import (
-    ModelView,
-    SamplingSettings,
-    sample_completions,
-    score_completions,
-)
+from training.eval.sampling import SamplingSettings, sample_completions
+from training.eval.scoring import ModelView, score_completions
 from training.evaluate import main as evaluate_main
 from training.inputs.model_loading import load_tokenizer
 

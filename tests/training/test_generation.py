@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from training.eval.sampling import completion_batch, cut_at_eos, left_pad
-from training.evaluate import distinct_prompts
+from training.eval.before_after import distinct_prompts
+from training.eval.sampling import cut_at_eos, left_pad
+from training.eval.scoring import completion_batch
 
 
 def test_left_pad_right_aligns_prompts():

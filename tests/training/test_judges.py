@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.eval.judges import Candidates, RewardJudge, ScoreJudge, load_callable, make_judge
-from training.eval.sampling import ModelView
+from training.eval.scoring import ModelView
 
 
 def candidates(completions: list[str], baselines: list[str]) -> Candidates:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 
 from dpo_core.evaluation import PreferenceSummary
-from training.eval.report import DISPLACEMENT_WARNING, format_table, render_markdown, write_report
+from training.eval.before_after import Evaluation, PolicyResult
+from training.eval.report import (
+    DISPLACEMENT_WARNING,
+    evaluation_table,
+    render_markdown,
+    write_report,
+)
 from training.eval.sampling import SamplingSettings
-from training.evaluate import Evaluation, PolicyResult
 
 
 def summary(accuracy: float, logps_chosen: float, logps_rejected: float) -> PreferenceSummary:
@@ -39,7 +44,7 @@ def test_examples_show_both_completions_and_verdicts():
 
 
 def test_table_says_na_for_what_was_not_measured():
-    table = format_table(evaluation(-15.0, -40.0, judged=False).to_json())
+    table = evaluation_table(evaluation(-15.0, -40.0, judged=False).to_json())
     lines = {line.split("  ")[0]: line.split() for line in table.splitlines()[2:]}
     assert lines["win rate"][-3:] == ["n/a", "n/a", "n/a"]
     assert lines["preference accuracy"][-3:] == ["0.5000", "0.9000", "0.4000"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dpo_core.evaluation import implicit_reward, win_scores
-from training.eval.sampling import ModelView, score_completions
+from training.eval.scoring import ModelView, score_completions
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.eval.sampling import ModelView
+from training.eval.scoring import ModelView
 from training.inputs.model_loading import frozen, load_causal_lm
 from training.run.cli import resolve_config
 from training.run.config import FitConfig, check_config

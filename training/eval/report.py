@@ -67,7 +67,7 @@ def _fmt(value) -> str:
     return f"{value:.4f}"
 
 
-def format_table(report: dict) -> str:
+def evaluation_table(report: dict) -> str:
     """The console table of an eval.json ``report``: before, after and the change."""
     lines = [f"{'held-out metric':<22}{'before':>12}{'after':>12}{'change':>12}", "-" * 58]
     for key, label in TABLE_ROWS:

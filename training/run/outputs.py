@@ -23,12 +23,14 @@ from training.run.cli import config_to_yaml
 from training.run.config import FitConfig
 
 SUMMARY_KEYS = (
-    ("eval_rewards/accuracies", "preference accuracy"),
-    ("eval_rewards/margins", "reward margin"),
-    ("eval_rewards/chosen", "reward chosen"),
-    ("eval_rewards/rejected", "reward rejected"),
-    ("eval_logps/chosen", "logp chosen"),
-    ("eval_logps/rejected", "logp rejected"),
+    # trl's names: rewards/accuracies is trl's strict ">" (a tie counts 0), not the evaluation's
+    # preference accuracy (a tie counts 1/2, dpo_core.evaluation).
+    ("eval_rewards/accuracies", "rewards/accuracies"),
+    ("eval_rewards/margins", "rewards/margins"),
+    ("eval_rewards/chosen", "rewards/chosen"),
+    ("eval_rewards/rejected", "rewards/rejected"),
+    ("eval_logps/chosen", "logps/chosen"),
+    ("eval_logps/rejected", "logps/rejected"),
     ("eval_loss", "loss"),
 )
 
@@ -68,9 +70,9 @@ def evaluate_run(cfg: FitConfig, inputs, policy, reference, validation: dict):
     """Evaluate the trained ``policy`` against the starting model (``training.evaluate``) and
     write eval.json, report.md and the plots. ``reference``: the training's reference source,
     whose frozen model is reused. Returns (Evaluation, ReportPaths)."""
+    from training.eval.before_after import evaluate
     from training.eval.loading import build_models
     from training.eval.report import write_report
-    from training.evaluate import evaluate
 
     live = getattr(reference, "model", None)
     models = build_models(policy, cfg, inputs.model_path, live_copy=live)
@@ -87,8 +89,8 @@ def evaluate_run(cfg: FitConfig, inputs, policy, reference, validation: dict):
     return evaluation, paths
 
 
-def format_table(before: dict, after: dict) -> str:
-    """A before/after table of held-out metrics."""
+def validation_table(before: dict, after: dict) -> str:
+    """A before/after table of the held-out metrics the training loop logs (trl's ``eval_*``)."""
     lines = [f"{'held-out metric':<22}{'before':>12}{'after':>12}", "-" * 46]
     for key, label in SUMMARY_KEYS:
         if key in before or key in after:
@@ -101,11 +103,11 @@ def print_summary(result) -> None:
     """The before/after table and a one-line summary with where the outputs are."""
     print()
     if result.evaluation is not None:
-        from training.eval.report import format_table as evaluation_table
+        from training.eval.report import evaluation_table
 
         print(evaluation_table(result.evaluation.to_json()))
     else:
-        print(format_table(result.before, result.after))
+        print(validation_table(result.before, result.after))
     step = result.last_step
     print(
         f"\ndone: loss {step.get('loss', float('nan')):.4f}, "
