@@ -21,6 +21,13 @@ _REQUIRED = ("prompt_ids", "chosen_ids", "rejected_ids")
 _OPTIONAL = ("index", "ref_chosen_logps", "ref_rejected_logps")
 
 
+def check_truncation_mode(mode: str, name: str = "truncation_mode") -> None:
+    """Raise ``ValueError`` unless ``mode`` is one of :data:`TRUNCATION_MODES`; the message calls
+    the setting ``name`` (a flag such as ``"--truncation-mode"`` where a user typed it)."""
+    if mode not in TRUNCATION_MODES:
+        raise ValueError(f"{name} must be one of {', '.join(TRUNCATION_MODES)}, got {mode!r}")
+
+
 def truncate(
     ids: list[int], mask: list[int], max_length: int | None, mode: str
 ) -> tuple[list[int], list[int]]:
@@ -85,10 +92,7 @@ class PreferenceCollator:
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(
-                f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}"
-            )
+        check_truncation_mode(self.truncation_mode)
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(
                 f"max_length must be a positive integer or None, got {self.max_length}"

@@ -14,8 +14,8 @@ The path of one row (trl's ``_prepare_dataset``, dpo:1036-1142):
 3. :func:`tokenize_rows`: every row, then drop, as trl does, the rows whose prompt alone fills
    ``max_length`` under ``keep_start`` truncation (dpo:1137-1140), reporting how many and why.
 
-The collator that turns these rows into a :class:`~dpo_core.batch.PreferenceBatch` lives in
-``dpo_core.collate`` and is re-exported here.
+Reading and validating rows is ``dpo_core.rows``'s; the collator that turns these rows into a
+:class:`~dpo_core.batch.PreferenceBatch` is ``dpo_core.collate.PreferenceCollator``.
 """
 
 from __future__ import annotations
@@ -26,40 +26,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_core.collate import TRUNCATION_MODES, PreferenceCollator
+from dpo_core.collate import check_truncation_mode
 from dpo_core.rows import (
-    CONVERSATIONAL,
     CONVERSATIONAL_IMPLICIT,
     EMPTY_COMPLETION,
-    EXPLICIT,
     IMPLICIT,
     DataError,
     detect_format,
     extract_prompt,
     is_conversational_format,
-    read_jsonl,
     validate_row,
 )
-
-__all__ = [
-    "CONVERSATIONAL",
-    "CONVERSATIONAL_IMPLICIT",
-    "EXPLICIT",
-    "IMPLICIT",
-    "PROMPT_FILLS_MAX_LENGTH",
-    "DataError",
-    "PreferenceCollator",
-    "TokenizedRows",
-    "common_prefix_length",
-    "detect_format",
-    "extract_prompt",
-    "format_row",
-    "prompt_fills_max_length",
-    "read_jsonl",
-    "tokenize_row",
-    "tokenize_rows",
-    "validate_row",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +222,7 @@ def tokenize_rows(
     Raises:
         DataError: for the first invalid row, unless ``skip_invalid``.
     """
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(
-            f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}"
-        )
+    check_truncation_mode(truncation_mode)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive integer or None, got {max_length}")
     result = TokenizedRows(rows=[], num_input=0)

@@ -15,6 +15,10 @@ shape                        fields
 
 Every problem raises :class:`DataError`, whose message names the source, the row (or the line of
 the file) and the field, and whose ``reason`` is a short code a caller can count rows by.
+
+This module holds the one JSONL writer and reader of the project (:func:`write_jsonl`,
+:func:`read_jsonl`) and the one row validator (:func:`validate_row`; :func:`validate_rows` for a
+whole set, which must hold one shape). Other file formats are read by ``training.inputs.sources``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,8 @@ WRONG_TYPE = "wrong_type"
 EMPTY_COMPLETION = "empty_completion"
 EMPTY_PROMPT = "empty_prompt"
 IDENTICAL_COMPLETIONS = "identical_completions"
+NO_ROWS = "no_rows"
+MIXED_SHAPES = "mixed_shapes"
 
 
 class DataError(ValueError):
@@ -79,6 +85,16 @@ class DataError(ValueError):
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{', '.join(where)}: {detail}")
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> None:
+    """Write one JSON object per line (UTF-8, keys in row order), gzipped when ``path`` ends in
+    ``.gz``: the file :func:`read_jsonl` reads back."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -312,3 +328,33 @@ def _check_prompt_not_empty(row: Mapping[str, Any], fmt: str, *, source: str, in
             field="prompt",
             reason=EMPTY_PROMPT,
         )
+
+
+def validate_rows(rows: Sequence[Mapping[str, Any]], *, source: str) -> str:
+    """Check every row (:func:`validate_row`) and that all share the first row's shape; return it.
+
+    A data set of one shape is what trl's ``DPOTrainer`` takes (its columns have one type); our
+    own tokenizer formats row by row and does not need this.
+
+    Raises:
+        DataError: for an empty set (``no_rows``), the first invalid row, or the first row of
+            another shape than row 0 (``mixed_shapes``, naming ``chosen`` for text versus
+            messages and ``prompt`` for explicit versus implicit).
+    """
+    if not rows:
+        raise DataError("no rows", source=source, reason=NO_ROWS)
+    shape = None
+    for index, row in enumerate(rows):
+        validate_row(row, source=source, index=index)
+        row_shape = detect_format(row, source=source, index=index)
+        shape = shape or row_shape
+        if row_shape != shape:
+            same_kind = is_conversational_format(row_shape) == is_conversational_format(shape)
+            raise DataError(
+                f"this row is {row_shape} but row 0 is {shape}; all rows need one shape",
+                source=source,
+                index=index,
+                field="prompt" if same_kind else "chosen",
+                reason=MIXED_SHAPES,
+            )
+    return shape

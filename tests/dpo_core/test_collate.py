@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import dpo_core.collate
 from dpo_core.batch import PreferenceBatch
-from dpo_core.collate import PreferenceCollator, pad_right, truncate
+from dpo_core.collate import PreferenceCollator, check_truncation_mode, pad_right, truncate
 
 PAIRS = [
     {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
@@ -106,6 +106,12 @@ def test_truncate_and_pad_right_helpers():
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PreferenceCollator(pad_token_id=0, **kwargs)
+
+
+def test_check_truncation_mode_names_the_setting():
+    check_truncation_mode("keep_end")
+    with pytest.raises(ValueError, match=r"^--truncation-mode must be one of keep_start, keep_end"):
+        check_truncation_mode("keep_middle", "--truncation-mode")
 
 
 @pytest.mark.parametrize(

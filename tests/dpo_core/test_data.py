@@ -13,7 +13,6 @@ import pytest
 from dpo_core import rows as R
 from dpo_core.data import (
     PROMPT_FILLS_MAX_LENGTH,
-    DataError,
     TokenizedRows,
     common_prefix_length,
     format_row,
@@ -66,7 +65,7 @@ def test_format_row_conversations_get_no_eos():
 
 
 def test_format_row_validates_with_source_and_index():
-    with pytest.raises(DataError, match=r"^hh, row 4, field 'rejected': "):
+    with pytest.raises(R.DataError, match=r"^hh, row 4, field 'rejected': "):
         format_row({"chosen": "x"}, eos_token=EOS, source="hh", index=4)
 
 
@@ -150,7 +149,7 @@ def test_tokenize_row_passes_chat_template_kwargs(tiny_tokenizer):
 
 
 def test_tokenize_row_error_names_row(tiny_tokenizer):
-    with pytest.raises(DataError, match=r"^f.jsonl, row 9, field 'chosen': is empty"):
+    with pytest.raises(R.DataError, match=r"^f.jsonl, row 9, field 'chosen': is empty"):
         tokenize_row(
             {"prompt": "p", "chosen": "", "rejected": "b"},
             tiny_tokenizer,
@@ -218,7 +217,7 @@ def test_tokenize_rows_raises_on_the_first_invalid_row(tiny_tokenizer):
         {"prompt": "p", "chosen": " a", "rejected": " b"},
         {"prompt": "p", "chosen": " a", "rejected": " a"},
     ]
-    with pytest.raises(DataError, match=r"^train.jsonl, row 1, field 'rejected': is identical"):
+    with pytest.raises(R.DataError, match=r"^train.jsonl, row 1, field 'rejected': is identical"):
         tokenize_rows(rows, tiny_tokenizer, source="train.jsonl")
 
 

@@ -1,4 +1,4 @@
-"""Tests for dpo_core.rows: reading JSONL, row shapes, trl's prompt split, and located errors."""
+"""Tests for dpo_core.rows: JSONL in and out, row shapes, trl's prompt split, located errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpo_core import rows as R
-from dpo_core.rows import DataError, detect_format, extract_prompt, read_jsonl, validate_row
+from dpo_core.rows import (
+    DataError,
+    detect_format,
+    extract_prompt,
+    read_jsonl,
+    validate_row,
+    validate_rows,
+    write_jsonl,
+)
 from tests.conftest import HH_RLHF_FILE, load_hh_rows
 
 MSG_U = {"role": "user", "content": "Hi?"}
@@ -40,6 +48,13 @@ def test_read_jsonl_plain_and_gz_blank_lines_and_bom(tmp_path):
     packed = write(tmp_path / "x.jsonl.gz", text.encode("utf-8"), gz=True)
     assert read_jsonl(plain) == lines
     assert read_jsonl(packed) == lines
+
+
+@pytest.mark.parametrize("name", ["x.jsonl", "x.jsonl.gz"])
+def test_write_jsonl_reads_back(tmp_path, name):
+    rows = [{"prompt": "ü", "chosen": " a", "rejected": " b"}, {"chosen": [MSG_U, MSG_A]}]
+    write_jsonl(iter(rows), tmp_path / name)
+    assert read_jsonl(tmp_path / name) == rows
 
 
 def test_read_jsonl_reads_the_real_gz_file():
@@ -255,3 +270,34 @@ def test_validate_row_returns_valid_rows_unchanged(row):
     before = json.loads(json.dumps(row))
     assert validate_row(row, source="s", index=0) is row
     assert row == before
+
+
+# --- a whole set ---------------------------------------------------------------------------------
+
+
+def test_validate_rows_returns_the_one_shape():
+    assert validate_rows([{"chosen": "p a", "rejected": "p b"}] * 2, source="s") == R.IMPLICIT
+    conversation = {"prompt": [MSG_U], "chosen": [MSG_A], "rejected": [MSG_B]}
+    assert validate_rows([conversation], source="s") == R.CONVERSATIONAL
+
+
+@pytest.mark.parametrize(
+    ("second", "field"),
+    [
+        ({"chosen": "p a", "rejected": "p b"}, "prompt"),  # implicit after explicit
+        ({"prompt": [MSG_U], "chosen": [MSG_A], "rejected": [MSG_B]}, "chosen"),  # messages
+    ],
+)
+def test_validate_rows_rejects_mixed_shapes(second, field):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, second]
+    with pytest.raises(DataError, match=rf"^f.jsonl, row 1, field '{field}': this row is") as e:
+        validate_rows(rows, source="f.jsonl")
+    assert e.value.reason == R.MIXED_SHAPES
+
+
+def test_validate_rows_rejects_no_rows_and_bad_rows():
+    with pytest.raises(DataError, match=r"^f.jsonl: no rows"):
+        validate_rows([], source="f.jsonl")
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]
+    with pytest.raises(DataError, match=r"^f.jsonl, row 1, field 'rejected': missing"):
+        validate_rows(rows, source="f.jsonl")

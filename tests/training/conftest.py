@@ -186,7 +186,8 @@ def dequantized(module) -> torch.Tensor:
 
 def fixed_batch(assets: TinyAssets, num_pairs: int = 8):
     """The first ``num_pairs`` rows of the data file, tokenized and collated as training does."""
-    from dpo_core.data import PreferenceCollator, tokenize_rows
+    from dpo_core.collate import PreferenceCollator
+    from dpo_core.data import tokenize_rows
     from dpo_core.rows import read_jsonl
     from training.inputs.model_loading import load_tokenizer
 
