@@ -1,10 +1,14 @@
-"""The PNG plots: written, valid PNG files that matplotlib reads back at the expected size."""
+"""The PNG plots: what each one draws (the pure series functions, and the drawn figure read back
+before it is saved), that unmeasured values are left out or shown as n/a, and that the file is a
+valid PNG that matplotlib reads back at the expected size."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 
 from training.eval import plots
 
@@ -18,40 +22,133 @@ def assert_png(path: Path) -> None:
     assert image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) > 100
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions save, in order (inspectable after ``plt.close``)."""
+    figures = []
+    save = plots._save
+
+    def keep(fig, path):
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
 METRICS_CSV = (
     "epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,step,"
     "eval_loss\n"
     "0,0.6931,0.0,0.0,0.0,0.0,0,\n"
     "0,0.61,0.05,-0.05,0.1,1.0,1,\n"
     "0,,,,,,1,0.6\n"  # a validation row: no training loss, left out of the curves
-    "0,0.52,0.1,-0.12,0.22,1.0,2,\n"
+    "0,0.52,0.1,-0.12,0.22,,2,\n"  # rewards/accuracies not logged at step 2: no point there
+    "0,0.47,0.12,-0.2,0.32,1.0,3,\n"
 )
+CURVE_SERIES = {
+    "loss": ([0, 1, 2, 3], [0.6931, 0.61, 0.52, 0.47]),
+    "rewards/chosen": ([0, 1, 2, 3], [0.0, 0.05, 0.1, 0.12]),
+    "rewards/rejected": ([0, 1, 2, 3], [0.0, -0.05, -0.12, -0.2]),
+    "rewards/margins": ([0, 1, 2, 3], [0.0, 0.1, 0.22, 0.32]),
+    "rewards/accuracies": ([0, 1, 3], [0.0, 1.0, 1.0]),
+}
+
+
+def test_training_curves_from_metrics_csv(tmp_path, drawn):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text(METRICS_CSV)
+    steps = plots.read_steps(csv)
+    assert [r["step"] for r in steps] == [0, 1, 2, 3]  # the validation row is not a step
+    assert all("eval_loss" not in r for r in steps)
+    assert plots.curve_series(steps) == CURVE_SERIES
+    path = plots.training_curves(csv, tmp_path / "curves.png")
+    assert path == tmp_path / "curves.png"
+    # What is drawn: one line per panel, exactly the series, panels in CURVES order.
+    (fig,) = drawn
+    assert len(fig.axes) == len(plots.CURVES)
+    for ax, (key, label) in zip(fig.axes, plots.CURVES, strict=True):
+        assert ax.get_title() == label
+        (line,) = ax.get_lines()
+        assert (list(line.get_xdata()), list(line.get_ydata())) == CURVE_SERIES[key]
+    assert_png(path)
+    assert matplotlib.image.imread(path).shape[1] == 2000  # five 4-inch panels at 100 dpi
+
+
+def test_curve_series_x_falls_back_to_the_row_index_and_empty_metrics_draw_nothing(tmp_path, drawn):
+    steps = [{"loss": 0.7}, {"loss": 0.6, "rewards/margins": 0.1}]
+    series = plots.curve_series(steps)
+    assert series["loss"] == ([0, 1], [0.7, 0.6])
+    assert series["rewards/margins"] == ([1], [0.1])
+    assert series["rewards/chosen"] == ([], [])
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("loss,rewards/margins\n0.7,\n0.6,0.1\n")
+    plots.training_curves(csv, tmp_path / "curves.png")
+    lines = {ax.get_title(): ax.get_lines() for ax in drawn[0].axes}
+    assert len(lines["loss"]) == len(lines["reward margin"]) == 1
+    assert lines["reward, chosen"] == []  # never logged: an empty panel, not a line of nothing
+
+
 REPORT = {
     "before": {"preference_accuracy": 0.5, "reward_margin": 0.0, "win_rate": 0.4, "kl": 0.0},
-    "after": {"preference_accuracy": 0.9, "reward_margin": 1.2, "win_rate": None, "kl": 3.5},
+    "after": {"preference_accuracy": 0.9, "reward_margin": 1.2, "win_rate": None},  # no kl
     "n_pairs": 10,
     "n_prompts": 4,
 }
 
 
-def test_training_curves_from_metrics_csv(tmp_path):
-    csv = tmp_path / "metrics.csv"
-    csv.write_text(METRICS_CSV)
-    assert [r["step"] for r in plots.read_steps(csv)] == [0, 1, 2]
-    path = plots.training_curves(csv, tmp_path / "curves.png")
-    assert path == tmp_path / "curves.png"
+def test_bar_values_mark_unmeasured_values_nan():
+    values = plots.bar_values(REPORT)
+    assert list(values) == [key for key, _ in plots.BARS]
+    assert values["preference_accuracy"] == (0.5, 0.9)
+    assert values["reward_margin"] == (0.0, 1.2)
+    assert values["win_rate"][0] == 0.4 and math.isnan(values["win_rate"][1])  # None
+    assert values["kl"][0] == 0.0 and math.isnan(values["kl"][1])  # missing
+    infinite = {**REPORT, "before": {**REPORT["before"], "reward_margin": math.inf}}
+    assert math.isnan(plots.bar_values(infinite)["reward_margin"][0])
+
+
+def test_before_after_bars_show_unmeasured_values_as_empty_na_bars(tmp_path, drawn):
+    path = plots.before_after_bars(REPORT, tmp_path / "bars.png")
+    (fig,) = drawn
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    expected = {  # title: (bar heights, labels above them)
+        "preference accuracy": ([0.5, 0.9], ["0.5", "0.9"]),
+        "win rate": ([0.4, 0.0], ["0.4", "n/a"]),
+        "reward margin": ([0.0, 1.2], ["0", "1.2"]),
+        "KL(π ‖ π_ref)": ([0.0, 0.0], ["0", "n/a"]),
+    }
+    assert set(panels) == set(expected)
+    for title, (heights, labels) in expected.items():
+        ax = panels[title]
+        assert [bar.get_height() for bar in ax.patches] == pytest.approx(heights)
+        assert [t.get_text() for t in ax.texts] == labels
+    assert fig.texts[0].get_text() == "Before vs after training (10 pairs, 4 prompts)"
     assert_png(path)
-    assert matplotlib.image.imread(path).shape[1] == 2000  # five 4-inch panels at 100 dpi
 
 
-def test_before_after_bars_take_unmeasured_values(tmp_path):
-    assert_png(plots.before_after_bars(REPORT, tmp_path / "bars.png"))
-
-
-def test_frontier_skips_points_that_were_not_measured(tmp_path):
+def test_frontier_skips_points_that_were_not_measured(tmp_path, drawn):
     points = [
         plots.FrontierPoint("start", 0.0, 0.5),
         plots.FrontierPoint("β=0.1", 4.0, 0.9),
         plots.FrontierPoint("no judge", 1.0, float("nan")),
+        plots.FrontierPoint("no win rate", 2.0, None),
+        plots.FrontierPoint("no kl", float("nan"), 0.7),
+        plots.FrontierPoint("diverged", math.inf, 0.6),
     ]
-    assert_png(plots.frontier(points, tmp_path / "sub" / "frontier.png"))
+    assert plots.frontier_series(points) == points[:2]
+    path = plots.frontier(points, tmp_path / "sub" / "frontier.png", "by β")
+    (fig,) = drawn
+    (ax,) = fig.axes
+    (scatter,) = ax.collections
+    assert scatter.get_offsets().tolist() == [[0.0, 0.5], [4.0, 0.9]]
+    assert [t.get_text() for t in ax.texts] == ["start", "β=0.1"]
+    assert ax.get_title() == "by β"
+    assert_png(path)
+
+
+def test_frontier_with_no_measured_point_draws_an_empty_axis(tmp_path, drawn):
+    points = [plots.FrontierPoint("no judge", 0.0, math.nan)]
+    assert plots.frontier_series(points) == []
+    assert_png(plots.frontier(points, tmp_path / "frontier.png"))
+    assert len(drawn[0].axes[0].collections[0].get_offsets()) == 0
+    assert len(drawn[0].axes[0].texts) == 0

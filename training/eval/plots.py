@@ -1,7 +1,8 @@
 """PNG plots of a run: training curves, before/after bars, and the reward-vs-KL frontier.
 
-matplotlib with the non-interactive Agg backend (no display needed). Each function writes one
-PNG and returns its path.
+matplotlib with the non-interactive Agg backend (no display needed). Each plot is two
+functions: a pure one that computes what is drawn (``curve_series``, ``bar_values``,
+``frontier_series``; tested directly) and one that draws it, writes one PNG and returns its path.
 
 - ``training_curves``: loss, rewards/chosen, rewards/rejected, rewards/margins and
   rewards/accuracies over optimizer steps, from ``metrics.csv``;
@@ -47,15 +48,24 @@ def read_steps(metrics_csv: Path) -> list[dict[str, float]]:
     return [r for r in rows if "loss" in r]
 
 
+def curve_series(steps: Sequence[dict[str, float]]) -> dict[str, tuple[list, list]]:
+    """Per ``CURVES`` metric, the (steps, values) drawn: a row that did not log the metric
+    gives no point (x is the row's ``step``, else its index)."""
+    series = {}
+    for key, _ in CURVES:
+        points = [(r.get("step", i), r[key]) for i, r in enumerate(steps) if key in r]
+        series[key] = ([x for x, _ in points], [y for _, y in points])
+    return series
+
+
 def training_curves(metrics_csv: Path, path: Path) -> Path:
     """Five panels, one per ``CURVES`` metric, against the optimizer step."""
-    steps = read_steps(metrics_csv)
+    series = curve_series(read_steps(metrics_csv))
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], CURVES):
-        points = [(r.get("step", i), r[key]) for i, r in enumerate(steps) if key in r]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="." if len(points) < 50 else None)
+        xs, ys = series[key]
+        if xs:
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
         ax.set_title(label)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -67,11 +77,21 @@ def _finite(value) -> float:
     return float(value) if value is not None and math.isfinite(float(value)) else math.nan
 
 
+def bar_values(report: dict) -> dict[str, tuple[float, float]]:
+    """Per ``BARS`` metric of an eval.json ``report``, (before, after); NaN where a side did
+    not measure it (None, missing or non-finite), drawn as an empty bar labelled n/a."""
+    return {
+        key: (_finite(report["before"].get(key)), _finite(report["after"].get(key)))
+        for key, _ in BARS
+    }
+
+
 def before_after_bars(report: dict, path: Path) -> Path:
     """One panel per headline metric of an eval.json ``report``: a before and an after bar."""
+    values_of = bar_values(report)
     fig, axes = plt.subplots(1, len(BARS), figsize=(3.2 * len(BARS), 3.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], BARS):
-        values = [_finite(report[side].get(key)) for side in ("before", "after")]
+        values = values_of[key]
         bars = ax.bar(["before", "after"], [0.0 if math.isnan(v) else v for v in values])
         bars[0].set_color("tab:gray")
         bars[1].set_color("tab:blue")
@@ -99,10 +119,15 @@ class FrontierPoint:
     win_rate: float
 
 
+def frontier_series(points: Sequence[FrontierPoint]) -> list[FrontierPoint]:
+    """The points drawn: those with both a KL and a win rate measured (not None or NaN)."""
+    return [p for p in points if not any(math.isnan(_finite(v)) for v in (p.kl, p.win_rate))]
+
+
 def frontier(points: Sequence[FrontierPoint], path: Path, title: str = "") -> Path:
     """Win rate against sequence-level KL(π ‖ π_ref), each point labelled."""
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    usable = [p for p in points if math.isfinite(p.kl) and math.isfinite(p.win_rate)]
+    usable = frontier_series(points)
     ax.scatter([p.kl for p in usable], [p.win_rate for p in usable], color="tab:blue", zorder=3)
     for p in usable:
         ax.annotate(p.label, (p.kl, p.win_rate), textcoords="offset points", xytext=(5, 5))
