@@ -6,7 +6,7 @@ import gzip
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dpo_core import rows as R
@@ -147,8 +147,11 @@ def test_extract_prompt_matches_trl_on_every_valid_row(prefix, chosen, rejected)
     row = {"chosen": prefix + chosen, "rejected": prefix + rejected}
     try:
         validate_row(row, source="hyp", index=0)
-    except DataError:
-        return
+    except DataError as e:
+        # Both texts are non-empty, so the only refusals are pairs without a preference or
+        # without a shared prompt; assume() discards them (a bare return would count as a pass).
+        assert e.reason in (R.IDENTICAL_COMPLETIONS, R.EMPTY_PROMPT), e
+        assume(False)
     want = trl_extract(row)
     assert extract_prompt(row["chosen"], row["rejected"]) == (
         want["prompt"],
