@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from dpo_core.rows import write_jsonl
 from parity.cases import ParityCase
-from parity.datasets_io import HH_RLHF_FILE, load_preference_rows, tokenizer_corpus, write_jsonl
+from parity.datasets_io import HH_RLHF_FILE, load_preference_rows, tokenizer_corpus
 from parity.workspace import Workspace, prepare_workspace
 from training.embedded.tokenizer import train_tokenizer
 

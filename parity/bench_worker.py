@@ -204,8 +204,8 @@ def _our_defaults() -> dict:
 
 def run_ours(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> list[float]:
     """Train through ``training.fit.train``; returns the per-step losses."""
+    from dpo_core.rows import write_jsonl
     from parity.cases import ParityCase
-    from parity.datasets_io import write_jsonl
     from parity.ours_side import fit_config
     from parity.workspace import prepare_workspace, training_rows
     from training.fit import train

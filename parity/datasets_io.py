@@ -1,25 +1,18 @@
-"""Preference data for parity runs: local files in any of the three shapes, or generated rows.
+"""Preference data for parity runs: a user's file, the real hh-rlhf file, or generated rows.
 
-Shapes (as trl names them):
-
-- explicit prompt: ``{"prompt": str, "chosen": str, "rejected": str}``;
-- implicit prompt: ``{"chosen": str, "rejected": str}``, the prompt being their common prefix;
-- conversational: the same keys holding lists of ``{"role": str, "content": str}`` messages.
-
-Files (.jsonl/.json/.parquet/.csv, optionally .gz for json) are read into rows. The
-generated sets are deterministic in their seed and are written to the case's work directory so
-both sides read the very same file.
+The row shapes are ``dpo_core.rows``'s (explicit, implicit, conversational; the module docstring
+there has the table); files are read by ``training.inputs.sources.load_rows``. The generated sets
+are deterministic in their seed and are written (``dpo_core.rows.write_jsonl``) to the case's work
+directory so both sides read the very same file.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
 import pathlib
 import random
 
-import pyarrow.parquet as pq
+from dpo_core.rows import read_jsonl, validate_rows
+from training.inputs.sources import load_rows
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 HH_RLHF_FILE = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -34,103 +27,18 @@ _WORDS = (  # noqa: SIM905
 
 
 def load_preference_rows(path: str | pathlib.Path) -> list[dict]:
-    """Read a preference file into a list of rows and check its shape (``validate_rows``).
-
-    .jsonl holds one JSON object per line; .json a list of objects, an object of equal-length
-    columns, or JSON lines; both may be gzipped (.gz). .parquet is read with pyarrow (the
-    format ``datasets`` stores), .csv with a header row (every cell a string). The path is
-    used literally (``datasets.load_dataset`` would read ``[`` or ``*`` in it as a glob).
+    """The rows of a preference file (``training.inputs.sources.load_rows``: .jsonl, .json,
+    .parquet, .csv), checked to be valid rows of one shape (``dpo_core.rows.validate_rows``), as
+    trl's side needs them.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the suffix is not .jsonl/.json/.parquet/.csv (json may be .gz), or a row is
-            malformed (the message names the file, the row and the field).
+        ValueError: an unsupported file type, or a ``DataError`` naming the file, the row (or the
+            line) and the field.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file {path} not found")
-    suffix = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
-    if suffix in (".jsonl", ".json"):
-        rows = _read_json(path)
-    elif suffix == ".parquet" and path.suffix != ".gz":
-        rows = pq.read_table(path).to_pylist()
-    elif suffix == ".csv" and path.suffix != ".gz":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"{path}: unsupported file type; use .jsonl, .json, .parquet or .csv")
-    validate_rows(rows, str(path))
+    rows = load_rows(path)
+    validate_rows(rows, source=str(path))
     return rows
-
-
-def _read_json(path: pathlib.Path) -> list[dict]:
-    """Rows of a JSON file: a list of objects, an object of columns, or JSON lines."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None  # not one JSON document: JSON lines
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict):
-        chosen = data.get("chosen")
-        if not (isinstance(chosen, list) and not any(isinstance(x, dict) for x in chosen)):
-            return [data]  # one row (a conversational row's chosen is a list of messages)
-        lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"{path}: columns of different lengths or non-list columns")
-        return [dict(zip(data, values)) for values in zip(*data.values())]
-    rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {i} is not valid JSON: {exc.msg}") from exc
-    return rows
-
-
-def validate_rows(rows: list[dict], source: str) -> str:
-    """Check that ``rows`` are preference pairs of one shape, and return that shape.
-
-    Returns:
-        ``"explicit"`` or ``"implicit"``, prefixed by ``"conversational-"`` for message lists.
-
-    Raises:
-        ValueError: naming ``source``, the row index and the field that is wrong.
-    """
-    if not rows:
-        raise ValueError(f"{source}: no rows")
-    first = rows[0] if isinstance(rows[0], dict) else {}
-    fields = ("prompt", "chosen", "rejected") if "prompt" in first else ("chosen", "rejected")
-    conversational = isinstance(first.get("chosen"), list)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{source}: row {i}: expected an object, got {type(row).__name__}")
-        for name in fields:
-            if name not in row or row[name] is None:
-                raise ValueError(f"{source}: row {i}: missing field {name!r}")
-            _check_value(row[name], conversational, f"{source}: row {i}, field {name!r}")
-    shape = "explicit" if "prompt" in fields else "implicit"
-    return f"conversational-{shape}" if conversational else shape
-
-
-def _check_value(value: object, conversational: bool, where: str) -> None:
-    """A field is a non-empty string, or (conversational) a list of role/content messages."""
-    if not conversational:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
-        return
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: expected a non-empty list of messages, got {value!r:.80}")
-    for j, message in enumerate(value):
-        ok = isinstance(message, dict) and all(
-            isinstance(message.get(k), str) for k in ("role", "content")
-        )
-        if not ok:
-            raise ValueError(f"{where}, message {j}: expected {{'role': str, 'content': str}}")
 
 
 def generate_rows(shape: str, n: int, seed: int) -> list[dict]:
@@ -176,14 +84,9 @@ def load_hh_rows(n: int) -> list[dict]:
     """The first ``n`` rows of the real hh-rlhf harmless-base test file (implicit prompts)."""
     if not HH_RLHF_FILE.is_file():
         raise FileNotFoundError(f"hh-rlhf data not found at {HH_RLHF_FILE}")
-    rows = []
-    with gzip.open(HH_RLHF_FILE, "rt", encoding="utf-8") as f:
-        for line in f:
-            if len(rows) == n:
-                break
-            row = json.loads(line)
-            rows.append({"chosen": row["chosen"], "rejected": row["rejected"]})
-    validate_rows(rows, str(HH_RLHF_FILE))
+    rows = read_jsonl(HH_RLHF_FILE)[:n]
+    rows = [{"chosen": row["chosen"], "rejected": row["rejected"]} for row in rows]
+    validate_rows(rows, source=str(HH_RLHF_FILE))
     return rows
 
 
@@ -198,10 +101,3 @@ def tokenizer_corpus(rows: list[dict]) -> list[str]:
             elif isinstance(value, list):
                 texts.extend(m["content"] for m in value)
     return texts
-
-
-def write_jsonl(rows: list[dict], path: pathlib.Path) -> None:
-    """Write ``rows`` one JSON object per line (UTF-8, keys in row order)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -13,8 +13,8 @@ import pathlib
 
 import torch
 
+from dpo_core.rows import write_jsonl
 from parity.cases import ParityCase
-from parity.datasets_io import write_jsonl
 from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
 from training.inputs.four_bit import packed_layers

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dpo_core.rows import write_jsonl
 from parity.cases import ParityCase
-from parity.datasets_io import generate_rows, load_preference_rows, tokenizer_corpus, write_jsonl
+from parity.datasets_io import generate_rows, load_preference_rows, tokenizer_corpus
 from parity.models import build_tiny_model, load_model, perturbed_copy, save_adapter_init
 from training.embedded.tokenizer import train_tokenizer
 

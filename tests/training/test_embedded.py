@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpo_core.rows import read_jsonl
+from training.embedded import assets as embedded
 from training.embedded.assets import (
     VERSION,
     EmbeddedRecipe,
@@ -19,8 +21,7 @@ from training.embedded.assets import (
     prepare_embedded,
     recipe_key,
 )
-from training.embedded import assets as embedded
-from training.embedded.synthetic import SyntheticConfig, judge, read_jsonl
+from training.embedded.synthetic import SyntheticConfig, judge
 from training.embedded.tokenizer import train_tokenizer
 from training.embedded.warmup import (
     WarmupConfig,

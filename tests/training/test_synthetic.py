@@ -21,10 +21,8 @@ from training.embedded.synthetic import (
     is_well_formed,
     judge,
     make_splits,
-    read_jsonl,
     sentiment_counts,
     win,
-    write_jsonl,
 )
 
 SMALL = SyntheticConfig(n_train=300, n_eval=60)
@@ -188,18 +186,3 @@ def test_config_rejects_bad_values():
         SyntheticConfig(n_train=0)
     with pytest.raises(ValueError, match="eval_prompt_fraction"):
         SyntheticConfig(eval_prompt_fraction=1.0)
-
-
-def test_jsonl_round_trip(tmp_path):
-    rows = make_splits(SMALL, seed=0).eval
-    path = tmp_path / "eval.jsonl"
-    write_jsonl(rows, path)
-    assert read_jsonl(path) == rows
-    assert len(path.read_text().splitlines()) == len(rows)
-
-
-def test_read_jsonl_names_the_bad_line(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n\n{"prompt": oops}\n')
-    with pytest.raises(ValueError, match=r"rows.jsonl, line 3: not valid JSON"):
-        read_jsonl(path)

@@ -49,8 +49,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dpo_core.rows import write_jsonl
 from training.embedded import synthetic, tokenizer, warmup
-from training.embedded.synthetic import SyntheticConfig, judge, make_splits, write_jsonl
+from training.embedded.synthetic import SyntheticConfig, judge, make_splits
 from training.embedded.tokenizer import train_tokenizer
 from training.embedded.warmup import WarmupConfig, both_responses, warmup_causal_lm
 

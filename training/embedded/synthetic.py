@@ -26,14 +26,11 @@ tokenises at the boundary exactly as the two parts do apart (trl concatenates th
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 import string
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 # Paired sentiment lexicons: a slot of kind k takes a word from POSITIVE[k] in the chosen
 # completion and from NEGATIVE[k] in the rejected one. Every word is lowercase, one word, and in
@@ -312,24 +309,3 @@ def make_splits(config: SyntheticConfig = SyntheticConfig(), *, seed: int = 0) -
         train=make_rows(rng, train_prompts, config.n_train),
         eval=make_rows(rng, eval_prompts, config.n_eval),
     )
-
-
-def write_jsonl(rows: Iterable[dict], path: Path) -> None:
-    """Write one JSON object per line (UTF-8)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read the rows ``write_jsonl`` wrote; a line that is not JSON raises naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from err
-    return rows

@@ -1,8 +1,7 @@
-"""Preference rows from any source -> tokenized features -> ``PreferenceBatch`` loaders.
+"""Preference rows -> tokenized features -> ``PreferenceBatch`` loaders.
 
-Sources (``--dataset``): a local ``.jsonl``/``.jsonl.gz`` file (read line by line so a bad line is
-reported with its number), a local ``.json``/``.parquet``/``.csv`` file, a directory or hub id
-(``datasets.load_dataset``). Tokenization, truncation and collation are ``dpo_core.data``'s.
+The rows come from ``training.inputs.sources.load_rows``. Tokenization and truncation are
+``dpo_core.data``'s, collation ``dpo_core.collate``'s.
 """
 
 from __future__ import annotations
@@ -13,42 +12,15 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from dpo_core.data import PreferenceCollator, tokenize_rows
-from dpo_core.rows import read_jsonl
+from dpo_core.collate import PreferenceCollator
+from dpo_core.data import tokenize_rows
 
 log = logging.getLogger(__name__)
-
-LOCAL_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def load_rows(source: str, split: str = "train") -> list[dict]:
-    """All rows of ``source`` as plain dicts; local files by extension, else ``load_dataset``."""
-    path = Path(source)
-    if path.is_file():
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            return list(read_jsonl(path))
-        if path.suffix not in LOCAL_FORMATS:
-            raise ValueError(
-                f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .jsonl.gz, "
-                ".json, .parquet or .csv"
-            )
-        import datasets
-
-        ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        return ds.to_list()
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, split=split)
-    except Exception as err:  # a hub/network error deep in datasets: say what was asked
-        raise ValueError(f"could not load dataset {source!r} (split {split!r}): {err}") from err
-    return ds.to_list()
 
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

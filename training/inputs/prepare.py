@@ -10,8 +10,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from training.inputs.data_module import PreferenceData, load_rows, split_heldout, tokenize_source
+from training.inputs.data_module import PreferenceData, split_heldout, tokenize_source
 from training.inputs.model_loading import load_tokenizer
+from training.inputs.sources import load_rows
 from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
