@@ -30,12 +30,12 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
 
+from dpo_core.collate import TRUNCATION_MODES  # noqa: E402
 from parity.cases import (  # noqa: E402
     ARCHS,
     DATA_SHAPES,
     F_DIVERGENCES,
     LOSS_TYPES,
-    TRUNCATION_MODES,
     ParityCase,
     cases_from_args,
     comparable,

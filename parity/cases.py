@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from dpo_core.collate import check_truncation_mode
+
 # Every loss type trl 1.16 accepts (trl/trainer/dpo_trainer.py:1385-1516).
 LOSS_TYPES = (
     "sigmoid",
@@ -34,7 +36,6 @@ LOSS_TYPES = (
 ARCHS = ("llama", "qwen2", "gpt2", "mistral")
 DATA_SHAPES = ("explicit", "conversational", "implicit", "hh-rlhf")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-TRUNCATION_MODES = ("keep_start", "keep_end")
 
 # Loss types that read ``label_smoothing`` in trl 1.16; every other one ignores it (notes §1).
 SMOOTHED_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
@@ -144,10 +145,7 @@ class ParityCase:
             raise ValueError(
                 f"case {self.name!r}: f_divergence_type {self.f_divergence_type!r} not in {F_DIVERGENCES}"
             )
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(
-                f"case {self.name!r}: truncation_mode {self.truncation_mode!r} not in {TRUNCATION_MODES}"
-            )
+        check_truncation_mode(self.truncation_mode, f"case {self.name!r}: truncation_mode")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(

@@ -210,6 +210,7 @@ class FitConfig:
 
 def check_config(cfg: FitConfig) -> None:
     """Reject inconsistent settings early, with the flag names a user typed."""
+    from dpo_core.collate import check_truncation_mode
     from dpo_core.losses import LOSS_TYPES
 
     bad = [t for t in cfg.dpo.loss_type if t not in LOSS_TYPES]
@@ -222,10 +223,7 @@ def check_config(cfg: FitConfig) -> None:
         )
     if cfg.dpo.beta <= 0:
         raise ValueError(f"--beta must be > 0, got {cfg.dpo.beta}")
-    if cfg.data.truncation_mode not in ("keep_start", "keep_end"):
-        raise ValueError(
-            f"--truncation-mode must be keep_start or keep_end, got {cfg.data.truncation_mode!r}"
-        )
+    check_truncation_mode(cfg.data.truncation_mode, "--truncation-mode")
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
         raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
     check_eval_config(cfg.eval)
