@@ -6,6 +6,7 @@ Modules, in the order one batch meets them:
 - ``batch``     the ``PreferenceBatch`` container the collator returns
 - ``logps``     per-sequence log-probs of completions, chunked over tokens
 - ``reference`` where the reference log-probs come from (frozen copy, adapters off, cache on disk)
+- ``settings``  ``LossSettings``: the objective's knobs, trl's names and defaults, declared once
 - ``losses``    every DPO loss variant, ``dpo_loss`` and the weighted combination
 - ``metrics``   the numbers trl logs, with trl's names
 - ``evaluation`` before vs after: preference accuracy (ties 1/2), margins, sequence-level KL

@@ -1,20 +1,25 @@
-"""The checks ``dpo_core.losses`` runs on its inputs before computing anything.
+"""The checks on the DPO objective: its settings when they are made, its inputs on every call.
 
 trl 1.16 checks the loss types and their options once, when ``DPOTrainer`` is built
-(dpo_trainer.py:808-833); the pure loss functions check them on every call, with an error that
-names the argument, its shape and what was expected.
+(dpo_trainer.py:808-833). Here ``check_loss_settings`` checks each field when a
+``dpo_core.settings.LossSettings`` is made; the loss functions check how the fields combine and
+the tensors they get on every call, with an error that names the argument, its shape and what
+was expected.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from dpo_core.divergences import F_DIVERGENCE_TYPES
 from dpo_core.loss_functions import LOSS_REGISTRY
+
+if TYPE_CHECKING:
+    from dpo_core.settings import LossSettings
 
 Tensor = torch.Tensor
 
@@ -27,21 +32,36 @@ F_DIVERGENCE_LOSS_TYPES: frozenset[str] = frozenset(
 """Loss types trl 1.16 allows with a non-default ``f_divergence_type`` (dpo_trainer.py:808-816)."""
 
 
-def check_known_loss_types(loss_types: Sequence[str]) -> None:
-    if not loss_types:
-        raise ValueError("dpo_loss: loss_type is empty; give at least one of LOSS_TYPES")
-    for name in loss_types:
-        if name not in LOSS_REGISTRY:
-            raise ValueError(f"dpo_loss: unknown loss_type {name!r}; expected one of {LOSS_TYPES}")
+def check_known_loss_types(loss_types: Sequence[str], name: Callable[[str], str] = str) -> None:
+    """``loss_types`` is not empty and every entry is in ``LOSS_TYPES``."""
+    unknown = [t for t in loss_types if t not in LOSS_REGISTRY]
+    if not loss_types or unknown:
+        problem = f"{unknown} unknown" if unknown else "is empty"
+        raise ValueError(f"{name('loss_type')} {problem}; choose from {', '.join(LOSS_TYPES)}")
 
 
-def check_loss_types(loss_types: Sequence[str], label_smoothing: float, f_type: str) -> None:
-    """trl's init-time checks (dpo_trainer.py:808-833) on the loss types and their options."""
-    check_known_loss_types(loss_types)
-    if f_type not in F_DIVERGENCE_TYPES:
+def check_loss_settings(s: LossSettings, name: Callable[[str], str] = str) -> None:
+    """Each field of ``s`` on its own (run when one is made); ``name`` spells a field in the error
+    as its user wrote it (training: the flag)."""
+    check_known_loss_types(s.loss_type, name)
+    if s.loss_weights is not None and len(s.loss_weights) != len(s.loss_type):
         raise ValueError(
-            f"dpo_loss: unknown f_divergence_type {f_type!r}; expected one of {F_DIVERGENCE_TYPES}"
+            f"{name('loss_weights')} has {len(s.loss_weights)} values for "
+            f"{len(s.loss_type)} loss types {s.loss_type}"
         )
+    if not s.beta > 0:
+        raise ValueError(f"{name('beta')} must be > 0, got {s.beta}")
+    if s.f_divergence_type not in F_DIVERGENCE_TYPES:
+        raise ValueError(
+            f"{name('f_divergence_type')} {s.f_divergence_type!r} unknown; "
+            f"choose from {', '.join(F_DIVERGENCE_TYPES)}"
+        )
+    if not s.discopop_tau > 0:
+        raise ValueError(f"{name('discopop_tau')} must be > 0, got {s.discopop_tau}")
+
+
+def check_loss_combination(loss_types: Sequence[str], label_smoothing: float, f_type: str) -> None:
+    """trl's init-time checks (dpo_trainer.py:808-833) on how loss types and options combine."""
     disallowed = sorted(set(loss_types) - F_DIVERGENCE_LOSS_TYPES)
     if f_type != "reverse_kl" and disallowed:
         raise ValueError(
@@ -72,8 +92,9 @@ def check_pair_shapes(pairs: dict[str, Tensor | None]) -> None:
             )
 
 
-def check_needs(loss_types: Sequence[str], opts: dict[str, Any], batch_size: int) -> None:
-    """Each loss type's required extra inputs are present and shaped (B,) or (B, T)."""
+def check_needs(loss_types: Sequence[str], opts: dict[str, Tensor | None], batch_size: int) -> None:
+    """Each loss type's optional inputs (``opts``, by keyword) are present if it needs them, and
+    shaped (B,) or (B, T)."""
     for name in loss_types:
         for key in LOSS_REGISTRY[name].needs:
             if opts[key] is None:
@@ -97,17 +118,6 @@ def check_needs(loss_types: Sequence[str], opts: dict[str, Any], batch_size: int
         )
     if "sft" in loss_types and not bool(token_mask.any()):
         raise ValueError("dpo_loss: loss_type 'sft': chosen_token_mask has no completion token")
-
-
-def check_loss_weights(loss_types: list[str], loss_weights: Sequence[float] | None) -> list[float]:
-    if loss_weights is None:
-        return [1.0] * len(loss_types)
-    if len(loss_weights) != len(loss_types):
-        raise ValueError(
-            f"combined_dpo_loss: got {len(loss_weights)} loss_weights for {len(loss_types)} "
-            f"loss types {loss_types}; give one weight per loss type"
-        )
-    return list(loss_weights)
 
 
 def check_pair_weights(pair_weights: Tensor, loss_types: list[str], shape: torch.Size) -> None:

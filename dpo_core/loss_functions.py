@@ -258,7 +258,7 @@ class LossSpec:
 
     Attributes:
         fn: ``LossInputs -> (B,)`` per-pair loss.
-        needs: names of ``LossInputs`` fields (``dpo_loss`` extra keys) that must not be None.
+        needs: names of ``LossInputs`` fields (``dpo_loss`` keyword arguments) that must not be None.
         f_divergence: True when trl 1.16 allows a non-default ``f_divergence_type`` with it
             (``sft`` is allowed although it never reads the scores).
     """

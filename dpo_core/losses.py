@@ -16,18 +16,18 @@ documented differences (and one trl failure):
 thing, for the parity suite. The per-pair formulas live in ``dpo_core.loss_functions`` (one small
 function each, looked up in ``LOSS_REGISTRY``), the f-DPO score map in ``dpo_core.divergences``.
 
-Rewards are ``beta * (policy - reference)`` log-ratios, detached: trl logs the raw log-ratios,
-not the f-divergence scores.
+Both take the objective as one ``dpo_core.settings.LossSettings`` (trl's names and defaults) and
+the tensors a loss type may need as keyword arguments. Rewards are ``beta * (policy -
+reference)`` log-ratios, detached: trl logs the raw log-ratios, not the f-divergence scores.
 
 Example: ``losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c, ref_r)``;
-``combined_dpo_loss(..., loss_type=["sigmoid", "sft"], chosen_token_logps=..., ...).loss``.
+``combined_dpo_loss(..., LossSettings(loss_type=["sigmoid", "sft"]), chosen_token_logps=...,
+chosen_token_mask=...).loss``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -36,13 +36,13 @@ from dpo_core.loss_checks import (  # noqa: F401 (the two type sets are re-expor
     F_DIVERGENCE_LOSS_TYPES,
     LOSS_TYPES,
     check_known_loss_types,
-    check_loss_types,
-    check_loss_weights,
+    check_loss_combination,
     check_needs,
     check_pair_shapes,
     check_pair_weights,
 )
 from dpo_core.loss_functions import LOSS_REGISTRY, LossInputs
+from dpo_core.settings import LossSettings
 
 Tensor = torch.Tensor
 
@@ -51,18 +51,6 @@ TRL_LABEL_SMOOTHING_LOSS_TYPES: frozenset[str] = frozenset(
     {"robust", "exo_pair", "aot", "aot_unpaired"}
 )
 """Loss types whose trl 1.16 formula reads ``label_smoothing``; ours adds ``sigmoid`` (cDPO)."""
-
-EXTRA_DEFAULTS: dict[str, Any] = {
-    "f_divergence_type": "reverse_kl",
-    "f_alpha_divergence_coef": 0.5,
-    "chosen_lengths": None,
-    "rejected_lengths": None,
-    "chosen_token_logps": None,
-    "chosen_token_mask": None,
-    "discopop_tau": 0.05,
-    "reference_free": False,
-}
-"""Every keyword ``dpo_loss`` accepts in ``**extra``, with its default (trl's where trl has one)."""
 
 
 @dataclass
@@ -87,44 +75,51 @@ def dpo_loss(
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor | None,
     ref_rejected_logps: Tensor | None,
+    settings: LossSettings | None = None,
     *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    **extra: Any,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    chosen_token_logps: Tensor | None = None,
+    chosen_token_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair loss of one ``loss_type`` and the detached implicit rewards.
+    """Per-pair loss of one loss type and the detached implicit rewards.
 
     Args:
         policy_chosen_logps: (B,) summed completion log-probs of the chosen answers, policy.
         policy_rejected_logps: (B,) the same for the rejected answers.
         ref_chosen_logps: (B,) the same under the reference; ignored (may be None) if reference-free.
         ref_rejected_logps: (B,) likewise.
-        beta: KL strength, > 0.
-        loss_type: one of ``LOSS_TYPES``.
-        label_smoothing: eps; see the module docstring for ``sigmoid``.
-        **extra: keys of ``EXTRA_DEFAULTS``: ``f_divergence_type``, ``f_alpha_divergence_coef``,
-            ``chosen_lengths``/``rejected_lengths`` ((B,) unshifted completion token counts; ``ipo``
-            and ``sigmoid_norm``), ``chosen_token_logps``/``chosen_token_mask`` ((B, T) per-token
-            policy log-probs of the chosen rows and their shifted completion mask; ``sft``),
-            ``discopop_tau``, ``reference_free``.
+        settings: the objective, with exactly one ``loss_type``; default ``LossSettings()``
+            (sigmoid). Reads ``beta``, ``label_smoothing`` (see the module docstring for
+            ``sigmoid``), ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau`` and
+            ``reference_free``; the weights belong to ``combined_dpo_loss``.
+        chosen_lengths, rejected_lengths: (B,) unshifted completion token counts; ``ipo`` and
+            ``sigmoid_norm`` need them.
+        chosen_token_logps, chosen_token_mask: (B, T) per-token policy log-probs of the chosen
+            rows and their shifted completion mask; ``sft`` needs them.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each (B,); the rewards are
         ``beta * log-ratio``, detached. ``aot``/``aot_unpaired`` losses are in sorted order.
     """
+    settings = settings or LossSettings()
+    if len(settings.loss_type) != 1:
+        raise ValueError(
+            f"dpo_loss: one loss type, got {settings.loss_type}; use combined_dpo_loss for several"
+        )
     inputs = make_loss_inputs(
         policy_chosen_logps,
         policy_rejected_logps,
         ref_chosen_logps,
         ref_rejected_logps,
-        beta=beta,
-        loss_types=(loss_type,),
-        label_smoothing=label_smoothing,
-        **extra,
+        settings,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_token_logps=chosen_token_logps,
+        chosen_token_mask=chosen_token_mask,
     )
     chosen_rewards, rejected_rewards = implicit_rewards(inputs)
-    return LOSS_REGISTRY[loss_type].fn(inputs), chosen_rewards, rejected_rewards
+    return LOSS_REGISTRY[settings.loss_type[0]].fn(inputs), chosen_rewards, rejected_rewards
 
 
 def combined_dpo_loss(
@@ -132,45 +127,50 @@ def combined_dpo_loss(
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor | None,
     ref_rejected_logps: Tensor | None,
+    settings: LossSettings | None = None,
     *,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
     pair_weights: Tensor | None = None,
-    **extra: Any,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    chosen_token_logps: Tensor | None = None,
+    chosen_token_mask: Tensor | None = None,
 ) -> LossOutput:
     """trl's total loss ``sum_k w_k * mean_i(l_k,i * pair_weight_i)`` (dpo_trainer.py:1385-1528).
 
     Args: as ``dpo_loss``, plus
-        loss_type: one name or a list of names (MPO, for example, is
-            ``["sigmoid", "bco_pair", "sft"]`` with weights ``[0.8, 0.2, 1.0]``).
-        loss_weights: one weight per loss type; default 1.0 each. A type listed twice counts
-            twice in ``loss`` (as in trl) and once in ``per_type``.
+        settings: any number of loss types (MPO, for example, is ``loss_type=["sigmoid",
+            "bco_pair", "sft"]`` with ``loss_weights=[0.8, 0.2, 1.0]``); a type listed twice
+            counts twice in ``loss`` (as in trl) and once in ``per_type``.
         pair_weights: (B,) WPO weights ``w_chosen * w_rejected`` (see ``wpo_weights``), multiplied
-            into every loss type's per-pair loss, ``sft`` included, before the mean.
+            into every loss type's per-pair loss, ``sft`` included, before the mean; given if and
+            only if ``settings.use_weighting``.
 
     Raises:
-        ValueError: lengths of ``loss_type`` and ``loss_weights`` differ (trl dpo_config.py:360-364).
+        ValueError: ``pair_weights`` given without ``use_weighting``, or missing with it.
         NotImplementedError: ``pair_weights`` with ``aot``/``aot_unpaired``, which sort the pairs.
     """
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = check_loss_weights(loss_types, loss_weights)
+    settings = settings or LossSettings()
+    if settings.use_weighting != (pair_weights is not None):
+        raise ValueError(
+            f"combined_dpo_loss: use_weighting={settings.use_weighting} but pair_weights "
+            f"{'missing' if pair_weights is None else 'given'}; pass them exactly with WPO"
+        )
     if pair_weights is not None:
-        check_pair_weights(pair_weights, loss_types, policy_chosen_logps.shape)
+        check_pair_weights(pair_weights, settings.loss_type, policy_chosen_logps.shape)
     inputs = make_loss_inputs(
         policy_chosen_logps,
         policy_rejected_logps,
         ref_chosen_logps,
         ref_rejected_logps,
-        beta=beta,
-        loss_types=loss_types,
-        label_smoothing=label_smoothing,
-        **extra,
+        settings,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_token_logps=chosen_token_logps,
+        chosen_token_mask=chosen_token_mask,
     )
     loss: Tensor | float = 0.0
     per_type: dict[str, Tensor] = {}
-    for name, weight in zip(loss_types, weights, strict=True):
+    for name, weight in zip(settings.loss_type, settings.weights, strict=True):
         per_pair = LOSS_REGISTRY[name].fn(inputs)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
@@ -249,26 +249,23 @@ def make_loss_inputs(
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor | None,
     ref_rejected_logps: Tensor | None,
+    settings: LossSettings,
     *,
-    beta: float,
-    loss_types: Sequence[str],
-    label_smoothing: float = 0.0,
-    **extra: Any,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    chosen_token_logps: Tensor | None = None,
+    chosen_token_mask: Tensor | None = None,
 ) -> LossInputs:
-    """Check everything the ``loss_types`` need and derive log-ratios and f-DPO scores once.
+    """Check everything ``settings.loss_type`` needs and derive log-ratios and f-DPO scores once.
 
-    Raises ``ValueError`` naming the argument for: unknown loss types or extra keys, beta <= 0,
-    shape mismatches, a loss missing an input it needs, ``exo_pair`` with eps = 0, and a
-    non-default ``f_divergence_type`` with a loss outside ``F_DIVERGENCE_LOSS_TYPES``.
-    Warns when ``robust`` gets eps outside [0, 0.5).
+    Raises ``ValueError`` naming the argument for: shape mismatches, a loss missing an input it
+    needs, ``exo_pair`` with eps = 0, and a non-default ``f_divergence_type`` with a loss outside
+    ``F_DIVERGENCE_LOSS_TYPES``. Warns when ``robust`` gets eps outside [0, 0.5). (Each field on
+    its own was checked when ``settings`` was made.)
     """
-    opts = _resolve_extra(extra)
-    check_loss_types(loss_types, label_smoothing, opts["f_divergence_type"])
-    if not beta > 0:
-        raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
-    if not opts["discopop_tau"] > 0:
-        raise ValueError(f"dpo_loss: discopop_tau must be > 0, got {opts['discopop_tau']}")
-    if opts["reference_free"]:
+    s = settings
+    check_loss_combination(s.loss_type, s.label_smoothing, s.f_divergence_type)
+    if s.reference_free:
         ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
         ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
     pairs = {
@@ -278,32 +275,28 @@ def make_loss_inputs(
         "ref_rejected_logps": ref_rejected_logps,
     }
     check_pair_shapes(pairs)
-    check_needs(loss_types, opts, batch_size=policy_chosen_logps.shape[0])
-    for key in ("chosen_lengths", "rejected_lengths"):
-        if opts[key] is not None:
-            # Float, as trl's completion_mask.sum(dim=1).clamp(min=1.0).
-            opts[key] = opts[key].clamp(min=1.0)
+    optional = {
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+        "chosen_token_logps": chosen_token_logps,
+        "chosen_token_mask": chosen_token_mask,
+    }
+    check_needs(s.loss_type, optional, batch_size=policy_chosen_logps.shape[0])
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    f_type, alpha = opts.pop("f_divergence_type"), opts.pop("f_alpha_divergence_coef")
-    del opts["reference_free"]
+    f_type, alpha = s.f_divergence_type, s.f_alpha_divergence_coef
     return LossInputs(
         **pairs,
         chosen_logratios=chosen_logratios,
         rejected_logratios=rejected_logratios,
         chosen_scores=f_divergence_scores(chosen_logratios, f_type, alpha),
         rejected_scores=f_divergence_scores(rejected_logratios, f_type, alpha),
-        beta=beta,
-        label_smoothing=label_smoothing,
-        **opts,
+        beta=s.beta,
+        label_smoothing=s.label_smoothing,
+        discopop_tau=s.discopop_tau,
+        # Float, as trl's completion_mask.sum(dim=1).clamp(min=1.0).
+        chosen_lengths=None if chosen_lengths is None else chosen_lengths.clamp(min=1.0),
+        rejected_lengths=None if rejected_lengths is None else rejected_lengths.clamp(min=1.0),
+        chosen_token_logps=chosen_token_logps,
+        chosen_token_mask=chosen_token_mask,
     )
-
-
-def _resolve_extra(extra: dict[str, Any]) -> dict[str, Any]:
-    """``EXTRA_DEFAULTS`` updated by ``extra``; an unknown key (a typo) raises."""
-    unknown = sorted(set(extra) - set(EXTRA_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"dpo_loss: unknown keyword(s) {unknown}; accepted: {sorted(EXTRA_DEFAULTS)}"
-        )
-    return {**EXTRA_DEFAULTS, **extra}

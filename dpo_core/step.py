@@ -6,7 +6,7 @@ Lightning module, the parity suite and the benchmark all run exactly the same ar
     token  = token_logps(policy, batch)                    # (2B, L-1) per-token, chunked head
     pi_c, pi_r = sums of token logps (LD-weighted with ld_alpha)
     ref_c, ref_r = reference(batch)                        # frozen copy | adapters off | cache
-    loss, rewards = combined_dpo_loss(pi_c, pi_r, ref_c, ref_r, ...)
+    loss, rewards = combined_dpo_loss(pi_c, pi_r, ref_c, ref_r, settings.loss, ...)
     sums, counts = metric_sums(...)                        # trl's metric names
 """
 
@@ -28,23 +28,20 @@ from dpo_core.logps import (
 from dpo_core.losses import combined_dpo_loss, wpo_weights
 from dpo_core.metrics import metric_sums
 from dpo_core.packing import token_logps
+from dpo_core.settings import LossSettings
 
 
 @dataclass
 class DPOSettings:
-    """The objective's knobs, with trl's names and defaults (see ``DPOConfig`` in trl)."""
+    """What ``dpo_step`` needs: the objective, and how the policy's log-probs are computed.
 
-    beta: float = 0.1
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = None
-    label_smoothing: float = 0.0
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    use_weighting: bool = False
-    ld_alpha: float | None = None
-    discopop_tau: float = 0.05
-    reference_free: bool = False
-    # Speed and memory only; the numbers agree up to float32 rounding (dpo_core.lm_head, .packing).
+    Attributes:
+        loss: the objective (``dpo_core.settings``), trl's names and defaults.
+        chunk_size, keep_probs_bytes, prompt_sharing: speed and memory only; the numbers agree up
+            to float32 rounding (``dpo_core.lm_head``, ``dpo_core.packing``).
+    """
+
+    loss: LossSettings = field(default_factory=LossSettings)
     chunk_size: int = 1024
     keep_probs_bytes: int = KEEP_PROBS_BYTES
     prompt_sharing: bool = True
@@ -88,7 +85,7 @@ def reference_logps(
     reference, batch: PreferenceBatch, settings: DPOSettings, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ref_chosen (B,), ref_rejected (B,)): zeros when reference-free, else from ``reference``."""
-    if settings.reference_free:
+    if settings.loss.reference_free:
         zeros = torch.zeros_like(like)
         return zeros, zeros
     if reference is None:
@@ -115,10 +112,10 @@ def dpo_step(
         prompt_sharing=settings.prompt_sharing,
         chunk_size=settings.chunk_size,
         with_stats=True,
-        with_wpo=settings.use_weighting,
+        with_wpo=settings.loss.use_weighting,
         keep_probs_bytes=settings.keep_probs_bytes,
     )
-    pi_c, pi_r = policy_sequence_logps(token, settings.ld_alpha)
+    pi_c, pi_r = policy_sequence_logps(token, settings.loss.ld_alpha)
     ref_c, ref_r = reference_logps(reference, batch, settings, pi_c)
     n_c, n_r = completion_lengths(batch.completion_mask)
     chosen_token_logps, _ = split_pairs(token.logps)
@@ -128,18 +125,12 @@ def dpo_step(
         pi_r,
         ref_c,
         ref_r,
-        beta=settings.beta,
-        loss_type=settings.loss_type,
-        loss_weights=settings.loss_weights,
-        label_smoothing=settings.label_smoothing,
-        pair_weights=pair_weights(token) if settings.use_weighting else None,
-        f_divergence_type=settings.f_divergence_type,
-        f_alpha_divergence_coef=settings.f_alpha_divergence_coef,
+        settings.loss,
+        pair_weights=pair_weights(token) if settings.loss.use_weighting else None,
         chosen_lengths=n_c,
         rejected_lengths=n_r,
         chosen_token_logps=chosen_token_logps,
         chosen_token_mask=chosen_token_mask,
-        discopop_tau=settings.discopop_tau,
     )
     sums, counts = metric_sums(
         chosen_rewards=out.chosen_rewards,

@@ -28,6 +28,7 @@ from dpo_core.losses import (
     trl_defines,
     wpo_weights,
 )
+from dpo_core.settings import LossSettings
 
 BETA = 0.2
 LOG2 = math.log(2)
@@ -59,8 +60,16 @@ LENGTHS = {"chosen_lengths": torch.tensor([2, 1, 0]), "rejected_lengths": torch.
 NORM_MARGIN = (1.5, -2.0, 0.0)
 
 
-def losses_of(loss_type: str, pairs=PAIRS, beta: float = BETA, **kwargs) -> torch.Tensor:
-    losses, _, _ = dpo_loss(*pairs, beta=beta, loss_type=loss_type, **kwargs)
+def settings(loss_type: str = "sigmoid", beta: float = BETA, **kwargs) -> LossSettings:
+    """One loss type at ``beta`` (the shared batch's 0.2), other fields as given."""
+    return LossSettings(beta=beta, loss_type=[loss_type], **kwargs)
+
+
+def losses_of(
+    loss_type: str, pairs=PAIRS, beta: float = BETA, inputs: dict | None = None, **kwargs
+) -> torch.Tensor:
+    """Per-pair losses of ``loss_type``; ``inputs`` are the optional tensors (lengths, tokens)."""
+    losses, _, _ = dpo_loss(*pairs, settings(loss_type, beta, **kwargs), **(inputs or {}))
     return losses
 
 
@@ -90,7 +99,7 @@ def test_hinge():
 
 def test_ipo():
     """1/(2 beta) = 2.5; (margin/len - 2.5)^2 = [(1.5-2.5)^2, (-2-2.5)^2, (0-2.5)^2] = [1, 20.25, 6.25]."""
-    check(losses_of("ipo", **LENGTHS), [1.0, 20.25, 6.25])
+    check(losses_of("ipo", inputs=LENGTHS), [1.0, 20.25, 6.25])
 
 
 def test_exo_pair():
@@ -166,13 +175,13 @@ def test_sft_is_one_token_mean_over_the_batch():
     """Masked tokens (-100) are ignored: -(-1 - 2 - 3 - 0.5 - 0.5 - 1 - 1) / 7 = 9/7 for every pair."""
     logps = t(-1, -2, -100, -100, -3, -100, -100, -100, -0.5, -0.5, -1, -1).reshape(3, 4)
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    sft = losses_of("sft", chosen_token_logps=logps, chosen_token_mask=mask)
+    sft = losses_of("sft", inputs={"chosen_token_logps": logps, "chosen_token_mask": mask})
     check(sft, [9 / 7] * 3)
 
 
 def test_sigmoid_norm():
     """-logsigma(beta * [1.5, -2, 0]) = [sp(-0.3), sp(0.4), log 2]."""
-    check(losses_of("sigmoid_norm", **LENGTHS), [sp(-BETA * m) for m in NORM_MARGIN])
+    check(losses_of("sigmoid_norm", inputs=LENGTHS), [sp(-BETA * m) for m in NORM_MARGIN])
 
 
 # --- rewards, reference-free ---------------------------------------------------------------
@@ -182,7 +191,7 @@ def test_rewards_are_beta_logratios_detached():
     """chosen 0.2 * [1, -1, 0], rejected 0.2 * [-4, 2, 0], whatever the loss or f-divergence."""
     pi_c = PAIRS[0].clone().requires_grad_(True)
     pairs = (pi_c, *PAIRS[1:])
-    losses, chosen, rejected = dpo_loss(*pairs, beta=BETA, f_divergence_type="forward_kl")
+    losses, chosen, rejected = dpo_loss(*pairs, settings(f_divergence_type="forward_kl"))
     check(chosen, [0.2, -0.2, 0.0])
     check(rejected, [-0.8, 0.4, 0.0])
     assert losses.requires_grad
@@ -191,7 +200,7 @@ def test_rewards_are_beta_logratios_detached():
 
 def test_reference_free_ignores_the_reference():
     """Reference-free: D = pi_c - pi_r = [5, -3, 0], the same beta D as PAIRS by construction."""
-    losses, chosen, _ = dpo_loss(PAIRS[0], PAIRS[1], None, None, beta=BETA, reference_free=True)
+    losses, chosen, _ = dpo_loss(PAIRS[0], PAIRS[1], None, None, settings(reference_free=True))
     check(losses, [sp(-z) for z in Z])
     check(chosen, [0.2 * -4, 0.2 * -6, 0.2 * -8])
 
@@ -226,16 +235,16 @@ def test_f_divergence_feeds_scores_into_the_loss():
     s = [(1 - math.exp(-c), 1 - math.exp(-r)) for c, r in ((1, -4), (-1, 2), (0, 0))]
     sigmoid = losses_of("sigmoid", f_divergence_type="forward_kl")
     check(sigmoid, [sp(-BETA * (c - r)) for c, r in s])
-    ipo = losses_of("ipo", f_divergence_type="forward_kl", **LENGTHS)
+    ipo = losses_of("ipo", f_divergence_type="forward_kl", inputs=LENGTHS)
     lengths = ((2, 4), (1, 2), (1, 1))
     check(ipo, [(c / nc - r / nr - 2.5) ** 2 for (c, r), (nc, nr) in zip(s, lengths)])
 
 
 def test_f_divergence_is_not_applied_to_raw_logratio_losses():
     with pytest.raises(ValueError, match=r"f_divergence_type='js_divergence'.*\['bco_pair'\]"):
-        dpo_loss(*PAIRS, loss_type="bco_pair", f_divergence_type="js_divergence")
-    with pytest.raises(ValueError, match="unknown f_divergence_type 'kl'"):
-        dpo_loss(*PAIRS, f_divergence_type="kl")
+        dpo_loss(*PAIRS, settings("bco_pair", f_divergence_type="js_divergence"))
+    with pytest.raises(ValueError, match="f_divergence_type 'kl' unknown"):
+        settings(f_divergence_type="kl")
 
 
 # --- weighted combination and WPO -----------------------------------------------------------
@@ -244,13 +253,10 @@ def test_f_divergence_is_not_applied_to_raw_logratio_losses():
 def test_combined_loss_weights_and_pair_weights():
     """sigmoid (weight 1) + hinge (weight 0.5), pair weights [1, 0, 2]:
     sigmoid mean = (sp(-1) * 1 + 0 + log 2 * 2) / 3, hinge mean = (0 + 0 + 1 * 2) / 3."""
-    out = combined_dpo_loss(
-        *PAIRS,
-        beta=BETA,
-        loss_type=["sigmoid", "hinge"],
-        loss_weights=[1.0, 0.5],
-        pair_weights=t(1, 0, 2),
+    wpo = LossSettings(
+        beta=BETA, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.5], use_weighting=True
     )
+    out = combined_dpo_loss(*PAIRS, wpo, pair_weights=t(1, 0, 2))
     sigmoid_mean = (sp(-1) + 2 * LOG2) / 3
     hinge_mean = 2 / 3
     check(out.per_type["sigmoid"], sigmoid_mean)
@@ -260,7 +266,7 @@ def test_combined_loss_weights_and_pair_weights():
 
 
 def test_combined_single_type_is_the_mean_of_dpo_loss():
-    out = combined_dpo_loss(*PAIRS, beta=BETA, loss_type="sigmoid")
+    out = combined_dpo_loss(*PAIRS, settings())
     check(out.loss, sum(sp(-z) for z in Z) / 3)
 
 
@@ -302,29 +308,48 @@ def test_trl_defines():
 )
 def test_missing_extra_names_the_loss_and_key(loss_type, missing):
     with pytest.raises(ValueError, match=f"loss_type '{loss_type}' needs the keyword '{missing}'"):
-        dpo_loss(*PAIRS, loss_type=loss_type)
+        dpo_loss(*PAIRS, settings(loss_type))
 
 
-def test_unknown_loss_type_and_extra_key():
-    with pytest.raises(ValueError, match=r"unknown loss_type 'dpo'.*'sigmoid', 'hinge'"):
-        dpo_loss(*PAIRS, loss_type="dpo")
-    with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['discopop_temperature'\]"):
-        dpo_loss(*PAIRS, loss_type="discopop", discopop_temperature=0.1)
+def test_unknown_loss_type_and_keyword():
+    with pytest.raises(
+        ValueError, match=r"loss_type \['dpo'\] unknown; choose from sigmoid, hinge"
+    ):
+        settings("dpo")
+    with pytest.raises(ValueError, match="loss_type is empty"):
+        LossSettings(loss_type=[])
+    with pytest.raises(TypeError, match="discopop_temperature"):
+        dpo_loss(*PAIRS, settings("discopop"), discopop_temperature=0.1)
+    with pytest.raises(TypeError, match="discopop_temperature"):
+        settings("discopop", discopop_temperature=0.1)
 
 
 def test_exo_pair_needs_label_smoothing():
     with pytest.raises(ValueError, match="'exo_pair' needs label_smoothing > 0"):
-        dpo_loss(*PAIRS, loss_type="exo_pair")
+        dpo_loss(*PAIRS, settings("exo_pair"))
 
 
 def test_robust_warns_outside_its_range():
     with pytest.warns(UserWarning, match=r"'robust' expects label_smoothing in \[0, 0.5\)"):
-        dpo_loss(*PAIRS, loss_type="robust", label_smoothing=0.6)
+        dpo_loss(*PAIRS, settings("robust", label_smoothing=0.6))
 
 
 def test_wpo_with_sorting_losses_is_not_implemented():
     with pytest.raises(NotImplementedError, match=r"\['aot'\]"):
-        combined_dpo_loss(*PAIRS, loss_type=["sigmoid", "aot"], pair_weights=t(1, 1, 1))
+        wpo = LossSettings(loss_type=["sigmoid", "aot"], use_weighting=True)
+        combined_dpo_loss(*PAIRS, wpo, pair_weights=t(1, 1, 1))
+
+
+def test_pair_weights_come_exactly_with_use_weighting():
+    with pytest.raises(ValueError, match="use_weighting=True but pair_weights missing"):
+        combined_dpo_loss(*PAIRS, settings(use_weighting=True))
+    with pytest.raises(ValueError, match="use_weighting=False but pair_weights given"):
+        combined_dpo_loss(*PAIRS, settings(), pair_weights=t(1, 1, 1))
+
+
+def test_dpo_loss_takes_one_loss_type():
+    with pytest.raises(ValueError, match="use combined_dpo_loss"):
+        dpo_loss(*PAIRS, LossSettings(loss_type=["sigmoid", "hinge"]))
 
 
 def test_bad_shapes_and_weights():
@@ -334,14 +359,16 @@ def test_bad_shapes_and_weights():
         dpo_loss(*PAIRS[:3], t(1, 2))
     with pytest.raises(ValueError, match="ref_chosen_logps is None"):
         dpo_loss(PAIRS[0], PAIRS[1], None, None)
-    with pytest.raises(ValueError, match="got 1 loss_weights for 2 loss types"):
-        combined_dpo_loss(*PAIRS, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match="loss_weights has 1 values for 2 loss types"):
+        LossSettings(loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
     with pytest.raises(ValueError, match=r"chosen_lengths has shape \(2,\)"):
         dpo_loss(
-            *PAIRS, loss_type="ipo", chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(3)
+            *PAIRS, settings("ipo"), chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(3)
         )
     with pytest.raises(ValueError, match="chosen_token_mask has no completion token"):
         zeros = torch.zeros(3, 2)
-        dpo_loss(*PAIRS, loss_type="sft", chosen_token_logps=zeros, chosen_token_mask=zeros)
+        dpo_loss(*PAIRS, settings("sft"), chosen_token_logps=zeros, chosen_token_mask=zeros)
     with pytest.raises(ValueError, match="beta must be > 0"):
-        dpo_loss(*PAIRS, beta=0.0)
+        settings(beta=0.0)
+    with pytest.raises(ValueError, match="discopop_tau must be > 0"):
+        settings(discopop_tau=0.0)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpo_core.losses import LOSS_TYPES, dpo_loss
+from dpo_core.settings import LossSettings
 
 REL, ABS = 1e-6, 1e-5
 FAST = settings(max_examples=40, deadline=None)
@@ -27,10 +28,17 @@ def t(values) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.float32)
 
 
-def margin_loss(loss_type: str, d: torch.Tensor, beta: float, **kw) -> torch.Tensor:
+def one(loss_type: str, beta: float, **kw) -> LossSettings:
+    """The settings of one loss type at ``beta``."""
+    return LossSettings(beta=beta, loss_type=[loss_type], **kw)
+
+
+def margin_loss(
+    loss_type: str, d: torch.Tensor, beta: float, inputs: dict | None = None, **kw
+) -> torch.Tensor:
     """Loss at margin D = d exactly: policy chosen d, everything else 0."""
     zeros = torch.zeros_like(d)
-    return dpo_loss(d, zeros, zeros, zeros, beta=beta, loss_type=loss_type, **kw)[0]
+    return dpo_loss(d, zeros, zeros, zeros, one(loss_type, beta, **kw), **(inputs or {}))[0]
 
 
 @st.composite
@@ -62,7 +70,7 @@ def smoothing_for(loss_type: str) -> float:
 @given(a=logps, b=logps, beta=betas)
 def test_sigmoid_at_zero_margin_is_log_2(a, b, beta):
     """pi_c = pi_r and ref_c = ref_r give D = 0 exactly, so the loss is -logsigma(0) = log 2."""
-    loss = dpo_loss(t([a]), t([a]), t([b]), t([b]), beta=beta)[0]
+    loss = dpo_loss(t([a]), t([a]), t([b]), t([b]), one("sigmoid", beta))[0]
     torch.testing.assert_close(loss, t([math.log(2)]), rtol=1.2e-7, atol=0)  # one float32 ulp
 
 
@@ -82,8 +90,8 @@ def test_ipo_grows_with_the_distance_to_its_target(m1, m2, beta):
     target = 1 / (2 * beta)
     near, far = sorted((m1, m2), key=lambda m: abs(m - target))
     unit = {"chosen_lengths": torch.ones(1), "rejected_lengths": torch.ones(1)}
-    l_near = margin_loss("ipo", t([near]), beta, **unit)
-    l_far = margin_loss("ipo", t([far]), beta, **unit)
+    l_near = margin_loss("ipo", t([near]), beta, unit)
+    l_far = margin_loss("ipo", t([far]), beta, unit)
     assert l_near <= l_far + REL * l_far + ABS, (l_near, l_far)
 
 
@@ -93,8 +101,8 @@ def test_swapping_chosen_and_rejected_negates_the_margin(batch, beta):
     """Swapping gives l(-D); and the logistic identity -logsigma(x) + logsigma(-x) = -x gives
     l(D) - l(-D) = -beta D."""
     pc, pr, rc, rr = batch["pairs"]
-    loss = dpo_loss(pc, pr, rc, rr, beta=beta)[0]
-    swapped = dpo_loss(pr, pc, rr, rc, beta=beta)[0]
+    loss = dpo_loss(pc, pr, rc, rr, one("sigmoid", beta))[0]
+    swapped = dpo_loss(pr, pc, rr, rc, one("sigmoid", beta))[0]
     d = (pc - rc) - (pr - rr)
     torch.testing.assert_close(swapped, margin_loss("sigmoid", -d, beta), rtol=0, atol=0)
     torch.testing.assert_close(loss - swapped, -beta * d, rtol=REL, atol=ABS)
@@ -138,9 +146,9 @@ def test_ipo_minimum_sits_at_normalised_margin_half_over_beta(beta, n_c, n_r, re
     lengths = {"chosen_lengths": torch.tensor([n_c]), "rejected_lengths": torch.tensor([n_r])}
     zero = torch.zeros(1)
     pc, pr = t([(rejected + target + offset) * n_c]), t([rejected * n_r])
-    at = dpo_loss(pc, pr, zero, zero, beta=beta, loss_type="ipo", **lengths)[0]
+    at = dpo_loss(pc, pr, zero, zero, one("ipo", beta), **lengths)[0]
     pc_min = t([(rejected + target) * n_c])
-    at_min = dpo_loss(pc_min, pr, zero, zero, beta=beta, loss_type="ipo", **lengths)[0]
+    at_min = dpo_loss(pc_min, pr, zero, zero, one("ipo", beta), **lengths)[0]
     # The normalised margin carries float32 rounding of values <= 400 (ulp 3e-5) divided by n.
     assert at_min.item() <= (3e-5) ** 2
     torch.testing.assert_close(at, t([offset**2]), rtol=1e-4, atol=1e-4)
@@ -153,9 +161,11 @@ def test_reference_free_equals_zero_reference(batch, beta):
     pc, pr, _, _ = batch["pairs"]
     zeros = torch.zeros_like(pc)
     for loss_type in LOSS_TYPES:
-        kw = {"beta": beta, "loss_type": loss_type, "label_smoothing": smoothing_for(loss_type)}
-        free = dpo_loss(pc, pr, None, None, reference_free=True, **kw, **batch["extra"])
-        explicit = dpo_loss(pc, pr, zeros, zeros, **kw, **batch["extra"])
+        eps = smoothing_for(loss_type)
+        free_settings = one(loss_type, beta, label_smoothing=eps, reference_free=True)
+        free = dpo_loss(pc, pr, None, None, free_settings, **batch["extra"])
+        explicit_settings = one(loss_type, beta, label_smoothing=eps)
+        explicit = dpo_loss(pc, pr, zeros, zeros, explicit_settings, **batch["extra"])
         for a, b in zip(free, explicit):  # equal_nan: see the discopop note in the next test
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
@@ -178,9 +188,9 @@ def test_per_pair_losses_follow_their_pair_under_permutation(batch, beta, seed):
     perm = torch.randperm(len(batch["pairs"][0]), generator=torch.Generator().manual_seed(seed))
     permuted_extra = {k: v[perm] for k, v in batch["extra"].items()}
     for loss_type in LOSS_TYPES:
-        kw = {"beta": beta, "loss_type": loss_type, "label_smoothing": smoothing_for(loss_type)}
-        losses = dpo_loss(*batch["pairs"], **kw, **batch["extra"])[0]
-        permuted = dpo_loss(*(p[perm] for p in batch["pairs"]), **kw, **permuted_extra)[0]
+        s = one(loss_type, beta, label_smoothing=smoothing_for(loss_type))
+        losses = dpo_loss(*batch["pairs"], s, **batch["extra"])[0]
+        permuted = dpo_loss(*(p[perm] for p in batch["pairs"]), s, **permuted_extra)[0]
         if loss_type in {"aot", "aot_unpaired"}:
             assert torch.equal(permuted, losses), loss_type
         elif loss_type == "sft":

@@ -32,6 +32,7 @@ from dpo_core.losses import (  # noqa: E402
     trl_defines,
     wpo_weights,
 )
+from dpo_core.settings import LossSettings  # noqa: E402
 
 B, L = 3, 7
 # Completion spans [start, end) for rows chosen_0..2, rejected_0..2. Row 2 starts at position 0,
@@ -127,14 +128,15 @@ def our_loss(batch, *, loss_type, loss_weights=None, beta=0.1, label_smoothing=0
     if wpo:
         w_c, w_r = wpo_weights(token_logps, batch["log_sum_sq_probs"], shifted).chunk(2)
         pair_weights = w_c * w_r
+    settings = LossSettings(
+        beta=beta, loss_type=list(loss_type), loss_weights=loss_weights,
+        label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=alpha, use_weighting=wpo, discopop_tau=tau,
+    )  # fmt: skip
     out = combined_dpo_loss(
-        pi_c, pi_r, ref_c, ref_r,
-        beta=beta, loss_type=loss_type, loss_weights=loss_weights,
-        label_smoothing=label_smoothing, pair_weights=pair_weights,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=alpha,
+        pi_c, pi_r, ref_c, ref_r, settings, pair_weights=pair_weights,
         chosen_lengths=n_c, rejected_lengths=n_r,
         chosen_token_logps=token_logps.chunk(2)[0], chosen_token_mask=shifted.chunk(2)[0],
-        discopop_tau=tau,
     )  # fmt: skip
     out.loss.backward()
     return out, token_logps.grad

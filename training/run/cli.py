@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from training.run.config import GROUPS, FitConfig, field_names
+from training.run.config import GROUPS, FitConfig, field_names, flag
 
 
 def _base_type(annotation: Any) -> tuple[type, bool, bool]:
@@ -60,14 +60,14 @@ def add_group_flags(parser: argparse.ArgumentParser, group: str) -> None:
     section = parser.add_argument_group(group, cls.__doc__)
     for f in dataclasses.fields(cls):
         kind, is_list, optional = _base_type(f.type)
-        flag = "--" + f.name.replace("_", "-")
+        name = flag(f.name)
         help_text = f.metadata.get("help", "")
         if kind is bool:
-            section.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            section.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
         elif is_list:
-            section.add_argument(flag, nargs="+", type=kind, help=help_text)
+            section.add_argument(name, nargs="+", type=kind, help=help_text)
         else:
-            section.add_argument(flag, type=_none_or(kind) if optional else kind, help=help_text)
+            section.add_argument(name, type=_none_or(kind) if optional else kind, help=help_text)
 
 
 def _flatten_yaml(data: dict, source: Path) -> dict[str, Any]:

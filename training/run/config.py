@@ -6,12 +6,19 @@ precompute_ref_log_probs, learning_rate, gradient_accumulation_steps, max_steps,
 num_train_epochs, warmup_steps, weight_decay, max_grad_norm, seed). Every field becomes a
 command-line flag of ``python -m training.fit`` (``max_steps`` -> ``--max-steps``) and a key of
 the YAML file (``--config``); see ``training.run.cli``. The ``help`` text of each field is its
-one-line documentation.
+one-line documentation. ``DPOConfig`` extends the objective as ``dpo_core.settings`` declares it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+
+from dpo_core.settings import LossSettings
+
+
+def flag(field_name: str) -> str:
+    """The command-line flag of a config field: ``max_steps`` -> ``--max-steps``."""
+    return "--" + field_name.replace("_", "-")
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" mirrors argparse
@@ -64,21 +71,11 @@ class DataConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(LossSettings):
     """The preference objective (dpo_core.losses)."""
 
-    beta: float = _f(0.1, "KL strength: the implicit reward is beta * log(pi / pi_ref).")
-    loss_type: list[str] = _f(["sigmoid"], "One or more of dpo_core.losses.LOSS_TYPES.")
-    loss_weights: list[float] | None = _f(None, "One weight per loss_type; unset = all 1.0.")
-    label_smoothing: float = _f(0.0, "cDPO/robust/exo/aot label noise epsilon.")
-    f_divergence_type: str = _f(
-        "reverse_kl", "reverse_kl, forward_kl, js_divergence, alpha_divergence."
-    )
-    f_alpha_divergence_coef: float = _f(0.5, "alpha for alpha_divergence.")
-    use_weighting: bool = _f(False, "WPO: weight pairs by their policy likelihood.")
-    ld_alpha: float | None = _f(None, "LD-DPO: weight of completion tokens past the shared length.")
-    discopop_tau: float = _f(0.05, "Temperature of the discopop loss.")
-    reference_free: bool = _f(False, "Take reference log-probs as 0 (no reference model).")
+    # The objective's fields (beta, loss_type, ... reference_free) and their checks are
+    # dpo_core.settings.LossSettings'; these come after them.
     precompute_ref_log_probs: bool | None = _f(
         None,
         "Compute reference log-probs once before training, cached on disk. Unset: on when the "
@@ -93,6 +90,10 @@ class DPOConfig:
         "Forward each prompt once per pair (prompt+chosen+rejected in one row): faster, equal "
         "up to float32 rounding of the attention sums (dpo_core.packing).",
     )
+
+    def option_name(self, field_name: str) -> str:
+        """Errors name the flag a user typed."""
+        return flag(field_name)
 
 
 @dataclass
@@ -241,6 +242,15 @@ def check_eval_config(e: EvalConfig) -> None:
         raise ValueError(f"--temperature must be > 0 and --top-p in (0, 1], got {e}")
     if e.win_against not in ("chosen", "rejected"):
         raise ValueError(f"--win-against must be chosen or rejected, got {e.win_against!r}")
+
+
+def with_fields(cfg: FitConfig, changes: dict) -> FitConfig:
+    """``cfg`` with fields replaced by name, whatever group holds them (checked again)."""
+    groups = field_names()
+    by_group: dict[str, dict] = {}
+    for name, value in changes.items():
+        by_group.setdefault(groups[name], {})[name] = value
+    return replace(cfg, **{g: replace(getattr(cfg, g), **kw) for g, kw in by_group.items()})
 
 
 def field_names() -> dict[str, str]:

@@ -25,19 +25,10 @@ PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
 
 
 def dpo_settings(cfg: FitConfig) -> DPOSettings:
-    """The ``dpo_core`` view of the run's config."""
+    """The ``dpo_core`` view of the run's config (``cfg.dpo`` is a ``LossSettings``)."""
     d = cfg.dpo
     return DPOSettings(
-        beta=d.beta,
-        loss_type=list(d.loss_type),
-        loss_weights=None if d.loss_weights is None else list(d.loss_weights),
-        label_smoothing=d.label_smoothing,
-        f_divergence_type=d.f_divergence_type,
-        f_alpha_divergence_coef=d.f_alpha_divergence_coef,
-        use_weighting=d.use_weighting,
-        ld_alpha=d.ld_alpha,
-        discopop_tau=d.discopop_tau,
-        reference_free=d.reference_free,
+        loss=d,
         chunk_size=d.logps_chunk_size,
         keep_probs_bytes=d.logps_keep_probs_mb * 2**20,
         prompt_sharing=d.prompt_sharing,
