@@ -132,9 +132,13 @@ class CaseReport:
 
 
 def difference(trl: float, ours: float, relative: bool) -> float:
-    """``|ours - trl|``, over ``max(1, |trl|)`` when ``relative``; NaN on one side only is inf."""
+    """``|ours - trl|``, over ``max(1, |trl|)`` when ``relative``; NaN on one side only is inf,
+    and so is an infinity the other side does not match (``inf / inf`` would be NaN, which no
+    comparison catches)."""
     if math.isnan(trl) or math.isnan(ours):
         return 0.0 if math.isnan(trl) and math.isnan(ours) else math.inf
+    if math.isinf(trl) or math.isinf(ours):
+        return 0.0 if trl == ours else math.inf
     diff = abs(ours - trl)
     return diff / max(1.0, abs(trl)) if relative else diff
 
