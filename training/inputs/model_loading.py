@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from training.inputs.four_bit import disable_cpu_packing
+from training.inputs.gguf import as_model_dir
 from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """Load a tokenizer and make sure it can pad (pad = EOS when it has no pad token, as trl)."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        as_model_dir(path), trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -60,7 +63,7 @@ def load_causal_lm(path: str, cfg: FitConfig, *, quantize: bool = False) -> PreT
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if quantize:
         kwargs["quantization_config"] = _quantization_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(as_model_dir(path), **kwargs)
     model.config.use_cache = False
     if quantize:  # before any forward: bitsandbytes' CPU repacking drops gradients (four_bit)
         disable_cpu_packing(model)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from training.inputs.data_module import PreferenceData, split_heldout, tokenize_source
+from training.inputs.gguf import as_model_dir
 from training.inputs.model_loading import load_tokenizer
 from training.inputs.sources import load_rows
 from training.run.config import FitConfig
@@ -82,7 +83,7 @@ def prepare_inputs(cfg: FitConfig) -> RunInputs:
         from training.embedded.assets import prepare_embedded
 
         embedded = prepare_embedded(log=log.info)
-    model_path = cfg.model.model or str(embedded.model_dir)
+    model_path = as_model_dir(cfg.model.model) if cfg.model.model else str(embedded.model_dir)
     if not cfg.model.model:
         log.info("model: embedded default (%s)", model_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
