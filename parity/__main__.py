@@ -31,10 +31,11 @@ import tempfile  # noqa: E402
 import traceback  # noqa: E402
 
 from dpo_core.collate import TRUNCATION_MODES  # noqa: E402
+from dpo_core.divergences import F_DIVERGENCE_TYPES  # noqa: E402
+from dpo_core.settings import LossSettings  # noqa: E402
 from parity.cases import (  # noqa: E402
     ARCHS,
     DATA_SHAPES,
-    F_DIVERGENCES,
     LOSS_TYPES,
     ParityCase,
     cases_from_args,
@@ -45,27 +46,36 @@ from parity.report import format_table, write_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; every option combines with every other."""
+    """The command line; every option combines with every other. The objective's defaults are
+    ``LossSettings``'s."""
+    objective = LossSettings()
     p = argparse.ArgumentParser(prog="python -m parity", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--loss-type",
         nargs="+",
-        default=["sigmoid"],
+        default=objective.loss_type,
         choices=[*LOSS_TYPES, "all"],
         help="one case summing these losses, or `all`: one case per loss type",
     )
     p.add_argument("--loss-weights", nargs="+", type=float, help="one weight per loss type")
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--beta", type=float, default=objective.beta)
     p.add_argument(
         "--label-smoothing",
         type=float,
         help="default: 1e-3 for exo_pair, 0.1 for robust/aot, else 0",
     )
-    p.add_argument("--f-divergence", default="reverse_kl", choices=F_DIVERGENCES)
-    p.add_argument("--f-alpha", type=float, default=0.5, help="alpha-divergence coefficient")
+    p.add_argument(
+        "--f-divergence", default=objective.f_divergence_type, choices=F_DIVERGENCE_TYPES
+    )
+    p.add_argument(
+        "--f-alpha",
+        type=float,
+        default=objective.f_alpha_divergence_coef,
+        help="alpha-divergence coefficient",
+    )
     p.add_argument("--use-weighting", action="store_true", help="WPO weights")
     p.add_argument("--ld-alpha", type=float, help="LD-DPO tail weight")
-    p.add_argument("--discopop-tau", type=float, default=0.05)
+    p.add_argument("--discopop-tau", type=float, default=objective.discopop_tau)
     p.add_argument("--reference-free", action="store_true", help="(trl 1.16 has none: reported)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)

@@ -20,6 +20,7 @@ run's within ``--loss-tolerance``; otherwise the table says so and the exit stat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace, workdir: pathlib.Path) -> dict:
     preset = resolve_preset(args)
     case, ws = prepare_assets(preset, workdir, model=args.model, dataset=args.dataset)
     spec = {
-        "case": {k: v for k, v in vars(case).items()},
+        "case": dataclasses.asdict(case),  # ParityCase.from_dict reads it back
         "workspace": str(workdir / "case"),
         "workdir": str(workdir),
         "device": preset.device,

@@ -16,7 +16,6 @@ import time
 
 STARTED = time.perf_counter()  # setup time counts from here (imports included)
 
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
@@ -177,19 +176,6 @@ def _lightning_meter(meter: Meter):
     return LightningMeter()
 
 
-def _set_fields(cfg, settings: dict):
-    """``cfg`` with FitConfig fields replaced by name, whatever group holds them."""
-    from training.run.config import field_names
-
-    groups = field_names()
-    changes: dict[str, dict] = {}
-    for name, value in settings.items():
-        changes.setdefault(groups[name], {})[name] = value
-    return dataclasses.replace(
-        cfg, **{g: dataclasses.replace(getattr(cfg, g), **kw) for g, kw in changes.items()}
-    )
-
-
 def _our_defaults() -> dict:
     """The speed settings a plain ``python -m training.fit`` run gets (parity's case pins the
     plain path; the benchmark measures what users run)."""
@@ -203,25 +189,17 @@ def _our_defaults() -> dict:
 
 
 def run_ours(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> list[float]:
-    """Train through ``training.fit.train``; returns the per-step losses."""
-    from dpo_core.rows import write_jsonl
+    """Train as ``parity.ours_side`` does, with the side's settings; returns the per-step losses."""
     from parity.cases import ParityCase
-    from parity.ours_side import fit_config
-    from parity.workspace import prepare_workspace, training_rows
-    from training.fit import train
-    from training.inputs.prepare import prepare_inputs
+    from parity.ours_side import train_case
 
-    case = ParityCase(**spec["case"])
-    ws = prepare_workspace(case, pathlib.Path(spec["workspace"]))
-    data_file = out_dir / "rows.jsonl"
-    write_jsonl(training_rows(case, ws), data_file)
-    settings = _our_defaults() | side.settings
+    case = ParityCase.from_dict(spec["case"])
+    changes = _our_defaults() | side.settings
     if spec["device"] == "cuda":
-        settings["accelerator"] = "gpu"
-    cfg = _set_fields(fit_config(case, data_file, ws, out_dir / "run"), settings)
-    torch.manual_seed(case.seed)
-    result = train(cfg, prepare_inputs(cfg), callbacks=[_lightning_meter(meter)])
-    return [step["loss"] for step in result.history]
+        changes["accelerator"] = "gpu"
+    meter_callback = _lightning_meter(meter)
+    run = train_case(case, spec["workspace"], out_dir / "run", changes, [meter_callback])
+    return [step["loss"] for step in run.result.history]
 
 
 # -------------------------------------------------------------------------------------- trl
@@ -254,29 +232,16 @@ def _counting_collator(collator, counts: list[int]):
 
 
 def run_trl(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> list[float]:
-    """Train with trl's ``DPOTrainer`` (explicit reference, as ``parity.trl_side``)."""
-    from datasets import Dataset
-    from transformers import PrinterCallback
-    from trl import DPOTrainer
-
+    """Train trl's ``DPOTrainer`` as ``parity.trl_side`` builds it, with the side's settings;
+    returns the per-step losses."""
     from parity.cases import ParityCase
-    from parity.models import load_model
-    from parity.trl_side import step_metrics, trl_config
-    from parity.workspace import prepare_workspace, training_rows
+    from parity.trl_side import build_trainer, step_metrics
 
-    case = ParityCase(**spec["case"])
-    ws = prepare_workspace(case, pathlib.Path(spec["workspace"]))
-    settings = dict(side.settings)
+    case = ParityCase.from_dict(spec["case"])
+    overrides = dict(side.settings)
     if spec["device"] == "cuda":
-        settings["use_cpu"] = False
-    trainer = DPOTrainer(
-        model=load_model(ws.policy_dir, case),
-        ref_model=load_model(ws.reference_dir, case),
-        args=trl_config(case, out_dir / "run", **settings),
-        train_dataset=Dataset.from_list(training_rows(case, ws)),
-        processing_class=ws.tokenizer(),
-    )
-    trainer.remove_callback(PrinterCallback)
+        overrides["use_cpu"] = False
+    trainer, _ = build_trainer(case, spec["workspace"], out_dir / "run", **overrides)
     trainer.add_callback(_trl_meter(meter))
     counts: list[int] = []
     trainer.data_collator = _counting_collator(trainer.data_collator, counts)

@@ -1,8 +1,8 @@
 """Parity cases: one training run, fully specified, that both trl and our code perform.
 
 A ``ParityCase`` holds every setting that changes a number: the model (a tiny architecture built
-locally or a local checkpoint), the data, the DPO loss and its knobs, the optimizer and the
-schedule. ``cases_from_args`` turns the ``python -m parity`` options into cases, and
+locally or a local checkpoint), the data, the DPO objective (a ``dpo_core.settings.LossSettings``,
+whose names are trl's, so both sides take it unchanged), the optimizer and the schedule. ``cases_from_args`` turns the ``python -m parity`` options into cases, and
 ``comparable`` says where trl 1.16 has no such setting, so the report can say so instead of
 comparing.
 """
@@ -11,45 +11,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from dpo_core.collate import check_truncation_mode
 
-# Every loss type trl 1.16 accepts (trl/trainer/dpo_trainer.py:1385-1516).
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
+# The loss types, and those that read label_smoothing or allow an f-divergence, are trl 1.16's
+# (tests/dpo_core/test_losses_trl.py checks them against trl).
+from dpo_core.losses import (  # noqa: F401 (LOSS_TYPES: the command line's choices)
+    F_DIVERGENCE_LOSS_TYPES,
+    LOSS_TYPES,
+    TRL_LABEL_SMOOTHING_LOSS_TYPES,
 )
+from dpo_core.settings import LossSettings
+
 ARCHS = ("llama", "qwen2", "gpt2", "mistral")
 DATA_SHAPES = ("explicit", "conversational", "implicit", "hh-rlhf")
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-# Loss types that read ``label_smoothing`` in trl 1.16; every other one ignores it (notes §1).
-SMOOTHED_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
-# Loss types with an f-divergence generalisation in trl 1.16 (dpo_trainer.py:808-816).
-F_DIVERGENCE_LOSSES = {
-    "sigmoid",
-    "sigmoid_norm",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "robust",
-    "discopop",
-    "sft",
-}
 
 
 @dataclass
@@ -68,26 +46,8 @@ class ParityCase:
     """Generated data when ``dataset_path`` is None: one of ``DATA_SHAPES``."""
     num_rows: int | None = None
     """Rows to generate or keep; None means steps x batch_size x grad_accum (one epoch)."""
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    """trl ``loss_type``: the total loss is the weighted sum of these."""
-    loss_weights: list[float] | None = None
-    """One weight per loss type; None means 1.0 each."""
-    beta: float = 0.1
-    """Inverse temperature of the implicit reward."""
-    label_smoothing: float = 0.0
-    """Label noise epsilon (robust, exo_pair, aot, aot_unpaired; cDPO for sigmoid)."""
-    f_divergence_type: str = "reverse_kl"
-    """f-DPO divergence (``F_DIVERGENCES``)."""
-    f_alpha_divergence_coef: float = 0.5
-    """alpha of the alpha-divergence."""
-    use_weighting: bool = False
-    """WPO per-pair weights."""
-    ld_alpha: float | None = None
-    """LD-DPO weight of the completion tokens past the shorter completion's length."""
-    discopop_tau: float = 0.05
-    """Temperature of the DiscoPOP mixing sigmoid."""
-    reference_free: bool = False
-    """Drop the reference (reference log-probs taken as 0); trl 1.16 has no such mode."""
+    loss: LossSettings = field(default_factory=LossSettings)
+    """The objective: loss types, weights, beta and every other knob, with trl's names."""
     steps: int = 20
     """Optimizer steps."""
     batch_size: int = 4
@@ -129,22 +89,11 @@ class ParityCase:
     """Size of the tokenizer trained on the data when no ``model_path`` is given."""
 
     def __post_init__(self) -> None:
-        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
-        if not self.loss_type or unknown:
-            raise ValueError(f"case {self.name!r}: loss_type {unknown or '[]'} not in {LOSS_TYPES}")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(
-                f"case {self.name!r}: {len(self.loss_weights)} loss_weights for "
-                f"{len(self.loss_type)} loss types {self.loss_type}"
-            )
+        # The objective's fields were checked when ``loss`` was made (dpo_core.settings).
         if self.model_path is None and self.arch not in ARCHS:
             raise ValueError(f"case {self.name!r}: arch {self.arch!r} not in {ARCHS}")
         if self.dataset_path is None and self.data not in DATA_SHAPES:
             raise ValueError(f"case {self.name!r}: data {self.data!r} not in {DATA_SHAPES}")
-        if self.f_divergence_type not in F_DIVERGENCES:
-            raise ValueError(
-                f"case {self.name!r}: f_divergence_type {self.f_divergence_type!r} not in {F_DIVERGENCES}"
-            )
         check_truncation_mode(self.truncation_mode, f"case {self.name!r}: truncation_mode")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
@@ -159,6 +108,11 @@ class ParityCase:
         """Rows for one epoch: ``num_rows`` or steps x batch_size x grad_accum."""
         return self.num_rows or self.steps * self.batch_size * self.grad_accum
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParityCase:
+        """The case ``dataclasses.asdict`` made ``data`` from (the benchmark's spec file)."""
+        return cls(**{**data, "loss": LossSettings(**data["loss"])})
+
 
 def comparable(case: ParityCase) -> tuple[bool, str]:
     """Whether trl 1.16 can run this case at all, and if not, why (shown in the table).
@@ -168,19 +122,20 @@ def comparable(case: ParityCase) -> tuple[bool, str]:
     combinations trl's ``DPOTrainer.__init__`` rejects, and ``sft`` with WPO weighting, which
     trl 1.16 accepts but crashes on at the first step.
     """
-    losses = set(case.loss_type)
-    if case.reference_free:
+    s = case.loss
+    losses = set(s.loss_type)
+    if s.reference_free:
         return False, "trl 1.16 has no reference-free mode (no reference_free field)"
-    if "sigmoid" in losses and case.label_smoothing > 0:
+    if "sigmoid" in losses and s.label_smoothing > 0:
         return False, "cDPO: trl 1.16 ignores label_smoothing for sigmoid"
-    if "exo_pair" in losses and case.label_smoothing == 0:
+    if "exo_pair" in losses and s.label_smoothing == 0:
         return False, "trl 1.16 rejects exo_pair with label_smoothing 0"
-    if case.f_divergence_type != "reverse_kl" and not losses <= F_DIVERGENCE_LOSSES:
-        unsupported = sorted(losses - F_DIVERGENCE_LOSSES)
-        return False, f"trl 1.16 has no {case.f_divergence_type} for {unsupported}"
-    if case.use_weighting and losses & {"aot", "aot_unpaired"}:
+    if s.f_divergence_type != "reverse_kl" and not losses <= F_DIVERGENCE_LOSS_TYPES:
+        unsupported = sorted(losses - F_DIVERGENCE_LOSS_TYPES)
+        return False, f"trl 1.16 has no {s.f_divergence_type} for {unsupported}"
+    if s.use_weighting and losses & {"aot", "aot_unpaired"}:
         return False, "trl 1.16 has no WPO weighting for aot / aot_unpaired"
-    if case.use_weighting and "sft" in losses:
+    if s.use_weighting and "sft" in losses:
         # dpo_trainer.py:1502 expands a scalar, then 1526 multiplies it in place: RuntimeError.
         return False, "trl 1.16 crashes on sft with use_weighting (in-place on an expanded tensor)"
     targets = case.lora_target_modules
@@ -197,7 +152,7 @@ def default_label_smoothing(loss_types: list[str]) -> float:
     """
     if "exo_pair" in loss_types:
         return 1e-3
-    if set(loss_types) & SMOOTHED_LOSSES:
+    if set(loss_types) & TRL_LABEL_SMOOTHING_LOSS_TYPES:
         return 0.1
     return 0.0
 
@@ -205,19 +160,29 @@ def default_label_smoothing(loss_types: list[str]) -> float:
 def case_name(case: ParityCase) -> str:
     """A readable name: model, loss types, then every setting that differs from its default."""
     model = case.model_path.rstrip("/").split("/")[-1] if case.model_path else case.arch
-    parts = [model, "+".join(case.loss_type)]
-    defaults = ParityCase(name="")
+    loss_types = case.loss.loss_type
+    parts = [model, "+".join(loss_types)]
     skip = {"name", "arch", "model_path", "loss_type", "label_smoothing"}
-    for f in dataclasses.fields(ParityCase):
-        value = getattr(case, f.name)
-        if f.name in skip or value == getattr(defaults, f.name):
+    for name, value, default in _settings(case):
+        if name in skip or value == default:
             continue
-        if f.name == "dataset_path":
+        if name == "dataset_path":
             value = value.rstrip("/").split("/")[-1]
-        parts.append(f.name if value is True else f"{f.name}={value}")
-    if case.label_smoothing != default_label_smoothing(case.loss_type):
-        parts.append(f"label_smoothing={case.label_smoothing}")
+        parts.append(name if value is True else f"{name}={value}")
+    if case.loss.label_smoothing != default_label_smoothing(loss_types):
+        parts.append(f"label_smoothing={case.loss.label_smoothing}")
     return "-".join(str(p).replace(" ", "") for p in parts)
+
+
+def _settings(case: ParityCase) -> Iterator[tuple[str, Any, Any]]:
+    """(name, value, default) of every setting of ``case``, the objective's in place of ``loss``."""
+    defaults = ParityCase(name="")
+    for f in dataclasses.fields(ParityCase):
+        if f.name != "loss":
+            yield f.name, getattr(case, f.name), getattr(defaults, f.name)
+            continue
+        for g in dataclasses.fields(LossSettings):
+            yield g.name, getattr(case.loss, g.name), getattr(defaults.loss, g.name)
 
 
 def cases_from_args(args: argparse.Namespace) -> list[ParityCase]:
@@ -240,20 +205,7 @@ def cases_from_args(args: argparse.Namespace) -> list[ParityCase]:
                 dataset_path=args.dataset,
                 data=args.data,
                 num_rows=args.num_rows,
-                loss_type=list(losses),
-                loss_weights=args.loss_weights,
-                beta=args.beta,
-                label_smoothing=(
-                    default_label_smoothing(losses)
-                    if args.label_smoothing is None
-                    else args.label_smoothing
-                ),
-                f_divergence_type=args.f_divergence,
-                f_alpha_divergence_coef=args.f_alpha,
-                use_weighting=args.use_weighting,
-                ld_alpha=args.ld_alpha,
-                discopop_tau=args.discopop_tau,
-                reference_free=args.reference_free,
+                loss=loss_settings(args, losses),
                 steps=args.steps,
                 batch_size=args.batch_size,
                 grad_accum=args.grad_accum,
@@ -272,6 +224,24 @@ def cases_from_args(args: argparse.Namespace) -> list[ParityCase]:
             case.name = case_name(case)
             cases.append(case)
     return cases
+
+
+def loss_settings(args: argparse.Namespace, loss_types: list[str]) -> LossSettings:
+    """The objective the command line asks for, with ``loss_types``; an unset
+    ``--label-smoothing`` is ``default_label_smoothing``."""
+    smoothing = args.label_smoothing
+    return LossSettings(
+        beta=args.beta,
+        loss_type=list(loss_types),
+        loss_weights=args.loss_weights,
+        label_smoothing=default_label_smoothing(loss_types) if smoothing is None else smoothing,
+        f_divergence_type=args.f_divergence,
+        f_alpha_divergence_coef=args.f_alpha,
+        use_weighting=args.use_weighting,
+        ld_alpha=args.ld_alpha,
+        discopop_tau=args.discopop_tau,
+        reference_free=args.reference_free,
+    )
 
 
 def _target_modules(values: list[str]) -> list[str] | str:

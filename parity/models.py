@@ -1,5 +1,6 @@
 """Models for parity runs: tiny architectures built locally, a reference that differs from the
-policy, the LoRA / 4-bit settings, and the one loader both sides use.
+policy, the LoRA / 4-bit settings, the one loader both sides use and the trained weights both
+report.
 
 The reference must differ from the policy: with reference == policy every log-ratio is 0 at
 step 1, so the step-1 loss is log 2 whatever the log-probs are, and comparing it proves nothing.
@@ -12,7 +13,7 @@ import copy
 import pathlib
 
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -156,3 +157,17 @@ def load_adapter_init(peft_model: torch.nn.Module, adapter_dir: pathlib.Path) ->
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{adapter_dir}: adapter weights not in the model: {unexpected[:5]}")
+
+
+def trained_weights(model: torch.nn.Module, case: ParityCase) -> dict[str, torch.Tensor]:
+    """The trainable weights after training, detached copies on CPU (both sides name them alike).
+
+    Full fine-tuning: ``named_parameters`` with ``requires_grad`` (plain HF names; a tied LM head
+    appears once, under the embedding's name). LoRA: ``get_peft_model_state_dict``.
+    """
+    if case.lora:
+        state = get_peft_model_state_dict(model)
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+    return {
+        name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
+    }

@@ -9,15 +9,23 @@ split, float32, AdamW (fused) with the same schedule and clipping.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dpo_core.rows import write_jsonl
 from parity.cases import ParityCase
+from parity.models import trained_weights
 from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
 from training.inputs.four_bit import packed_layers
+
+if TYPE_CHECKING:
+    from training.fit import FitResult
+    from training.inputs.prepare import RunInputs
 
 
 def fit_config(case: ParityCase, data_file: pathlib.Path, ws, output_dir: pathlib.Path):
@@ -46,17 +54,8 @@ def fit_config(case: ParityCase, data_file: pathlib.Path, ws, output_dir: pathli
             truncation_mode=case.truncation_mode,
             shuffle=False,
         ),
-        dpo=DPOConfig(
-            beta=case.beta,
-            loss_type=list(case.loss_type),
-            loss_weights=None if case.loss_weights is None else list(case.loss_weights),
-            label_smoothing=case.label_smoothing,
-            f_divergence_type=case.f_divergence_type,
-            f_alpha_divergence_coef=case.f_alpha_divergence_coef,
-            use_weighting=case.use_weighting,
-            ld_alpha=case.ld_alpha,
-            discopop_tau=case.discopop_tau,
-            reference_free=case.reference_free,
+        dpo=DPOConfig(  # the case's objective, and how ours runs it
+            **dataclasses.asdict(case.loss),
             precompute_ref_log_probs=case.precompute_ref,
             prompt_sharing=case.prompt_sharing,
         ),
@@ -86,41 +85,60 @@ def fit_config(case: ParityCase, data_file: pathlib.Path, ws, output_dir: pathli
     )
 
 
-def trained_weights(policy: torch.nn.Module, case: ParityCase) -> dict[str, torch.Tensor]:
-    """Trainable weights after training, named as trl's side names them."""
-    if case.lora:
-        from peft import get_peft_model_state_dict
+@dataclass
+class OurRun:
+    """One training run of a case through our path.
 
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(policy).items()}
-    return {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    Attributes:
+        result: what ``training.fit.train`` returns (history, policy, reference, ...).
+        inputs: the tokenized inputs it trained on.
+        rows_given: rows written for it, before any were dropped.
+    """
+
+    result: FitResult
+    inputs: RunInputs
+    rows_given: int
+
+
+def train_case(
+    case: ParityCase,
+    workdir: pathlib.Path,
+    run_dir: pathlib.Path,
+    changes: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+) -> OurRun:
+    """Train ``case`` through ``training.fit.train`` from the files ``prepare_workspace`` keeps
+    under ``workdir``; the rows file and the run's outputs go to ``run_dir``.
+
+    ``changes`` replace ``FitConfig`` fields by name (the benchmark's variants); ``callbacks``
+    are extra Lightning callbacks (the benchmark's meter).
+    """
+    from training.fit import train
+    from training.inputs.prepare import prepare_inputs
+    from training.run.config import with_fields
+
+    ws = prepare_workspace(case, pathlib.Path(workdir))
+    rows = training_rows(case, ws)
+    data_file = pathlib.Path(run_dir) / "rows.jsonl"
+    data_file.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(rows, data_file)
+    cfg = with_fields(fit_config(case, data_file, ws, run_dir), changes or {})
+    torch.manual_seed(case.seed)
+    inputs = prepare_inputs(cfg)
+    return OurRun(train(cfg, inputs, callbacks=callbacks), inputs, len(rows))
 
 
 def run_ours(case: ParityCase, workdir: pathlib.Path) -> RunResult:
     """Train ``case`` with our Lightning path and collect what ``parity.compare`` compares."""
-    from training.fit import train
-    from training.inputs.prepare import prepare_inputs
-
-    workdir = pathlib.Path(workdir)
-    ws = prepare_workspace(case, workdir)
-    rows = training_rows(case, ws)
-    data_file = workdir / "ours" / "rows.jsonl"
-    data_file.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(rows, data_file)
-    cfg = fit_config(case, data_file, ws, workdir / "ours")
-    torch.manual_seed(case.seed)
-    inputs = prepare_inputs(cfg)
-    token_ids = [{k: list(f[k]) for k in TOKEN_FIELDS} for f in inputs.data.train]
-    result = train(cfg, inputs)
-    reference_model = getattr(result.reference, "model", None)
+    run = train_case(case, workdir, pathlib.Path(workdir) / "ours")
+    train_rows = run.inputs.data.train
+    policy, reference_model = run.result.policy, getattr(run.result.reference, "model", None)
     return RunResult(
-        steps=result.history,
-        token_ids=token_ids,
-        final_weights=trained_weights(result.policy, case),
-        dropped_rows=len(rows) - len(inputs.data.train),
+        steps=run.result.history,
+        token_ids=[{k: list(f[k]) for k in TOKEN_FIELDS} for f in train_rows],
+        final_weights=trained_weights(policy, case),
+        dropped_rows=run.rows_given - len(train_rows),
         packed_4bit_layers=[
-            name
-            for m in (result.policy, reference_model)
-            if m is not None
-            for name in packed_layers(m)
+            name for m in (policy, reference_model) if m is not None for name in packed_layers(m)
         ],
     )

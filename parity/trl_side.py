@@ -10,17 +10,26 @@ from disk, so a reference that differs would be silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
-import torch
 from datasets import Dataset
-from peft import get_peft_model_state_dict
 
+from dpo_core.settings import LossSettings
 from parity.cases import ParityCase
-from parity.models import load_adapter_init, load_model, lora_config
+from parity.models import load_adapter_init, load_model, lora_config, trained_weights
 from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
 from training.inputs.four_bit import packed_layers
+
+
+def trl_loss_args(settings: LossSettings) -> dict:
+    """trl ``DPOConfig`` keyword arguments for the objective ``settings``: the same names and
+    values (``LossSettings`` uses trl's), less ``reference_free``, which trl 1.16 lacks
+    (``parity.cases.comparable`` reports such cases instead of running them)."""
+    args = dataclasses.asdict(settings)
+    del args["reference_free"]
+    return args
 
 
 def trl_config(case: ParityCase, output_dir: pathlib.Path, **overrides):
@@ -55,40 +64,31 @@ def trl_config(case: ParityCase, output_dir: pathlib.Path, **overrides):
         disable_tqdm=True,
         max_length=case.max_length,
         truncation_mode=case.truncation_mode,
-        loss_type=list(case.loss_type),
-        loss_weights=case.loss_weights,
-        beta=case.beta,
-        label_smoothing=case.label_smoothing,
-        f_divergence_type=case.f_divergence_type,
-        f_alpha_divergence_coef=case.f_alpha_divergence_coef,
-        use_weighting=case.use_weighting,
-        ld_alpha=case.ld_alpha,
-        discopop_tau=case.discopop_tau,
         precompute_ref_log_probs=case.precompute_ref,
+        **trl_loss_args(case.loss),
     )
     return DPOConfig(**{**settings, **overrides})
 
 
-def run_trl(case: ParityCase, workdir: pathlib.Path) -> RunResult:
-    """Train ``case`` with trl's ``DPOTrainer`` and collect what ``parity.compare`` compares.
+def build_trainer(case: ParityCase, workdir: pathlib.Path, output_dir: pathlib.Path, **overrides):
+    """trl's ``DPOTrainer`` for ``case``, ready to train, and the number of rows it was given.
 
-    The policy and reference are loaded from the files ``prepare_workspace`` wrote. With LoRA,
-    trl wraps the policy itself (``peft_config``); the adapter is then overwritten with the
-    shared initial adapter before training, and the explicit reference stays in use (trl only
-    switches to "adapter disabled" when ``ref_model`` is None). With 4-bit weights trl casts the
-    adapter to bfloat16 in ``__init__`` (QLoRA paper), so the shared adapter is loaded rounded to
-    bfloat16 and trained in bfloat16.
+    The policy and reference are loaded from the files ``prepare_workspace`` keeps under
+    ``workdir``. With LoRA, trl wraps the policy itself (``peft_config``); the adapter is then
+    overwritten with the shared initial adapter, and the explicit reference stays in use (trl
+    only switches to "adapter disabled" when ``ref_model`` is None). With 4-bit weights trl casts
+    the adapter to bfloat16 in ``__init__`` (QLoRA paper), so the shared adapter is loaded
+    rounded to bfloat16 and trained in bfloat16. ``overrides`` go to ``trl_config``.
     """
     from transformers import PrinterCallback
     from trl import DPOTrainer
 
-    workdir = pathlib.Path(workdir)
-    ws = prepare_workspace(case, workdir)
+    ws = prepare_workspace(case, pathlib.Path(workdir))
     rows = training_rows(case, ws)
     trainer = DPOTrainer(
         model=load_model(ws.policy_dir, case),
         ref_model=load_model(ws.reference_dir, case),
-        args=trl_config(case, workdir / "trl"),
+        args=trl_config(case, output_dir, **overrides),
         train_dataset=Dataset.from_list(rows),
         processing_class=ws.tokenizer(),
         peft_config=lora_config(case) if case.lora else None,
@@ -100,12 +100,18 @@ def run_trl(case: ParityCase, workdir: pathlib.Path) -> RunResult:
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
     if ws.adapter_init_dir is not None:
         load_adapter_init(trainer.model, ws.adapter_init_dir)
+    return trainer, len(rows)
+
+
+def run_trl(case: ParityCase, workdir: pathlib.Path) -> RunResult:
+    """Train ``case`` with trl's ``DPOTrainer`` and collect what ``parity.compare`` compares."""
+    trainer, rows_given = build_trainer(case, workdir, pathlib.Path(workdir) / "trl")
     trainer.train()
     return RunResult(
         steps=step_metrics(trainer.state.log_history, case.steps),
         token_ids=trainer.train_dataset.select_columns(list(TOKEN_FIELDS)).to_list(),
         final_weights=trained_weights(trainer.accelerator.unwrap_model(trainer.model), case),
-        dropped_rows=len(rows) - len(trainer.train_dataset),
+        dropped_rows=rows_given - len(trainer.train_dataset),
         packed_4bit_layers=[
             name
             for m in (trainer.model, trainer.ref_model)
@@ -132,20 +138,6 @@ def step_metrics(log_history: list[dict], steps: int) -> list[dict[str, float]]:
         {k: float(v) for k, v in e.items() if k not in ("step", "epoch") and _is_number(v)}
         for e in entries
     ]
-
-
-def trained_weights(model: torch.nn.Module, case: ParityCase) -> dict[str, torch.Tensor]:
-    """The trainable weights after training, detached copies on CPU.
-
-    Full fine-tuning: ``named_parameters`` with ``requires_grad`` (plain HF names; a tied LM head
-    appears once, under the embedding's name). LoRA: ``get_peft_model_state_dict``.
-    """
-    if case.lora:
-        state = get_peft_model_state_dict(model)
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
-    return {
-        name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
-    }
 
 
 def _is_number(value: object) -> bool:

@@ -14,6 +14,7 @@ import dataclasses
 import pytest
 
 from dpo_core.losses import LOSS_TYPES
+from dpo_core.settings import LossSettings
 from parity.cases import ParityCase, comparable, default_label_smoothing
 from parity.compare import compare_runs
 from parity.ours_side import run_ours
@@ -24,10 +25,15 @@ from training.embedded.tokenizer import train_tokenizer  # noqa: F401  (imported
 STEPS = 8
 
 
+LOSS_FIELDS = {f.name for f in dataclasses.fields(LossSettings)}
+
+
 def _case(name: str, **kw) -> ParityCase:
-    loss_type = kw.pop("loss_type", ["sigmoid"])
-    kw.setdefault("label_smoothing", default_label_smoothing(loss_type))
-    return ParityCase(name=name, loss_type=loss_type, steps=kw.pop("steps", STEPS), **kw)
+    """A case of ``STEPS`` steps; keywords that name a ``LossSettings`` field go to its objective."""
+    loss = {k: kw.pop(k) for k in list(kw) if k in LOSS_FIELDS}
+    loss.setdefault("loss_type", ["sigmoid"])
+    loss.setdefault("label_smoothing", default_label_smoothing(loss["loss_type"]))
+    return ParityCase(name=name, loss=LossSettings(**loss), steps=kw.pop("steps", STEPS), **kw)
 
 
 CASES = [_case(f"loss-{t}", loss_type=[t]) for t in LOSS_TYPES] + [
@@ -82,5 +88,5 @@ def test_reference_differs_from_policy(tmp_path):
 
 
 def test_cdpo_and_reference_free_are_reported_not_compared():
-    assert comparable(dataclasses.replace(_case("c"), label_smoothing=0.1))[0] is False
-    assert comparable(dataclasses.replace(_case("r"), reference_free=True))[0] is False
+    assert comparable(_case("c", label_smoothing=0.1))[0] is False
+    assert comparable(_case("r", reference_free=True))[0] is False

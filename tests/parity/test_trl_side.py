@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from dpo_core.settings import LossSettings
 from parity.cases import ParityCase
 from parity.models import ADAPTER_WEIGHTS
 from parity.result import STEP_METRICS, TOKEN_FIELDS
@@ -23,7 +24,9 @@ BETA = 0.1
 def full_run(tmp_path_factory):
     """2 steps of sigmoid DPO, 2 pairs a step, tiny llama, generated explicit-prompt rows."""
     torch.set_num_threads(1)
-    case = ParityCase(name="tiny", steps=2, batch_size=2, beta=BETA, vocab_size=300)
+    case = ParityCase(
+        name="tiny", steps=2, batch_size=2, loss=LossSettings(beta=BETA), vocab_size=300
+    )
     workdir = tmp_path_factory.mktemp("trl_full")
     return case, workdir, run_trl(case, workdir)
 

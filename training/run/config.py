@@ -210,20 +210,10 @@ class FitConfig:
 
 
 def check_config(cfg: FitConfig) -> None:
-    """Reject inconsistent settings early, with the flag names a user typed."""
+    """Reject inconsistent settings early, with the flag names a user typed (the objective's
+    fields are checked when ``DPOConfig`` is made: ``dpo_core.settings``)."""
     from dpo_core.collate import check_truncation_mode
-    from dpo_core.losses import LOSS_TYPES
 
-    bad = [t for t in cfg.dpo.loss_type if t not in LOSS_TYPES]
-    if bad:
-        raise ValueError(f"--loss-type {bad} unknown; choose from {', '.join(LOSS_TYPES)}")
-    if cfg.dpo.loss_weights is not None and len(cfg.dpo.loss_weights) != len(cfg.dpo.loss_type):
-        raise ValueError(
-            f"--loss-weights has {len(cfg.dpo.loss_weights)} values for "
-            f"{len(cfg.dpo.loss_type)} loss types {cfg.dpo.loss_type}"
-        )
-    if cfg.dpo.beta <= 0:
-        raise ValueError(f"--beta must be > 0, got {cfg.dpo.beta}")
     check_truncation_mode(cfg.data.truncation_mode, "--truncation-mode")
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
         raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
