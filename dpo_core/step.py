@@ -115,16 +115,30 @@ def dpo_step(
         with_wpo=settings.loss.use_weighting,
         keep_probs_bytes=settings.keep_probs_bytes,
     )
-    pi_c, pi_r = policy_sequence_logps(token, settings.loss.ld_alpha)
+    pi_c, _ = policy_sequence_logps(token, settings.loss.ld_alpha)
     ref_c, ref_r = reference_logps(reference, batch, settings, pi_c)
+    return step_from_token_logps(token, batch, ref_c, ref_r, settings)
+
+
+def step_from_token_logps(
+    token: TokenLogps,
+    batch: PreferenceBatch,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    settings: DPOSettings,
+) -> StepOutput:
+    """The rest of ``dpo_step`` once the policy's token log-probs (with statistics, and WPO's
+    ``log_sum_sq_probs`` when ``use_weighting``) and the reference log-probs ((B,) each) are known:
+    what an evaluation that scores each model once needs."""
+    pi_c, pi_r = policy_sequence_logps(token, settings.loss.ld_alpha)
     n_c, n_r = completion_lengths(batch.completion_mask)
     chosen_token_logps, _ = split_pairs(token.logps)
     chosen_token_mask, _ = split_pairs(token.mask)
     out = combined_dpo_loss(
         pi_c,
         pi_r,
-        ref_c,
-        ref_r,
+        ref_chosen_logps,
+        ref_rejected_logps,
         settings.loss,
         pair_weights=pair_weights(token) if settings.loss.use_weighting else None,
         chosen_lengths=n_c,
