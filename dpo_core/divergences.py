@@ -33,7 +33,7 @@ F_DIVERGENCE_TYPES: tuple[str, ...] = (
     "js_divergence",
     "alpha_divergence",
 )
-"""The f-divergences trl 1.16 accepts as ``f_divergence_type``; the first is the default."""
+"""The f-divergences trl 1.16 accepts as ``f_divergence_type``."""
 
 ALPHA_CLAMP_MAX: dict[torch.dtype, float] = {torch.float16: 11.0}
 """Upper clamp of ``(alpha - 1) * lr`` before ``exp``: 11 for float16 (exp(11) < 65504), else 80."""
@@ -44,8 +44,8 @@ ALPHA_EXACT_KL_TOLERANCE = 1e-6
 
 def f_divergence_scores(
     logratios: torch.Tensor,
-    f_divergence_type: str = "reverse_kl",
-    alpha: float = 0.5,
+    f_divergence_type: str,
+    alpha: float | None = None,
 ) -> torch.Tensor:
     """Map log-ratios ``lr = log pi - log pi_ref`` to f-DPO scores ``f'(exp(lr))`` (table above).
 
@@ -54,7 +54,8 @@ def f_divergence_scores(
     Args:
         logratios: (B,) summed completion log-ratios, policy minus reference.
         f_divergence_type: one of ``F_DIVERGENCE_TYPES``.
-        alpha: the alpha of ``alpha_divergence`` (trl's ``f_alpha_divergence_coef``).
+        alpha: the alpha of ``alpha_divergence`` (trl's ``f_alpha_divergence_coef``; its default
+            is ``dpo_core.settings.LossSettings``'); unused by the other divergences.
 
     Returns:
         (B,) scores, same dtype as ``logratios``.
@@ -66,6 +67,8 @@ def f_divergence_scores(
     if f_divergence_type == "js_divergence":
         return math.log(2) + F.logsigmoid(logratios)
     if f_divergence_type == "alpha_divergence":
+        if alpha is None:
+            raise ValueError("f_divergence_type 'alpha_divergence' needs alpha")
         return _alpha_divergence_scores(logratios, alpha)
     raise ValueError(
         f"f_divergence_type: unknown value {f_divergence_type!r}; expected one of {F_DIVERGENCE_TYPES}"

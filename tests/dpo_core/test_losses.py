@@ -218,6 +218,8 @@ def test_f_divergence_maps():
     expected = [(math.exp(-0.5 * x) - 1) / -0.5 for x in (0, 1, -2)]
     check(f_divergence_scores(lr, "alpha_divergence", alpha=0.5), expected)
     check(f_divergence_scores(lr, "alpha_divergence", alpha=1.0 + 1e-7), [0.0, 1.0, -2.0])
+    with pytest.raises(ValueError, match="'alpha_divergence' needs alpha"):
+        f_divergence_scores(lr, "alpha_divergence")
 
 
 def test_alpha_divergence_clamps_the_exponent():
