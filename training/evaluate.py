@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-file", default=None, help="Held-out preference file (overrides --dataset's split).")
     add("--eval-split", default=None, help="Split of --dataset to evaluate on.")
     add("--eval-fraction", type=float, default=None, help="Held-out share when no split is given.")
+    add(
+        "--eval-max-pairs",
+        type=lambda text: None if text.lower() == "none" else int(text),
+        help="At most this many held-out pairs (none = no cap; default: the run's).",
+    )
     add("--max-length", type=int, default=None, help="Truncate prompt+completion (tokens).")
     add("--output-dir", type=Path, default=None, help="Where to write (default: the run's dir).")
     add("--beta", type=float, default=None, help="β of the implicit reward (default: the run's).")
@@ -58,10 +63,12 @@ def run_evaluation(args: argparse.Namespace, eval_fields: dict) -> tuple[Evaluat
     from training.eval.loading import build_models, eval_config, load_trained, pick_device
     from training.eval.report import write_report
     from training.inputs.prepare import prepare_inputs
+    from training.run.quiet import quiet_foreign_warnings
 
     if not args.model_dir.is_dir():
         raise FileNotFoundError(f"--model-dir {args.model_dir} is not a directory")
     cfg = eval_config(args, eval_fields)
+    quiet_foreign_warnings(cfg.lora.load_in_4bit)
     inputs = prepare_inputs(cfg)
     device = pick_device(cfg.trainer.accelerator)
     trained = load_trained(args.model_dir, inputs.model_path, cfg, device)
@@ -74,6 +81,7 @@ def run_evaluation(args: argparse.Namespace, eval_fields: dict) -> tuple[Evaluat
         evaluation,
         metrics_csv=metrics if metrics.is_file() else None,
         num_examples=cfg.eval.num_examples,
+        validation=evaluation.validation(),
         dropped_rows=inputs.data.dropped,
     )
     return evaluation, paths
@@ -85,7 +93,8 @@ def print_report(evaluation: Evaluation, paths) -> None:
 
     print()
     print(evaluation_table(evaluation.to_json()))
-    print(f"\nreport: {paths.report_md}\neval.json: {paths.eval_json}")
+    print(f"\nevaluation: {evaluation.seconds:.0f} s")
+    print(f"report: {paths.report_md}\neval.json: {paths.eval_json}")
     for plot in paths.plots:
         print(f"plot: {plot}")
 

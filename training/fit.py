@@ -28,13 +28,14 @@ from training.inputs.data_module import PreferenceDataModule
 from training.inputs.model_loading import build_reference, load_policy
 from training.inputs.precompute import attach_precomputed_reference, resolve_precompute
 from training.inputs.prepare import RunInputs, prepare_inputs
-from training.run.callbacks import AtomicCheckpointIO, StepTimer
+from training.run.callbacks import AtomicCheckpointIO, StepProgressBar, StepTimer
 from training.run.cli import config_to_yaml, resolve_config
 from training.run.config import FitConfig
 from training.run.metrics_csv import read_rows as metrics_csv_rows
 from training.run.metrics_csv import restore_earlier_rows
 from training.run.module import DPOModule
 from training.run.outputs import evaluate_run, save_outputs
+from training.run.quiet import quiet_foreign_warnings
 
 log = logging.getLogger("training.fit")
 
@@ -43,8 +44,8 @@ log = logging.getLogger("training.fit")
 class FitResult:
     """Where a finished run put its outputs, and its headline numbers.
 
-    ``before`` / ``after`` are the held-out metrics the training loop logs (trl's ``eval_*``
-    names); ``evaluation`` is the full before-vs-after evaluation written to eval.json.
+    ``before`` / ``after`` are the held-out metrics with trl's ``eval_*`` names, from the same
+    pass as the evaluation (``evaluation``, written to eval.json); empty without one.
     """
 
     output_dir: Path
@@ -98,7 +99,7 @@ def make_trainer(
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
     except (ImportError, ModuleNotFoundError):
         pass
-    callbacks: list[L.Callback] = [timer, *(extra_callbacks or [])]
+    callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), *(extra_callbacks or [])]
     if cfg.trainer.save_every_n_steps > 0:  # 0 = no checkpoints (e.g. parity runs)
         callbacks.append(
             ModelCheckpoint(
@@ -133,14 +134,6 @@ def make_trainer(
     )
 
 
-def validate(trainer: L.Trainer, module: DPOModule, data: PreferenceDataModule) -> dict[str, float]:
-    """Held-out metrics (``eval_*``) of the module's current policy."""
-    if not data.data.heldout:
-        return {}
-    results = trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
-    return {k: float(v) for k, v in results[0].items()} if results else {}
-
-
 def train(
     cfg: FitConfig, inputs: RunInputs, callbacks: list[L.Callback] | None = None
 ) -> FitResult:
@@ -168,19 +161,18 @@ def train(
     epochs = epochs_needed(cfg, len(inputs.data.train), total)
     trainer = make_trainer(cfg, total, epochs, timer, callbacks)
     module.reference_to(trainer.strategy.root_device)
-    evaluate = cfg.trainer.evaluate and bool(inputs.data.heldout)
-    before = validate(make_eval_trainer(cfg), module, data) if evaluate and not resume else {}
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
     if earlier_rows and trainer.is_global_zero:
         restore_earlier_rows(metrics_csv, earlier_rows)
-    after = validate(make_eval_trainer(cfg), module, data) if evaluate else {}
     model_dir = out / "model"
     evaluation = report = None
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
     if trainer.is_global_zero:
         save_outputs(cfg, policy, inputs)
-        if evaluate:
-            validation = {"before": before, "after": after}
-            evaluation, report = evaluate_run(cfg, inputs, policy, reference, validation)
+        if cfg.trainer.evaluate and inputs.data.heldout:
+            evaluation, report = evaluate_run(cfg, inputs, policy, reference)
+            before, after = evaluation.before.trl_metrics, evaluation.after.trl_metrics
     return FitResult(
         out,
         model_dir,
@@ -194,19 +186,6 @@ def train(
         evaluation,
         report,
         step_seconds=list(timer.durations),
-    )
-
-
-def make_eval_trainer(cfg: FitConfig) -> L.Trainer:
-    """A one-device, logger-less Trainer for before/after validation."""
-    return L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        precision=cfg.trainer.precision,
     )
 
 
@@ -240,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "print_config", False):
         print(config_to_yaml(cfg), end="")
         return 0
+    quiet_foreign_warnings(cfg.lora.load_in_4bit)
     try:
         run(cfg, explicit=args.explicit)
     except (DataError, FloatingPointError, FileNotFoundError, ValueError) as err:

@@ -4,7 +4,8 @@ For each of the two policies, *before* (the starting model) and *after* (the tra
 
 - held-out pairs: preference accuracy and mean margin of the implicit reward
   ``β log π/π_ref`` (ties count 1/2: before training every reward is 0), the policy's own
-  ``logp_accuracy``, and the mean log-probs of chosen and rejected completions;
+  ``logp_accuracy``, and the mean log-probs of chosen and rejected completions; from the same
+  pass (``training.eval.heldout``: each model scores the pairs once), trl's ``eval_*`` metrics;
 - samples, one per held-out prompt (``generate`` with a seed): the sequence-level
   ``KL(π ‖ π_ref)`` estimate and the win rate under the judge (``training.eval.judges``).
 
@@ -15,27 +16,30 @@ alone on a saved model.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-
-import torch
 
 from dpo_core.collate import PreferenceCollator
 from dpo_core.evaluation import PreferenceSummary, preference_summary, sequence_kl
+from training.eval.heldout import HeldOutPairs
 from training.eval.judges import Candidates, make_judge
 from training.eval.loading import EvalModels
 from training.eval.sampling import SamplingSettings, sample_completions
-from training.eval.scoring import ModelView, score_completions, score_pairs
+from training.eval.scoring import ModelView, score_completions
 from training.inputs.prepare import RunInputs
 from training.run.config import FitConfig
+from training.run.module import dpo_settings
 
 log = logging.getLogger("training.evaluate")
 
 
 @dataclass
 class PolicyResult:
-    """One policy's numbers, and its samples with their verdicts."""
+    """One policy's numbers, and its samples with their verdicts. ``trl_metrics``: the same
+    held-out pairs as trl's ``eval_*`` metrics against the training's reference."""
 
     pairs: PreferenceSummary
+    trl_metrics: dict[str, float] = field(default_factory=dict)
     kl: float | None = None
     win_rate: float | None = None
     completions: list[str] = field(default_factory=list)
@@ -64,10 +68,15 @@ class Evaluation:
     judge: str | None
     settings: SamplingSettings
     beta: float
+    seconds: float = 0.0  # wall time of the whole evaluation
 
     @property
     def n_prompts(self) -> int:
         return len(self.prompts)
+
+    def validation(self) -> dict[str, dict[str, float]]:
+        """trl's ``eval_*`` metrics, ``{"before": {...}, "after": {...}}``."""
+        return {"before": self.before.trl_metrics, "after": self.after.trl_metrics}
 
     def to_json(self) -> dict:
         """``{"before": {...}, "after": {...}, "n_pairs": int, "n_prompts": int}``."""
@@ -77,29 +86,6 @@ class Evaluation:
             "n_pairs": self.n_pairs,
             "n_prompts": self.n_prompts,
         }
-
-
-class PairScores:
-    """Held-out pair log-probs per model view, each computed once."""
-
-    def __init__(self, inputs: RunInputs, cfg: FitConfig) -> None:
-        collate = PreferenceCollator(
-            pad_token_id=inputs.tokenizer.pad_token_id,
-            max_length=cfg.data.max_length,
-            truncation_mode=cfg.data.truncation_mode,
-        )
-        rows, size = inputs.data.heldout, cfg.trainer.eval_batch_size
-        self.batches = [collate(rows[i : i + size]) for i in range(0, len(rows), size)]
-        self.chunk = cfg.dpo.logps_chunk_size
-        self.cache: list[tuple[ModelView, tuple[torch.Tensor, torch.Tensor]]] = []
-
-    def __call__(self, view: ModelView) -> tuple[torch.Tensor, torch.Tensor]:
-        for seen, scores in self.cache:
-            if seen.same_as(view):
-                return scores
-        scores = score_pairs(view, self.batches, chunk_size=self.chunk)
-        self.cache.append((view, scores))
-        return scores
 
 
 def distinct_prompts(features: list[dict], n: int) -> list[int]:
@@ -162,16 +148,31 @@ def sampling_settings(cfg: FitConfig) -> SamplingSettings:
     )
 
 
+def score_heldout_pairs(models: EvalModels, inputs: RunInputs, cfg: FitConfig):
+    """Both policies' ``PolicyResult`` on the held-out pairs, each model scored once."""
+    collate = PreferenceCollator(
+        pad_token_id=inputs.tokenizer.pad_token_id,
+        max_length=cfg.data.max_length,
+        truncation_mode=cfg.data.truncation_mode,
+    )
+    pairs = HeldOutPairs(
+        inputs.data.heldout, collate, cfg.trainer.eval_batch_size, dpo_settings(cfg)
+    )
+    ref, *policies = pairs.score(models.reference, models.before, models.after)
+    results = {}
+    for name, scores in zip(("before", "after"), policies, strict=True):
+        summary = preference_summary(
+            scores.chosen, scores.rejected, ref.chosen, ref.rejected, cfg.dpo.beta
+        )
+        results[name] = PolicyResult(summary, trl_metrics=scores.trl_metrics())
+    return results
+
+
 def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluation:
     """Measure both policies on ``inputs``' held-out pairs and prompts (module docstring)."""
     if not inputs.data.heldout:
         raise ValueError("evaluation needs held-out pairs; none were given or kept")
-    pair_scores = PairScores(inputs, cfg)
-    ref_c, ref_r = pair_scores(models.reference)
-    results = {}
-    for name, view in (("before", models.before), ("after", models.after)):
-        pi_c, pi_r = pair_scores(view)
-        results[name] = PolicyResult(preference_summary(pi_c, pi_r, ref_c, ref_r, cfg.dpo.beta))
+    start = time.perf_counter()
     picked_rows = distinct_prompts(inputs.data.heldout, cfg.eval.num_prompts)
     picked = [inputs.data.heldout[i] for i in picked_rows]
     judge = make_judge(
@@ -189,6 +190,7 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
         len(picked),
         "none" if judge is None else judge.name,
     )
+    results = score_heldout_pairs(models, inputs, cfg)
     prompts: list[str] = []
     for name, view in (("before", models.before), ("after", models.after)):
         if not picked:
@@ -208,4 +210,5 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
         judge=None if judge is None else judge.name,
         settings=sampling_settings(cfg),
         beta=cfg.dpo.beta,
+        seconds=time.perf_counter() - start,
     )

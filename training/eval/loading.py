@@ -127,6 +127,8 @@ def eval_config(args: argparse.Namespace, eval_fields: dict) -> FitConfig:
     for name in ("eval_split", "eval_fraction", "max_length"):
         if getattr(args, name) is not None:
             setattr(cfg.data, name, getattr(args, name))
+    if hasattr(args, "eval_max_pairs"):  # given (None: no cap)
+        cfg.data.eval_max_pairs = args.eval_max_pairs
     if args.beta is not None:
         cfg.dpo.beta = args.beta
     if args.seed is not None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from training.eval.scoring import ModelView, batches, progress
 
@@ -50,6 +50,17 @@ def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+class StepTicker(StoppingCriteria):
+    """Advances a progress bar by one per generated token position; never stops generation."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
     """The generated ids up to and including the first EOS (what follows is padding)."""
     if eos_id is not None and eos_id in ids:
@@ -74,13 +85,21 @@ def sample_completions(
     device = view.device
     out: list[list[int]] = []
     forked = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked), view.active() as model, torch.no_grad():
+    groups = batches(len(prompt_ids), settings.batch_size)
+    # one tick per generated position of each batch: a batch of 64 prompts moves too
+    bar = progress(None, desc, total=len(groups) * settings.max_new_tokens, unit="step")
+    ticker = StoppingCriteriaList([StepTicker(bar)])
+    with torch.random.fork_rng(devices=forked), view.active() as model, torch.no_grad(), bar:
         torch.manual_seed(settings.seed)
-        for rows in progress(batches(len(prompt_ids), settings.batch_size), desc):
+        for done, rows in enumerate(groups, start=1):
             ids, mask = left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id)
             generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                stopping_criteria=ticker,
             )
             new = generated[:, ids.shape[1] :].tolist()
             out += [cut_at_eos(seq, tokenizer.eos_token_id) for seq in new]
+            bar.update(done * settings.max_new_tokens - bar.n)  # a batch that stopped early
     return out

@@ -23,11 +23,15 @@ from dpo_core.data import tokenize_rows
 log = logging.getLogger(__name__)
 
 
-def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded, disjoint (train, held-out) split; held-out gets ``ceil``-free ``int`` share >= 1."""
+def split_heldout(
+    rows: list[dict], fraction: float, seed: int, max_rows: int | None = None
+) -> tuple[list[dict], list[dict]]:
+    """A seeded, disjoint (train, held-out) split; held-out gets ``ceil``-free ``int`` share >= 1,
+    at most ``max_rows`` (the rest train)."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(len(rows) * fraction)) if fraction > 0 and len(rows) > 1 else 0
+    n_eval = n_eval if max_rows is None else min(n_eval, max_rows)
     held = sorted(order[:n_eval])
     train = sorted(order[n_eval:])
     return [rows[i] for i in train], [rows[i] for i in held]

@@ -26,6 +26,7 @@ EMBEDDED_RECIPE: dict[str, dict[str, Any]] = {
     "optim": {"learning_rate": 1e-4, "warmup_steps": 10},
     "trainer": {"max_steps": 120, "batch_size": 16, "output_dir": "runs/embedded"},
     "dpo": {"beta": 0.1},
+    "data": {"eval_max_pairs": None},  # the task's whole held-out file (200 pairs)
 }
 
 
@@ -61,19 +62,46 @@ class RunInputs:
     embedded: Any = None
 
 
-def _rows_and_sources(cfg: FitConfig, embedded) -> tuple[list, list, str, str]:
-    """(train rows, held-out rows, train source name, held-out source name)."""
+@dataclass
+class RowSets:
+    """The raw train and held-out rows, where they came from, and how the held-out set was cut."""
+
+    train: list[dict]
+    heldout: list[dict]
+    train_source: str
+    heldout_source: str
+    heldout_note: str  # for the "held-out: N pairs (...)" line
+
+
+def _rows_and_sources(cfg: FitConfig, embedded) -> RowSets:
+    """The run's rows. ``--max-rows`` cuts the rows read before the held-out share is split off;
+    ``--eval-max-pairs`` caps the held-out set (the first pairs of an eval set)."""
     d = cfg.data
+    cap = d.eval_max_pairs
+    limit = "" if cap is None else f", at most {cap}"
+    change = "--eval-max-pairs to change"
     if d.dataset is None:
         train_src, held_src = str(embedded.train_file), str(embedded.eval_file)
-        return load_rows(train_src), load_rows(held_src), train_src, held_src
-    train = load_rows(d.dataset, d.split)
-    if d.eval_dataset:
-        return train, load_rows(d.eval_dataset, d.eval_split or d.split), d.dataset, d.eval_dataset
-    if d.eval_split:
-        return train, load_rows(d.dataset, d.eval_split), d.dataset, f"{d.dataset}[{d.eval_split}]"
-    train, held = split_heldout(train, d.eval_fraction, cfg.trainer.seed)
-    return train, held, d.dataset, f"{d.dataset} (held-out {d.eval_fraction:.0%})"
+        train, held = load_rows(train_src)[: d.max_rows], load_rows(held_src)
+    else:
+        train_src = d.dataset
+        train = load_rows(d.dataset, d.split)[: d.max_rows]
+        if d.eval_dataset:
+            held_src = d.eval_dataset
+            held = load_rows(d.eval_dataset, d.eval_split or d.split)
+        elif d.eval_split:
+            held_src = f"{d.dataset}[{d.eval_split}]"
+            held = load_rows(d.dataset, d.eval_split)
+        else:
+            n_read = len(train)
+            train, held = split_heldout(train, d.eval_fraction, cfg.trainer.seed, max_rows=cap)
+            held_src = f"{d.dataset} (held-out {d.eval_fraction:.0%})"
+            note = (
+                f"{d.eval_fraction:.0%} of the {n_read} rows read{limit}; --eval-fraction, {change}"
+            )
+            return RowSets(train, held, train_src, held_src, note)
+    note = f"the first of {len(held)} in {held_src}{limit}; {change}"
+    return RowSets(train, held[:cap], train_src, held_src, note)
 
 
 def prepare_inputs(cfg: FitConfig) -> RunInputs:
@@ -87,13 +115,15 @@ def prepare_inputs(cfg: FitConfig) -> RunInputs:
     if not cfg.model.model:
         log.info("model: embedded default (%s)", model_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    train_rows, held_rows, train_src, held_src = _rows_and_sources(cfg, embedded)
-    if cfg.data.max_rows is not None:
-        train_rows = train_rows[: cfg.data.max_rows]
-    train = tokenize_source(train_rows, tokenizer, cfg, train_src)
-    held = tokenize_source(held_rows, tokenizer, cfg, held_src)
+    rows = _rows_and_sources(cfg, embedded)
+    train_rows, held_rows = rows.train, rows.heldout
+    train = tokenize_source(train_rows, tokenizer, cfg, rows.train_source)
+    held = tokenize_source(held_rows, tokenizer, cfg, rows.heldout_source)
     if not train.rows:
-        raise ValueError(f"{train_src}: no training rows left after tokenization and filtering")
+        raise ValueError(
+            f"{rows.train_source}: no training rows left after tokenization and filtering"
+        )
+    log.info("held-out: %d pairs (%s)", len(held.rows), rows.heldout_note)
     dropped = {f"train/{k}": v for k, v in train.counts.items()}
     dropped.update({f"heldout/{k}": v for k, v in held.counts.items()})
     data = PreferenceData(train=train.rows, heldout=held.rows, dropped=dropped)

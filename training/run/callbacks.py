@@ -1,4 +1,5 @@
-"""Lightning plug-ins of the training job: atomic checkpoints and the end-of-run summary."""
+"""Lightning plug-ins of the training job: atomic checkpoints, step timing and a progress bar
+that counts optimizer steps."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -60,3 +62,33 @@ class StepTimer(L.Callback):
             return float("nan")
         ordered = sorted(self.durations)
         return ordered[len(ordered) // 2]
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar, counting optimizer steps up to the run's total (``--max-steps``, or the
+    epochs' steps) in one bar across epochs. Lightning's own bar counts the batches of one epoch:
+    ``6/100`` for a 6-step run over 100 batches."""
+
+    def __init__(self, total_steps: int) -> None:
+        super().__init__()
+        self.total_steps = total_steps
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.reset(total=self.total_steps)
+        self._show(bar, trainer.global_step)  # a resumed run starts where it stopped
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        step = trainer.global_step
+        if bar is not None and step != bar.n and self._should_update(step, bar.total):
+            self._show(bar, step)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    @staticmethod
+    def _show(bar, n: int) -> None:
+        if not bar.disable:
+            bar.n = n
+            bar.refresh()

@@ -59,7 +59,10 @@ class DataConfig:
     split: str = _f("train", "Split of --dataset to train on.")
     eval_dataset: str | None = _f(None, "Held-out file or hub id; unset = eval_split or a slice.")
     eval_split: str | None = _f(None, "Split of --dataset to evaluate on (e.g. test).")
-    eval_fraction: float = _f(0.05, "Held-out share of the train rows when no eval set is given.")
+    eval_fraction: float = _f(0.05, "Held-out share of the rows read when no eval set is given.")
+    eval_max_pairs: int | None = _f(
+        64, "At most this many held-out pairs (the first of an eval set); none = no cap."
+    )
     max_length: int | None = _f(1024, "Truncate prompt+completion to this many tokens (trl's).")
     truncation_mode: str = _f("keep_start", "keep_start or keep_end, as trl.")
     skip_invalid: bool = _f(False, "Skip malformed rows (counted and reported) instead of failing.")
@@ -67,7 +70,9 @@ class DataConfig:
     group_by_length: bool = _f(
         False, "Batch pairs of similar token counts together (less padding; changes the order)."
     )
-    max_rows: int | None = _f(None, "Use only the first N training rows.")
+    max_rows: int | None = _f(
+        None, "Use only the first N rows of --dataset (the held-out share is taken from them)."
+    )
 
 
 @dataclass
@@ -215,6 +220,8 @@ def check_config(cfg: FitConfig) -> None:
     from dpo_core.collate import check_truncation_mode
 
     check_truncation_mode(cfg.data.truncation_mode, "--truncation-mode")
+    if cfg.data.eval_max_pairs is not None and cfg.data.eval_max_pairs < 1:
+        raise ValueError(f"--eval-max-pairs must be >= 1 or none, got {cfg.data.eval_max_pairs}")
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
         raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
     check_eval_config(cfg.eval)

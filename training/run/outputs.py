@@ -66,7 +66,7 @@ def save_outputs(cfg: FitConfig, policy, inputs) -> None:
         shutil.copyfile(csv, out / "metrics.csv")
 
 
-def evaluate_run(cfg: FitConfig, inputs, policy, reference, validation: dict):
+def evaluate_run(cfg: FitConfig, inputs, policy, reference):
     """Evaluate the trained ``policy`` against the starting model (``training.evaluate``) and
     write eval.json, report.md and the plots. ``reference``: the training's reference source,
     whose frozen model is reused. Returns (Evaluation, ReportPaths)."""
@@ -83,7 +83,7 @@ def evaluate_run(cfg: FitConfig, inputs, policy, reference, validation: dict):
         evaluation,
         metrics_csv=out / "metrics.csv",
         num_examples=cfg.eval.num_examples,
-        validation=validation,
+        validation=evaluation.validation(),
         dropped_rows=inputs.data.dropped,
     )
     return evaluation, paths
@@ -115,6 +115,8 @@ def print_summary(result) -> None:
         f"{result.seconds_per_step:.3f} s/step; model in {result.model_dir}, "
         f"metrics in {result.output_dir / 'metrics.csv'}"
     )
+    if result.evaluation is not None:
+        print(f"evaluation: {result.evaluation.seconds:.0f} s")
     if result.report is not None:
         print(f"report: {result.report.report_md}\neval.json: {result.report.eval_json}")
         for plot in result.report.plots:
