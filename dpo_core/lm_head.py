@@ -36,6 +36,8 @@ from dpo_core.model_parts import LogitTransform
 # Keep the (T, V) float32 softmax from forward to backward up to this size (then 3 matmuls
 # instead of 4). 512 MiB holds e.g. 4,096 tokens x a 32,000-token vocabulary.
 KEEP_PROBS_BYTES = 512 * 2**20
+# Completion tokens projected to the vocabulary at a time: one (CHUNK_SIZE, V) block of logits.
+CHUNK_SIZE = 1024
 
 
 class HeadStats(NamedTuple):
@@ -199,7 +201,7 @@ def selected_logps(
     head: nn.Module,
     *,
     transform: LogitTransform | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     stats: bool = False,
     wpo: bool = False,
     keep_probs_bytes: int = KEEP_PROBS_BYTES,

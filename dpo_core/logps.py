@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.lm_head import KEEP_PROBS_BYTES, selected_logps
+from dpo_core.lm_head import CHUNK_SIZE, KEEP_PROBS_BYTES, selected_logps
 from dpo_core.model_parts import LogitTransform, model_parts
 
 
@@ -83,7 +83,7 @@ def score_selected(
     mask: torch.Tensor,
     head: nn.Module,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     with_stats: bool = False,
     with_wpo: bool = False,
     logit_transform: LogitTransform | None = None,
@@ -122,7 +122,7 @@ def completion_token_logps(
     input_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     with_stats: bool = False,
     with_wpo: bool = False,
     logit_transform: LogitTransform | None = None,
@@ -202,7 +202,7 @@ def model_token_logps(
     model: nn.Module,
     batch: PreferenceBatch,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     with_stats: bool = False,
     with_wpo: bool = False,
     keep_probs_bytes: int = KEEP_PROBS_BYTES,

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.lm_head import KEEP_PROBS_BYTES
+from dpo_core.lm_head import CHUNK_SIZE, KEEP_PROBS_BYTES
 from dpo_core.logps import TokenLogps, model_token_logps, score_selected
 from dpo_core.model_parts import model_parts, unwrap_peft
 
@@ -195,7 +195,7 @@ def shared_prompt_token_logps(
     model: nn.Module,
     batch: PreferenceBatch,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     with_stats: bool = False,
     with_wpo: bool = False,
     keep_probs_bytes: int = KEEP_PROBS_BYTES,

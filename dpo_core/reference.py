@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dpo_core.batch import PreferenceBatch
+from dpo_core.lm_head import CHUNK_SIZE
 from dpo_core.logps import ld_sequence_logps, sequence_logps, split_pairs
 from dpo_core.packing import token_logps
 
@@ -74,7 +75,7 @@ class FrozenCopyReference(ReferenceSource):
         self,
         ref_model: nn.Module,
         *,
-        chunk_size: int = 1024,
+        chunk_size: int = CHUNK_SIZE,
         ld_alpha: float | None = None,
         policy: nn.Module | None = None,
         prompt_sharing: bool = True,
@@ -105,7 +106,7 @@ class AdapterDisabledReference(ReferenceSource):
         self,
         peft_model: nn.Module,
         *,
-        chunk_size: int = 1024,
+        chunk_size: int = CHUNK_SIZE,
         ld_alpha: float | None = None,
         prompt_sharing: bool = True,
     ) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.lm_head import KEEP_PROBS_BYTES
+from dpo_core.lm_head import CHUNK_SIZE, KEEP_PROBS_BYTES
 from dpo_core.logps import (
     TokenLogps,
     completion_lengths,
@@ -42,7 +42,7 @@ class DPOSettings:
     """
 
     loss: LossSettings = field(default_factory=LossSettings)
-    chunk_size: int = 1024
+    chunk_size: int = CHUNK_SIZE
     keep_probs_bytes: int = KEEP_PROBS_BYTES
     prompt_sharing: bool = True
 

@@ -42,7 +42,7 @@ from parity.cases import (  # noqa: E402
     comparable,
 )
 from parity.compare import CaseReport, compare_runs  # noqa: E402
-from parity.report import format_table, write_json  # noqa: E402
+from parity.table import format_table, write_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

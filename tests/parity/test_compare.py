@@ -17,8 +17,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from parity.compare import STEP_CHECKS, CaseReport, compare_runs, difference
-from parity.report import format_table, report_json, write_json
 from parity.result import STEP_METRICS, TOKEN_FIELDS, RunResult
+from parity.table import format_table, report_json, write_json
 from parity.trl_side import step_metrics
 
 # The tolerance table of parity/compare.py's docstring, written out independently of the

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dpo_core.batch import PreferenceBatch
 from dpo_core.collate import pad_right
+from dpo_core.lm_head import CHUNK_SIZE
 from dpo_core.logps import model_token_logps, sequence_logps
 
 
@@ -90,7 +91,7 @@ def score_completions(
     pad_id: int,
     *,
     batch_size: int = 16,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     desc: str = "scoring",
 ) -> torch.Tensor:
     """``log π(completion | prompt)`` summed over completion tokens, (N,) float32 on CPU."""

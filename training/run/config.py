@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from dpo_core.lm_head import CHUNK_SIZE, KEEP_PROBS_BYTES
 from dpo_core.settings import LossSettings
 
 
@@ -86,9 +87,12 @@ class DPOConfig(LossSettings):
         "Compute reference log-probs once before training, cached on disk. Unset: on when the "
         "run reads every training row at least once (then it saves reference forwards), else off.",
     )
-    logps_chunk_size: int = _f(1024, "Completion tokens projected to the vocabulary at a time.")
+    logps_chunk_size: int = _f(
+        CHUNK_SIZE, "Completion tokens projected to the vocabulary at a time."
+    )
     logps_keep_probs_mb: int = _f(
-        512, "Keep the head's softmax for backward up to this size (MiB); 0 = recompute it."
+        KEEP_PROBS_BYTES // 2**20,
+        "Keep the head's softmax for backward up to this size (MiB); 0 = recompute it.",
     )
     prompt_sharing: bool = _f(
         True,
