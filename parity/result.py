@@ -10,24 +10,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-# The per-step metrics trl's DPOTrainer logs (trl/trainer/dpo_trainer.py:1535-1601) plus the ones
-# transformers.Trainer adds (loss, grad_norm, learning_rate). Their names are the contract.
-STEP_METRICS = (
-    "loss",
-    "grad_norm",
-    "learning_rate",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "entropy",
-    "mean_token_accuracy",
-    "num_tokens",
-)
+from dpo_core.metrics import PAIR_METRICS, TOKEN_METRICS
+
+# The per-step metrics trl's DPOTrainer logs (trl/trainer/dpo_trainer.py:1535-1601; our names for
+# them are dpo_core.metrics') plus the ones transformers.Trainer adds (loss, grad_norm,
+# learning_rate). Their names are the contract.
+STEP_METRICS = ("loss", "grad_norm", "learning_rate", *PAIR_METRICS, *TOKEN_METRICS, "num_tokens")
 
 TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
