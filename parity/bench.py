@@ -14,6 +14,7 @@ run's within ``--loss-tolerance``; otherwise the table says so and the exit stat
     python -m parity.bench                                   # cpu-small
     python -m parity.bench --preset hh-rlhf --json hh.json
     python -m parity.bench --preset cpu-bigvocab --sides ours trl
+    python -m parity.bench --preset smollm2 --sides trl ours --lora   # real model, LoRA
     python -m parity.bench --model ./my-model --dataset prefs.jsonl --steps 20 --batch-size 4
 """
 
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="truncation length of prompt + completion")
     p.add_argument("--threads", type=int, help="torch CPU threads per side")
     p.add_argument(
+        "--lora",
+        action=argparse.BooleanOptionalAction,
+        help="both sides train a LoRA adapter (rank 8, alpha 16, all-linear, one shared initial "
+        "adapter) instead of every weight; default: the preset's",
+    )
+    p.add_argument(
         "--sides", nargs="+", default=DEFAULT_SIDES, choices=sorted(SIDES), help="rows to run"
     )
     p.add_argument("--repeat", type=int, default=1, help="run every side N times, keep the best")
@@ -79,6 +86,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         batch_size=args.batch_size,
         max_length=args.max_length,
         threads=args.threads,
+        lora=args.lora,
     )
 
 
@@ -161,6 +169,8 @@ def build_report(preset: Preset, case, sides: dict[str, dict], check: dict, load
         "model_path": case.model_path,
         "dataset_path": case.dataset_path,
         "rows": case.num_rows,
+        "training": training_label(case),
+        "lora": lora_settings(case),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -174,6 +184,23 @@ def build_report(preset: Preset, case, sides: dict[str, dict], check: dict, load
         },
     }
     return report
+
+
+def lora_settings(case) -> dict | None:
+    """The adapter both sides trained (None: full fine-tuning)."""
+    if not case.lora:
+        return None
+    return {"r": case.lora_r, "alpha": case.lora_alpha, "target_modules": case.lora_target_modules}
+
+
+def training_label(case) -> str:
+    """``full fine-tuning`` or ``LoRA r=8 alpha=16 all-linear``: what the table's rows trained."""
+    lora = lora_settings(case)
+    if lora is None:
+        return "full fine-tuning"
+    targets = lora["target_modules"]
+    targets = targets if isinstance(targets, str) else ",".join(targets)
+    return f"LoRA r={lora['r']} alpha={lora['alpha']} {targets}"
 
 
 # CPU features that decide float32 and bf16 matmul speed (bf16 without them is emulated: slow).
@@ -221,6 +248,16 @@ def bench_table(report: dict) -> str:
             f"| {s['setup_seconds']:.1f} | {diff} |"
         )
     lines = ["\n".join(rows), ""]
+    config = report.get("config")
+    if config:
+        lines.append(f"{config['preset']}: {config['training']}, {config['model_path']}")
+    counts = [
+        f"{name} {s['trainable_parameters']:,} of {s['parameters']:,}"
+        for name, s in sides.items()
+        if "trainable_parameters" in s
+    ]
+    if counts:
+        lines.append("trained parameters: " + ", ".join(counts))
     for key, label in (
         ("speedup", "speedup, trl parity s/step / ours"),
         ("speedup_vs_trl_defaults", "speedup, trl defaults s/step / ours"),

