@@ -70,15 +70,20 @@ class HeldOutPairs:
     """The held-out batches, and the scores of the before, after and reference models on them."""
 
     def __init__(
-        self, features: list[dict], collator: PreferenceCollator, batch_size: int, settings
+        self,
+        features: list[dict],
+        collator: PreferenceCollator,
+        batch_size: int,
+        settings: DPOSettings,
     ) -> None:
         self.batches = [
             collator(features[i : i + batch_size]) for i in range(0, len(features), batch_size)
         ]
-        self.settings: DPOSettings = settings
-        self.passes = 0  # model passes over the held-out pairs so far
+        self.settings = settings
 
-    def score(self, reference: ModelView, before: ModelView, after: ModelView):
+    def score(
+        self, reference: ModelView, before: ModelView, after: ModelView
+    ) -> tuple[HeldOutScores, HeldOutScores, HeldOutScores]:
         """(reference, before, after) scores, each model scored once (module docstring)."""
         if before.same_as(reference):
             before_scores = self._pass(before, "held-out pairs (before = reference)")
@@ -94,7 +99,7 @@ class HeldOutPairs:
         """The reference's sums as training precomputed them (the rows carry them), when those are
         the plain sums the evaluation reads (LD-DPO's are weighted: then it is scored again)."""
         have = all(b.ref_chosen_logps is not None for b in self.batches)
-        if not have or self.settings.loss.ld_alpha is not None or self.settings.loss.reference_free:
+        if not have or self.settings.loss.ld_alpha is not None:
             return None
         pairs = [
             (b.ref_chosen_logps.float().cpu(), b.ref_rejected_logps.float().cpu())
@@ -144,7 +149,6 @@ class HeldOutPairs:
                 scores.steps.append(step)
                 scores.sizes.append(batch.num_pairs)
                 bar.update(batch.num_pairs)
-        self.passes += 1
         scores.chosen = torch.cat([c for c, _ in sums])
         scores.rejected = torch.cat([r for _, r in sums])
         return scores
