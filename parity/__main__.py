@@ -2,8 +2,10 @@
 
 Every case trains twice from the same files (initial weights, reference, tokenizer, data), in
 the same data order with the same optimizer, and every per-step metric, the token ids and the
-final weights are compared (tolerances in ``parity.compare``). Prints a table; exit status 0 only
-if every case passes.
+final weights are compared (tolerances in ``parity.compare``). After step 1, weights and metrics
+are held to a noise floor measured in the same run: trl trained ``--floor-runs`` more times from
+weights moved by one ulp (``parity.noise_floor``). Prints a table; exit status 0 only if every
+case passes.
 
 Examples::
 
@@ -41,7 +43,8 @@ from parity.cases import (  # noqa: E402
     cases_from_args,
     comparable,
 )
-from parity.compare import CaseReport, compare_runs  # noqa: E402
+from parity.compare import CaseReport, compare_runs, low_precision_dtype  # noqa: E402
+from parity.noise_floor import FLOOR_RUNS, measure_floor  # noqa: E402
 from parity.table import format_table, write_json  # noqa: E402
 
 
@@ -114,13 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["ours", "trl"],
         help="`trl` compares trl with itself: a determinism check of the harness",
     )
+    p.add_argument(
+        "--floor-runs",
+        type=int,
+        default=FLOOR_RUNS,
+        help="perturbed trl runs that measure the noise floor bounding weights and metrics "
+        "after step 1 (0: the fixed bounds of parity/compare.py instead)",
+    )
     return p
 
 
-def run_case(case: ParityCase, workdir: pathlib.Path, against: str = "ours") -> CaseReport:
+def run_case(
+    case: ParityCase, workdir: pathlib.Path, against: str = "ours", floor_runs: int = FLOOR_RUNS
+) -> CaseReport:
     """Run one case on both sides and compare; never raises (errors become a failed report).
 
-    Both sides get the same ``workdir``, so they train from the same prepared files.
+    Both sides get the same ``workdir``, so they train from the same prepared files. With
+    ``floor_runs`` > 0, trl also trains that many times from perturbed weights (seeds 1..K)
+    and the noise floor they measure bounds the comparison after step 1; not for weights
+    stored in bf16/fp16 (QLoRA), whose ulp checks stay.
     """
     ok, reason = comparable(case)
     if not ok:
@@ -129,6 +144,10 @@ def run_case(case: ParityCase, workdir: pathlib.Path, against: str = "ours") -> 
 
     try:
         trl = run_trl(case, workdir)
+        floor = None
+        if floor_runs > 0 and low_precision_dtype(trl) is None:
+            floors = [run_trl(case, workdir, perturb_seed=j) for j in range(1, floor_runs + 1)]
+            floor = measure_floor(trl, floors)
         if against == "trl":
             other = run_trl(case, workdir)
         else:
@@ -138,7 +157,7 @@ def run_case(case: ParityCase, workdir: pathlib.Path, against: str = "ours") -> 
     except Exception as exc:  # report and go on with the other cases
         traceback.print_exc()
         return CaseReport(name=case.name, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-    return compare_runs(case.name, trl, other)
+    return compare_runs(case.name, trl, other, floor)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         reports = []
         for case in cases:
             print(f"[parity] {case.name}", file=sys.stderr, flush=True)
-            reports.append(run_case(case, root / _dirname(case.name), args.against))
+            workdir = root / _dirname(case.name)
+            reports.append(run_case(case, workdir, args.against, args.floor_runs))
     print(format_table(reports))
     if args.json:
         write_json(args.json, reports, trl.__version__)

@@ -46,10 +46,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from parity.result import RunResult
+
+if TYPE_CHECKING:
+    from parity.noise_floor import NoiseFloor
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,11 @@ class MetricCheck:
         tolerance: the bound it must not exceed.
         relative: whether ``max_diff`` and ``tolerance`` are relative.
         note: where the worst difference is, or what is missing.
+        floor: for a check bounded by the noise floor (``parity.noise_floor``), the floor's
+            value of the same statistic; ``tolerance`` is then ``factor * floor`` plus one
+            float32 rounding at the metric's or weights' scale.
+        factor: the multiple of ``floor`` allowed.
+        gated: False for a row that is reported only and never fails the case.
     """
 
     name: str
@@ -110,10 +119,19 @@ class MetricCheck:
     tolerance: float
     relative: bool = False
     note: str = ""
+    floor: float | None = None
+    factor: float | None = None
+    gated: bool = True
+
+    @property
+    def within(self) -> bool:
+        """The difference is within the tolerance (for any row, gated or not)."""
+        return self.max_diff <= self.tolerance
 
     @property
     def passed(self) -> bool:
-        return self.max_diff <= self.tolerance
+        """Within the tolerance, or a report-only row."""
+        return self.within or not self.gated
 
 
 @dataclass
@@ -144,16 +162,17 @@ def difference(trl: float, ours: float, relative: bool) -> float:
 
 
 def compare_step_metric(
-    name: str, metric: str, tol: Tolerance, trl: RunResult, ours: RunResult
+    name: str, metric: str, tol: Tolerance, trl: RunResult, ours: RunResult, start: int = 0
 ) -> MetricCheck:
-    """The worst difference of one metric over the compared steps."""
+    """The worst difference of one metric over the compared steps (from index ``start``; a
+    difference of 0 when there is none)."""
     steps = 1 if tol.first_step_only else len(trl.steps)
     fail = MetricCheck(name, None, None, math.inf, tol.bound, tol.relative)
     if len(ours.steps) < steps:
         fail.note = f"ours has {len(ours.steps)} steps, trl {len(trl.steps)}"
         return fail
-    worst = MetricCheck(name, None, None, -1.0, tol.bound, tol.relative)
-    for i in range(steps):
+    worst = MetricCheck(name, None, None, 0.0 if start >= steps else -1.0, tol.bound, tol.relative)
+    for i in range(start, steps):
         if metric not in ours.steps[i]:
             fail.note = f"missing in ours at step {i + 1}"
             return fail
@@ -192,6 +211,22 @@ def ulp_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / step).item()
 
 
+def weights_mismatch(trl: RunResult, ours: RunResult) -> str:
+    """Why the two sides' final weights cannot be compared (names or shapes differ, or there are
+    none), or ``""``."""
+    names_trl, names_ours = set(trl.final_weights), set(ours.final_weights)
+    if names_trl != names_ours:
+        missing, extra = sorted(names_trl - names_ours), sorted(names_ours - names_trl)
+        return f"missing in ours {missing[:3]}, extra in ours {extra[:3]}"
+    if not names_trl:
+        return "no weights"
+    for name in sorted(names_trl):
+        a, b = trl.final_weights[name], ours.final_weights[name]
+        if a.shape != b.shape:
+            return f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    return ""
+
+
 def compare_weights(trl: RunResult, ours: RunResult) -> MetricCheck:
     """The largest difference over all final weights (absolute, or in ulps of a bf16/fp16
     storage dtype); names and shapes must agree."""
@@ -203,24 +238,13 @@ def compare_weights(trl: RunResult, ours: RunResult) -> MetricCheck:
         0.0,
         1.0 if in_ulps else WEIGHTS,
     )
-    names_trl, names_ours = set(trl.final_weights), set(ours.final_weights)
-    if names_trl != names_ours:
-        missing, extra = sorted(names_trl - names_ours), sorted(names_ours - names_trl)
-        check.max_diff = math.inf
-        check.note = f"missing in ours {missing[:3]}, extra in ours {extra[:3]}"
-        return check
-    if not names_trl:
-        check.max_diff, check.note = math.inf, "no weights"
+    mismatch = weights_mismatch(trl, ours)
+    if mismatch:
+        check.max_diff, check.note = math.inf, mismatch
         return check
     worst, worst_name = -1.0, ""
-    for name in sorted(names_trl):
+    for name in sorted(trl.final_weights):
         a, b = trl.final_weights[name], ours.final_weights[name]
-        if a.shape != b.shape:
-            check.max_diff, check.note = (
-                math.inf,
-                f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}",
-            )
-            return check
         if not a.numel():
             diff = 0.0
         elif in_ulps:
@@ -234,12 +258,26 @@ def compare_weights(trl: RunResult, ours: RunResult) -> MetricCheck:
     return check
 
 
-def compare_runs(name: str, trl: RunResult, ours: RunResult) -> CaseReport:
-    """Every check of one case: step metrics, token ids, dropped rows and final weights."""
+def compare_runs(
+    name: str, trl: RunResult, ours: RunResult, floor: NoiseFloor | None = None
+) -> CaseReport:
+    """Every check of one case: step metrics, token ids, dropped rows and final weights.
+
+    With a ``floor`` (``parity.noise_floor.measure_floor``), the final weights and every metric
+    after step 1 that the floor holds are bounded by it instead of by a constant; the step-1
+    checks, ``num_tokens`` and ``learning_rate`` keep their bounds. Weights stored in bf16/fp16
+    ignore the floor (not measured there): the ulp checks below apply.
+    """
+    from parity.noise_floor import compare_metric_to_floor, compare_weights_to_floor
+
     low = low_precision_dtype(trl)
+    floor = floor if low is None else None
     checks = []
     for check, (metric, tol) in STEP_CHECKS.items():
         if not (trl.steps and metric in trl.steps[0]):
+            continue
+        if floor is not None and check in floor.metrics:
+            checks.append(compare_metric_to_floor(check, metric, tol, trl, ours, floor))
             continue
         if low is not None and check == "grad_norm":
             tol = Tolerance(max(tol.bound, torch.finfo(low).eps), relative=True)
@@ -247,7 +285,10 @@ def compare_runs(name: str, trl: RunResult, ours: RunResult) -> CaseReport:
     checks.append(compare_token_ids(trl, ours))
     dropped = float(abs(trl.dropped_rows - ours.dropped_rows))
     checks.append(MetricCheck("dropped_rows", trl.dropped_rows, ours.dropped_rows, dropped, 0.0))
-    checks.append(compare_weights(trl, ours))
+    if floor is not None:
+        checks.extend(compare_weights_to_floor(trl, ours, floor))
+    else:
+        checks.append(compare_weights(trl, ours))
     checks.append(compare_packed_4bit(trl, ours))
     return CaseReport(name=name, checks=checks)
 

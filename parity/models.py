@@ -10,6 +10,7 @@ Here the reference is the policy plus seeded Gaussian noise (``perturbed_copy``)
 from __future__ import annotations
 
 import copy
+import math
 import pathlib
 
 import torch
@@ -99,6 +100,23 @@ def perturbed_copy(model: PreTrainedModel, seed: int, scale: float = 0.1) -> Pre
             z = torch.randn(p.shape, generator=generator, dtype=torch.float32)
             p.add_((scale * p.float().pow(2).mean().sqrt() * z).to(p.dtype))
     return reference
+
+
+def nudge_one_ulp(model: torch.nn.Module, seed: int) -> None:
+    """Move every trainable weight of ``model`` by one ulp of its dtype, up or down at random.
+
+    The sign of each element is drawn from a generator seeded with ``seed``
+    (``torch.nextafter`` towards +inf or -inf); frozen weights are left alone. A rounding-level
+    change of the starting point: parity's noise floor (``parity.noise_floor``) trains trl from
+    it to measure how far rounding alone carries a run.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                up = torch.rand(p.shape, generator=generator) < 0.5
+                towards = torch.where(up, math.inf, -math.inf).to(device=p.device, dtype=p.dtype)
+                p.copy_(torch.nextafter(p, towards))
 
 
 def quantization_config(case: ParityCase) -> BitsAndBytesConfig | None:

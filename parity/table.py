@@ -2,17 +2,22 @@
 
 The table has one row per check: case, metric, trl value, ours, max |diff|, tolerance, result.
 Values are those at the step where the difference is largest; ``rel`` marks a relative
-difference (``|ours - trl| / max(1, |trl|)``). A case trl 1.16 cannot run shows ``SKIP`` and the
-reason instead of numbers.
+difference (``|ours - trl| / max(1, |trl|)``). A check bounded by the noise floor
+(``parity.noise_floor``) shows its bound and what it was made of, ``1.1e-06 (5x floor 2.1e-07)``;
+a report-only row shows ``info`` (``info, over`` when above that bound). A case trl 1.16 cannot
+run shows ``SKIP`` and the reason instead of numbers.
 
 The JSON has exactly this shape::
 
     {"passed": bool, "trl_version": str,
      "cases": [{"name": str, "passed": bool,
-                "max_abs_diff": {check: float}, "tolerance": {check: float}}]}
+                "max_abs_diff": {check: float}, "tolerance": {check: float},
+                "floor": {check: float}}]}
 
 ``max_abs_diff`` holds the difference as the table shows it (relative for the ``rel`` checks);
 ``null`` stands for an infinite difference (a metric, step or weight missing on one side).
+``floor`` holds, for the checks bounded by the noise floor only, the floor's value (their
+``tolerance`` is the bound made from it); it is empty when no floor was measured.
 """
 
 from __future__ import annotations
@@ -30,11 +35,25 @@ def _value(v: float | None) -> str:
     return "-" if v is None else f"{v:.10g}"
 
 
+def _tolerance(check: MetricCheck) -> str:
+    if check.floor is None:
+        tolerance = f"{check.tolerance:g}"
+    else:
+        tolerance = f"{check.tolerance:.1e} ({check.factor:g}x floor {check.floor:.1e})"
+    return tolerance + (" rel" if check.relative else "")
+
+
+def _result(check: MetricCheck) -> str:
+    if not check.gated:
+        return "info" if check.within else "info, over"
+    return "pass" if check.passed else "FAIL"
+
+
 def _row(case: str, check: MetricCheck) -> tuple[str, ...]:
-    tolerance = f"{check.tolerance:g}" + (" rel" if check.relative else "")
-    result = "pass" if check.passed else "FAIL"
-    if check.note and not check.passed:
-        result += f" ({check.note})"
+    tolerance = _tolerance(check)
+    result = _result(check)
+    if check.note and (not check.passed or check.floor is not None):
+        result += f" ({check.note})"  # where it failed; for a floor check, where it is nearest
     return (
         case,
         check.name,
@@ -86,6 +105,7 @@ def report_json(reports: list[CaseReport], trl_version: str) -> dict:
                 "passed": r.passed,
                 "max_abs_diff": {c.name: _finite(c.max_diff) for c in r.checks},
                 "tolerance": {c.name: c.tolerance for c in r.checks},
+                "floor": {c.name: c.floor for c in r.checks if c.floor is not None},
             }
             for r in reports
         ],

@@ -17,7 +17,13 @@ from datasets import Dataset
 
 from dpo_core.settings import LossSettings
 from parity.cases import ParityCase
-from parity.models import load_adapter_init, load_model, lora_config, trained_weights
+from parity.models import (
+    load_adapter_init,
+    load_model,
+    lora_config,
+    nudge_one_ulp,
+    trained_weights,
+)
 from parity.result import TOKEN_FIELDS, RunResult
 from parity.workspace import prepare_workspace, training_rows
 from training.inputs.four_bit import packed_layers
@@ -103,9 +109,16 @@ def build_trainer(case: ParityCase, workdir: pathlib.Path, output_dir: pathlib.P
     return trainer, len(rows)
 
 
-def run_trl(case: ParityCase, workdir: pathlib.Path) -> RunResult:
-    """Train ``case`` with trl's ``DPOTrainer`` and collect what ``parity.compare`` compares."""
+def run_trl(case: ParityCase, workdir: pathlib.Path, perturb_seed: int | None = None) -> RunResult:
+    """Train ``case`` with trl's ``DPOTrainer`` and collect what ``parity.compare`` compares.
+
+    ``perturb_seed``: first move every trainable weight by one ulp, up or down as this seed
+    draws (``parity.models.nudge_one_ulp``; after the shared adapter is loaded, right before
+    training): a run of the noise floor (``parity.noise_floor``).
+    """
     trainer, rows_given = build_trainer(case, workdir, pathlib.Path(workdir) / "trl")
+    if perturb_seed is not None:
+        nudge_one_ulp(trainer.accelerator.unwrap_model(trainer.model), perturb_seed)
     trainer.train()
     return RunResult(
         steps=step_metrics(trainer.state.log_history, case.steps),
