@@ -157,3 +157,26 @@ def test_eval_max_pairs_must_be_positive(tiny_assets, tmp_path):
 def test_eval_json_counts_the_capped_pairs(tiny_assets, tmp_path):
     fit(base_args(tiny_assets, tmp_path, max_steps=1, eval_max_pairs=4, **NO_SAMPLES))
     assert json.loads((tmp_path / "eval.json").read_text())["n_pairs"] == 4
+
+
+def test_samples_and_baselines_are_scored_once_per_model(tiny_assets, tmp_path, monkeypatch):
+    """With the implicit judge, P prompts: before's samples under the reference (= before) and
+    the trained policy, the baselines under both, after's samples under both: at most 6P
+    sequences (the KL estimate and the judge share them; the baselines are judged for both
+    policies' samples), none twice under one model (11P before)."""
+    import training.eval.scoring as scoring
+
+    scored = []
+    real = scoring.score_completions
+
+    def counted(view, prompt_ids, completion_ids, *args, **kwargs):
+        model = (id(view.model), view.adapters_off)
+        scored.extend((model, tuple(p), tuple(c)) for p, c in zip(prompt_ids, completion_ids))
+        return real(view, prompt_ids, completion_ids, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_completions", counted)
+    flags = {**NO_SAMPLES, "num_prompts": 3, "max_new_tokens": 3, "judge": "implicit"}
+    result = fit(base_args(tiny_assets, tmp_path, max_steps=1, **flags))
+    assert result.evaluation.n_prompts == 3
+    assert len(scored) == len(set(scored)) <= 6 * 3
+    assert result.evaluation.before.kl == 0.0

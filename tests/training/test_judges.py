@@ -32,7 +32,7 @@ def test_reward_judge_wins_ties_and_losses_against_the_baseline():
 
 
 def test_make_judge_resolves_auto_rule_callable_and_none():
-    kw = dict(after=None, reference=None, beta=0.1, pad_id=0)
+    kw = dict(after=None, reference=None, beta=0.1, scores=None)
     assert make_judge("none", embedded=True, rule=None, **kw) is None
     auto = make_judge("auto", embedded=True, rule=None, **kw)
     assert isinstance(auto, ScoreJudge) and auto(candidates([" superb"], [""])) == [1.0]
@@ -61,7 +61,13 @@ def test_a_reward_model_directory_is_a_reward_judge(tiny_assets, tmp_path):
 
     on_cpu = ModelView(model)  # where the judge runs: the trained policy's device
     judge = make_judge(
-        str(tmp_path), embedded=False, rule=None, after=on_cpu, reference=None, beta=0.1, pad_id=0
+        str(tmp_path),
+        embedded=False,
+        rule=None,
+        after=on_cpu,
+        reference=None,
+        beta=0.1,
+        scores=None,
     )
     c = candidates(
         [" It is kind.", " It is cruel.", " same"], [" It is cruel.", " It is kind.", " same"]

@@ -25,7 +25,7 @@ from training.eval.heldout import HeldOutPairs
 from training.eval.judges import Candidates, make_judge
 from training.eval.loading import EvalModels
 from training.eval.sampling import SamplingSettings, sample_completions
-from training.eval.scoring import ModelView, score_completions
+from training.eval.scoring import CompletionScores, ModelView
 from training.inputs.prepare import RunInputs
 from training.run.config import FitConfig
 from training.run.module import dpo_settings
@@ -110,21 +110,15 @@ def sample_policy(
     picked: list[dict],
     inputs: RunInputs,
     cfg: FitConfig,
+    scores: CompletionScores,
 ) -> tuple[Candidates, float]:
     """Sample one completion per prompt; the candidates for the judge and the KL estimate."""
     tok, e = inputs.tokenizer, cfg.eval
     prompt_ids = [f["prompt_ids"] for f in picked]
     settings = sampling_settings(cfg)
     samples = sample_completions(view, prompt_ids, tok, settings, desc=f"sampling ({name})")
-    pad, batch = tok.pad_token_id, cfg.trainer.eval_batch_size
-    pi = score_completions(view, prompt_ids, samples, pad, batch_size=batch, desc="KL: policy")
-    ref = (
-        pi
-        if view.same_as(models.reference)
-        else score_completions(
-            models.reference, prompt_ids, samples, pad, batch_size=batch, desc="KL: reference"
-        )
-    )
+    pi = scores(view, prompt_ids, samples, desc=f"KL: {name}")
+    ref = scores(models.reference, prompt_ids, samples, desc="KL: reference")  # same: remembered
     baseline_ids = [f[f"{e.win_against}_ids"] for f in picked]
     candidates = Candidates(
         prompts=[_decode(tok, p) for p in prompt_ids],
@@ -175,6 +169,7 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
     start = time.perf_counter()
     picked_rows = distinct_prompts(inputs.data.heldout, cfg.eval.num_prompts)
     picked = [inputs.data.heldout[i] for i in picked_rows]
+    scores = CompletionScores(inputs.tokenizer.pad_token_id, batch_size=cfg.trainer.eval_batch_size)
     judge = make_judge(
         cfg.eval.judge,
         embedded=inputs.embedded is not None and cfg.data.dataset is None,
@@ -182,7 +177,7 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
         after=models.after,
         reference=models.reference,
         beta=cfg.dpo.beta,
-        pad_id=inputs.tokenizer.pad_token_id,
+        scores=scores,
     )
     log.info(
         "evaluation: %d held-out pairs, %d prompts sampled, judge: %s",
@@ -195,7 +190,9 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
     for name, view in (("before", models.before), ("after", models.after)):
         if not picked:
             break
-        candidates, results[name].kl = sample_policy(name, view, models, picked, inputs, cfg)
+        candidates, results[name].kl = sample_policy(
+            name, view, models, picked, inputs, cfg, scores
+        )
         prompts = candidates.prompts
         results[name].completions = candidates.completions
         if judge is not None:

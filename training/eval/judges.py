@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dpo_core.evaluation import implicit_reward, win_scores
-from training.eval.scoring import ModelView, score_completions
+from training.eval.scoring import CompletionScores, ModelView
 
 
 @dataclass
@@ -73,13 +73,16 @@ class RewardJudge:
         return win_scores(ours, theirs).tolist()
 
 
-def implicit_judge(after: ModelView, reference: ModelView, beta: float, pad_id: int) -> RewardJudge:
-    """``β log π_after(y|x)/π_ref(y|x)`` of the samples and of the baselines, on token ids."""
+def implicit_judge(
+    after: ModelView, reference: ModelView, beta: float, scores: CompletionScores
+) -> RewardJudge:
+    """``β log π_after(y|x)/π_ref(y|x)`` of the samples and of the baselines, on token ids
+    (``scores`` remembers what the KL estimate already scored)."""
 
     def rewards(c: Candidates, baseline: bool) -> torch.Tensor:
         ids = c.baseline_ids if baseline else c.completion_ids
-        pi = score_completions(after, c.prompt_ids, ids, pad_id, desc="judge: policy")
-        ref = score_completions(reference, c.prompt_ids, ids, pad_id, desc="judge: reference")
+        pi = scores(after, c.prompt_ids, ids, desc="judge: policy")
+        ref = scores(reference, c.prompt_ids, ids, desc="judge: reference")
         return implicit_reward(pi, ref, beta)
 
     return RewardJudge(rewards, "implicit DPO reward of the trained policy")
@@ -138,7 +141,7 @@ def make_judge(
     after: ModelView,
     reference: ModelView,
     beta: float,
-    pad_id: int,
+    scores: CompletionScores | None,
 ) -> ScoreJudge | RewardJudge | None:
     """The judge ``spec`` names (see the module docstring); None for ``none``."""
     if spec == "auto":
@@ -150,7 +153,7 @@ def make_judge(
             from training.embedded.synthetic import judge as rule
         return ScoreJudge(rule, "the synthetic task's rule")
     if spec == "implicit":
-        return implicit_judge(after, reference, beta, pad_id)
+        return implicit_judge(after, reference, beta, scores)
     if ":" in spec and not Path(spec).exists():
         return ScoreJudge(load_callable(spec), spec)
     return reward_model_judge(spec, after.device)

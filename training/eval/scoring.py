@@ -106,3 +106,39 @@ def score_completions(
             values.append(sequence_logps(token).float().cpu())
             bar.update(len(rows))
     return torch.cat(values)
+
+
+class CompletionScores:
+    """``score_completions`` that remembers: within one evaluation each (model, prompt,
+    completion) is scored once. The KL estimate and the implicit judge ask for the same samples
+    under the same models, and the judge's baselines are the same for both policies' samples."""
+
+    def __init__(self, pad_id: int, *, batch_size: int = 16) -> None:
+        self.pad_id, self.batch_size = pad_id, batch_size
+        self.memo: list[tuple[ModelView, dict[tuple[tuple[int, ...], tuple[int, ...]], float]]] = []
+
+    def _memo(self, view: ModelView) -> dict:
+        for seen, values in self.memo:
+            if seen.same_as(view):
+                return values
+        self.memo.append((view, {}))
+        return self.memo[-1][1]
+
+    def __call__(
+        self,
+        view: ModelView,
+        prompt_ids: Sequence[list[int]],
+        completion_ids: Sequence[list[int]],
+        desc: str,
+    ) -> torch.Tensor:
+        """(N,) float32, as ``score_completions``; only sequences not seen under ``view`` run."""
+        memo = self._memo(view)
+        keys = [(tuple(p), tuple(c)) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        missing = [k for k in dict.fromkeys(keys) if k not in memo]
+        if missing:
+            prompts, completions = [list(p) for p, _ in missing], [list(c) for _, c in missing]
+            values = score_completions(
+                view, prompts, completions, self.pad_id, batch_size=self.batch_size, desc=desc
+            )
+            memo.update(zip(missing, values.tolist(), strict=True))
+        return torch.tensor([memo[k] for k in keys], dtype=torch.float32)
