@@ -113,7 +113,7 @@ def measure_floor(trl: RunResult, floors: list[RunResult]) -> NoiseFloor:
     perturb_seed=j)``).
 
     Raises:
-        ValueError: without floor runs, or when one lacks a weight, a step or a metric trl has.
+        ValueError: without floor runs, or when one has other weights or steps than trl.
     """
     if not floors:
         raise ValueError("a noise floor needs at least one perturbed run")
@@ -173,10 +173,13 @@ def compare_weights_to_floor(
     worst = dict.fromkeys(keys, -1.0)
     for name in sorted(trl.final_weights):
         w = trl.final_weights[name]
-        diff = abs_quantiles(ours.final_weights[name].double() - w.double())
+        delta = ours.final_weights[name].double() - w.double()
+        diff = abs_quantiles(delta)
+        if delta.isnan().any():  # a NaN on one side (or inf - inf): every row infinitely far
+            diff = dict.fromkeys(keys, float("inf"))
         scale = abs_quantiles(w)
         for k in keys:
-            d = float("inf") if diff[k] != diff[k] else diff[k]  # NaN: infinitely far
+            d = diff[k]
             allowed = WEIGHT_FACTOR * floor.weights[name][k] + EPS32 * scale[k]
             ratio = d / allowed if allowed > 0 else (0.0 if d == 0 else float("inf"))
             if ratio > worst[k]:

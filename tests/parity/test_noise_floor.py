@@ -182,6 +182,14 @@ def test_missing_weights_fail_every_weight_row(trl_and_floor):
     assert all(c.max_diff == math.inf for c in report.checks if c.name in WEIGHT_ROWS)
 
 
+def test_a_nan_weight_fails_every_gated_row(trl_and_floor):
+    trl, floor = trl_and_floor
+    ours = make_run()
+    ours.final_weights["b.weight"][3] = math.nan
+    report = compare_runs("nan", trl, ours, floor)
+    assert failing(report) == {f"final_weights {k}" for k in WEIGHT_QUANTILES}
+
+
 def test_a_single_step_run_has_nothing_after_step_1(trl_and_floor):
     trl = make_run(steps=1)
     floor = measure_floor(trl, [noisy(trl, 1e-6, seed=1)])
