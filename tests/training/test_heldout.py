@@ -142,7 +142,7 @@ def test_eval_max_pairs_takes_the_first_pairs_of_an_eval_file(tiny_assets, tmp_p
         tiny_assets, tmp_path, caplog, eval_dataset=eval_file, eval_max_pairs=5
     )
     assert (n_train, n_held) == (32, 5)
-    assert line.startswith(f"held-out: 5 pairs (the first of 32 in {eval_file}, at most 5;")
+    assert line.startswith(f"held-out: 5 pairs (the first 5 of 32 in {eval_file}, at most 5;")
     cfg, _ = resolve_config(
         base_args(tiny_assets, tmp_path, eval_dataset=eval_file, eval_max_pairs="none")
     )

@@ -100,7 +100,10 @@ def _rows_and_sources(cfg: FitConfig, embedded) -> RowSets:
                 f"{d.eval_fraction:.0%} of the {n_read} rows read{limit}; --eval-fraction, {change}"
             )
             return RowSets(train, held, train_src, held_src, note)
-    note = f"the first of {len(held)} in {held_src}{limit}; {change}"
+    taken = (
+        f"all {len(held)}" if cap is None or cap >= len(held) else f"the first {cap} of {len(held)}"
+    )
+    note = f"{taken} in {held_src}{limit}; {change}"
     return RowSets(train, held[:cap], train_src, held_src, note)
 
 
