@@ -91,3 +91,23 @@ def test_the_kernels_notice_stays_for_4_bit_runs():
         assert notices.filter(kernels)
     finally:
         notices.filters[:] = before
+
+
+def test_scoring_by_length_returns_the_values_in_the_order_given(tiny_assets):
+    """score_completions batches the longest sequences together; each value still belongs to its
+    own sequence: the same as scoring it alone, up to float32 rounding of other batch shapes."""
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(tiny_assets.model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets.model_dir)
+    texts = ["Describe the cat.", "Describe it.", "Describe the dog in the garden today.", "Hi."]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    completions = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14, 15]]
+    view = ModelView(model)
+    together = score_completions(view, prompts, completions, 0, batch_size=2)
+    alone = torch.cat(
+        [score_completions(view, [p], [c], 0) for p, c in zip(prompts, completions, strict=True)]
+    )
+    assert together.tolist() == pytest.approx(alone.tolist(), rel=1e-5)

@@ -94,18 +94,24 @@ def score_completions(
     chunk_size: int = CHUNK_SIZE,
     desc: str = "scoring",
 ) -> torch.Tensor:
-    """``log π(completion | prompt)`` summed over completion tokens, (N,) float32 on CPU."""
-    values = []
-    bar = progress(None, desc, total=len(prompt_ids), unit="seq")
+    """``log π(completion | prompt)`` summed over completion tokens, (N,) float32 on CPU.
+
+    Batched by length (shortest first), so that a batch pads little; the values come back in
+    the order given."""
+    n = len(prompt_ids)
+    order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+    values = torch.empty(n, dtype=torch.float32)
+    bar = progress(None, desc, total=n, unit="seq")
     with view.active() as model, torch.no_grad(), bar:
-        for rows in batches(len(prompt_ids), batch_size):
+        for rows in batches(n, batch_size):
+            picked = [order[i] for i in rows]
             batch = completion_batch(
-                [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], pad_id
+                [prompt_ids[i] for i in picked], [completion_ids[i] for i in picked], pad_id
             ).to(view.device)
             token = model_token_logps(model, batch, chunk_size=chunk_size)
-            values.append(sequence_logps(token).float().cpu())
+            values[picked] = sequence_logps(token).float().cpu()
             bar.update(len(rows))
-    return torch.cat(values)
+    return values
 
 
 class CompletionScores:
