@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024, help="0: no truncation")
     p.add_argument("--truncation-mode", default="keep_start", choices=TRUNCATION_MODES)
     p.add_argument("--seed", type=int, default=42)
+    _add_run_options(p)
+    return p
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """How the cases are run and reported (not what they train)."""
     p.add_argument("--json", type=pathlib.Path, help="write the JSON report here")
     p.add_argument("--workdir", type=pathlib.Path, help="keep the case files here (default: temp)")
     p.add_argument(
@@ -124,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="perturbed trl runs that measure the noise floor bounding weights and metrics "
         "after step 1 (0: the fixed bounds of parity/compare.py instead)",
     )
-    return p
 
 
 def run_case(
