@@ -27,7 +27,7 @@ from dpo_core.losses import (  # noqa: F401 (LOSS_TYPES: the command line's choi
 from dpo_core.settings import LossSettings
 
 ARCHS = ("llama", "qwen2", "gpt2", "mistral")
-DATA_SHAPES = ("explicit", "conversational", "implicit", "hh-rlhf")
+DATA_SHAPES = ("explicit", "conversational", "implicit", "hh-rlhf", "hh-rlhf-chat")
 
 
 @dataclass

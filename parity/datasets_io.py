@@ -47,6 +47,8 @@ def generate_rows(shape: str, n: int, seed: int) -> list[dict]:
     implicit rows split where trl's character-level prefix search splits them."""
     if shape == "hh-rlhf":
         return load_hh_rows(n)
+    if shape == "hh-rlhf-chat":
+        return [hh_conversation(row, system=i % 2 == 0) for i, row in enumerate(load_hh_rows(n))]
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -88,6 +90,37 @@ def load_hh_rows(n: int) -> list[dict]:
     rows = [{"chosen": row["chosen"], "rejected": row["rejected"]} for row in rows]
     validate_rows(rows, source=str(HH_RLHF_FILE))
     return rows
+
+
+HH_SYSTEM = "You are a helpful and harmless assistant."
+
+
+def hh_turns(text: str) -> list[dict]:
+    """An hh-rlhf dialogue ``"\n\nHuman: ...\n\nAssistant: ..."`` as chat messages."""
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = []
+    for part in text.split("\n\n"):
+        speaker, sep, content = part.partition(": ")
+        if sep and speaker in roles:
+            messages.append({"role": roles[speaker], "content": content.strip()})
+        elif messages:  # a paragraph break inside a turn
+            messages[-1]["content"] += "\n\n" + part.strip()
+    return messages
+
+
+def hh_conversation(row: dict, system: bool) -> dict:
+    """An hh-rlhf row as a multi-turn conversational row: every turn before the final assistant
+    answer is the prompt (with a system message first when ``system``), the two final answers
+    are chosen and rejected.
+
+    Raises:
+        ValueError: when the two dialogues do not share their turns before the final answer.
+    """
+    chosen, rejected = hh_turns(row["chosen"]), hh_turns(row["rejected"])
+    if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
+        raise ValueError("hh-rlhf row: chosen and rejected differ before the final answer")
+    prompt = ([{"role": "system", "content": HH_SYSTEM}] if system else []) + chosen[:-1]
+    return {"prompt": prompt, "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
 def tokenizer_corpus(rows: list[dict]) -> list[str]:
