@@ -32,5 +32,8 @@ def quiet_foreign_warnings(load_in_4bit: bool) -> None:
     """Install the filters (module docstring); call before the model is loaded."""
     for message in FOREIGN_FUTURE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-    if not load_in_4bit:
-        logging.getLogger(BNB_CPU_LOGGER).addFilter(_not_kernels_notice)
+    notices = logging.getLogger(BNB_CPU_LOGGER)
+    if load_in_4bit:
+        notices.removeFilter(_not_kernels_notice)  # an earlier run in this process set it
+    else:
+        notices.addFilter(_not_kernels_notice)
