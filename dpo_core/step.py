@@ -102,11 +102,12 @@ def pair_weights(token: TokenLogps) -> torch.Tensor:
     return w_c * w_r
 
 
-def dpo_step(
-    model: torch.nn.Module, batch: PreferenceBatch, reference, settings: DPOSettings
-) -> StepOutput:
-    """Loss and metric sums of ``model`` on ``batch`` (see the module docstring)."""
-    token = token_logps(
+def step_token_logps(
+    model: torch.nn.Module, batch: PreferenceBatch, settings: DPOSettings
+) -> TokenLogps:
+    """The policy's per-token completion log-probs with every statistic a step needs, under the
+    settings' speed options: (2B, L-1) on the batch's grid."""
+    return token_logps(
         model,
         batch,
         prompt_sharing=settings.prompt_sharing,
@@ -115,6 +116,13 @@ def dpo_step(
         with_wpo=settings.loss.use_weighting,
         keep_probs_bytes=settings.keep_probs_bytes,
     )
+
+
+def dpo_step(
+    model: torch.nn.Module, batch: PreferenceBatch, reference, settings: DPOSettings
+) -> StepOutput:
+    """Loss and metric sums of ``model`` on ``batch`` (see the module docstring)."""
+    token = step_token_logps(model, batch, settings)
     pi_c, _ = policy_sequence_logps(token, settings.loss.ld_alpha)
     ref_c, ref_r = reference_logps(reference, batch, settings, pi_c)
     return step_from_token_logps(token, batch, ref_c, ref_r, settings)

@@ -1,7 +1,7 @@
 """Held-out pairs, scored once per model: the evaluation's pair metrics and trl's ``eval_*``
 metrics come from the same pass.
 
-Each model view runs over the held-out batches once (``dpo_core.packing.token_logps``, with the
+Each model view runs over the held-out batches once (``dpo_core.step.step_token_logps``, with the
 statistics trl logs). One pass gives both
 
 - the summed completion log-probs that ``dpo_core.evaluation.preference_summary`` reads, and
@@ -24,8 +24,13 @@ import torch
 from dpo_core.batch import PreferenceBatch
 from dpo_core.collate import PreferenceCollator
 from dpo_core.logps import sequence_logps, split_pairs
-from dpo_core.packing import token_logps
-from dpo_core.step import DPOSettings, StepOutput, policy_sequence_logps, step_from_token_logps
+from dpo_core.step import (
+    DPOSettings,
+    StepOutput,
+    policy_sequence_logps,
+    step_from_token_logps,
+    step_token_logps,
+)
 from training.eval.scoring import ModelView, progress
 
 LogpPair = tuple[torch.Tensor, torch.Tensor]  # (chosen (B,), rejected (B,))
@@ -132,14 +137,7 @@ class HeldOutPairs:
         with view.active() as model, torch.no_grad(), bar:
             for i, batch in enumerate(self.batches):
                 batch = batch.to(view.device)
-                token = token_logps(
-                    model,
-                    batch,
-                    prompt_sharing=s.prompt_sharing,
-                    chunk_size=s.chunk_size,
-                    with_stats=True,
-                    with_wpo=s.loss.use_weighting,
-                )
+                token = step_token_logps(model, batch, s)
                 sums.append(_cpu(split_pairs(sequence_logps(token))))
                 own = _cpu(policy_sequence_logps(token, s.loss.ld_alpha))
                 scores.loss_logps.append(own)
