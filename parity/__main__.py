@@ -43,7 +43,7 @@ from parity.cases import (  # noqa: E402
     cases_from_args,
     comparable,
 )
-from parity.compare import CaseReport, compare_runs, low_precision_dtype  # noqa: E402
+from parity.compare import CaseReport, compare_runs  # noqa: E402
 from parity.noise_floor import FLOOR_RUNS, measure_floor  # noqa: E402
 from parity.table import format_table, write_json  # noqa: E402
 
@@ -139,8 +139,8 @@ def run_case(
 
     Both sides get the same ``workdir``, so they train from the same prepared files. With
     ``floor_runs`` > 0, trl also trains that many times from perturbed weights (seeds 1..K)
-    and the noise floor they measure bounds the comparison after step 1; not for weights
-    stored in bf16/fp16 (QLoRA), whose ulp checks stay.
+    and the noise floor they measure bounds the comparison after step 1 (in bf16/fp16 too:
+    QLoRA's adapters are then nudged by one ulp of that dtype).
     """
     ok, reason = comparable(case)
     if not ok:
@@ -150,7 +150,7 @@ def run_case(
     try:
         trl = run_trl(case, workdir)
         floor = None
-        if floor_runs > 0 and low_precision_dtype(trl) is None:
+        if floor_runs > 0:
             floors = [run_trl(case, workdir, perturb_seed=j) for j in range(1, floor_runs + 1)]
             floor = measure_floor(trl, floors)
         if against == "trl":

@@ -14,8 +14,8 @@ difference in a gradient element below ``eps`` into up to about ``lr`` in that w
 every "all" row below except ``num_tokens`` and ``learning_rate`` are bounded by a noise floor
 measured in the same run, trl against trl started one ulp away (``parity.noise_floor``: 20x the
 floor for the weights' per-tensor q90/q99/q99.9, 5x for each metric's largest difference over
-steps 2..N). The constant "all" bounds and ``final weights`` in the table apply without a floor
-(``--floor-runs 0``) and to bf16/fp16 weights.
+steps 2..N; bf16/fp16 weights too, nudged by one ulp of their dtype). The constant "all" bounds
+and ``final weights`` in the table apply without a floor (``--floor-runs 0``).
 
 ======================  ==========  ============================================================
 metric                  tolerance   why
@@ -45,12 +45,11 @@ packed_4bit             0           4-bit layers left in bitsandbytes' gradient-
 ======================  ==========  ============================================================
 
 Trainable weights stored in bf16/fp16 (trl 1.16 casts QLoRA adapters to bf16, as the QLoRA paper
-does): the weights and their gradients can only differ by whole rounding steps of that dtype, so
-``final_weights`` is then counted in ulps of the stored dtype at each tensor's scale
-(``eps * max|w|``; bound: 1 ulp) and ``grad_norm``
-over all steps may differ by one rounding step of the gradient dtype (``finfo.eps`` relative,
-2^-7 for bf16; measured: exactly 1 bf16 ulp). Step 1 keeps its 1e-6 bound: same weights, same
-gradients (measured equal).
+does) are floored like float32 ones (the floor runs nudge them by one ulp of their dtype; the
+rounding slack is that dtype's eps). Without a floor they are counted in ulps of the stored
+dtype at each tensor's scale (``eps * max|w|``; bound: 1 ulp) and ``grad_norm`` over all steps
+may differ by one rounding step of the gradient dtype (``finfo.eps`` relative, 2^-7 for bf16).
+Step 1 keeps its 1e-6 bound: same weights, same gradients (measured equal).
 """
 
 from __future__ import annotations
@@ -276,13 +275,12 @@ def compare_runs(
 
     With a ``floor`` (``parity.noise_floor.measure_floor``), the final weights and every metric
     after step 1 that the floor holds are bounded by it instead of by a constant; the step-1
-    checks, ``num_tokens`` and ``learning_rate`` keep their bounds. Weights stored in bf16/fp16
-    ignore the floor (not measured there): the ulp checks below apply.
+    checks, ``num_tokens`` and ``learning_rate`` keep their bounds. Without a floor, weights
+    stored in bf16/fp16 are compared in ulps (``compare_weights``).
     """
     from parity.noise_floor import compare_metric_to_floor, compare_weights_to_floor
 
     low = low_precision_dtype(trl)
-    floor = floor if low is None else None
     checks = []
     for check, (metric, tol) in STEP_CHECKS.items():
         if not (trl.steps and metric in trl.steps[0]):

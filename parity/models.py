@@ -103,17 +103,21 @@ def perturbed_copy(model: PreTrainedModel, seed: int, scale: float = 0.1) -> Pre
 
 
 def nudge_one_ulp(model: torch.nn.Module, seed: int) -> None:
-    """Move every trainable weight of ``model`` by one ulp of its dtype, up or down at random.
+    """Move every floating-point weight of ``model``, trainable or frozen, by one ulp of its
+    dtype, up or down at random.
 
     The sign of each element is drawn from a generator seeded with ``seed``
-    (``torch.nextafter`` towards +inf or -inf); frozen weights are left alone. A rounding-level
-    change of the starting point: parity's noise floor (``parity.noise_floor``) trains trl from
-    it to measure how far rounding alone carries a run.
+    (``torch.nextafter`` towards +inf or -inf); 4-bit (integer) storage is left alone. A
+    rounding-level change of the whole computation: parity's noise floor (``parity.noise_floor``)
+    trains trl from it to measure how far rounding alone carries a run. Frozen weights are
+    nudged too because the other side rounds differently in the frozen layers as well: with
+    LoRA, nudging the adapters alone leaves the backbone's forward and backward bit-identical
+    and underestimates that (measured on SmolLM2, ``parity/README.md``).
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
+            if p.dtype.is_floating_point:
                 up = torch.rand(p.shape, generator=generator) < 0.5
                 towards = torch.where(up, math.inf, -math.inf).to(device=p.device, dtype=p.dtype)
                 p.copy_(torch.nextafter(p, towards))

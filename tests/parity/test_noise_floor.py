@@ -162,15 +162,30 @@ def test_a_zero_floor_still_allows_one_float32_rounding():
     assert failing(compare_runs("ulp", trl, two, floor)) >= {"final_weights q90"}
 
 
-def test_without_a_floor_or_on_bf16_weights_the_fixed_bounds_stay(trl_and_floor):
+def test_without_a_floor_the_fixed_bounds_stay(trl_and_floor):
     trl, floor = trl_and_floor
     names = [c.name for c in compare_runs("plain", trl, make_run()).checks]
     assert "final_weights" in names and not set(WEIGHT_ROWS) & set(names)
     low = make_run()
     low.final_weights = {n: w.bfloat16() for n, w in low.final_weights.items()}
-    report = compare_runs("bf16", low, make_run(), floor)
-    assert all(c.floor is None for c in report.checks)
-    assert "final_weights (ulps)" in [c.name for c in report.checks]
+    assert "final_weights (ulps)" in [c.name for c in compare_runs("bf16", low, low).checks]
+
+
+def test_bf16_weights_are_floored_with_one_bf16_rounding_of_slack():
+    """bf16 weights: the same quantile rows, the floor, plus one bf16 eps at each quantile's
+    scale (float32's eps there would be below one bf16 step)."""
+    trl = make_run()
+    trl.final_weights = {n: w.bfloat16() for n, w in trl.final_weights.items()}
+    floor = measure_floor(trl, [trl, trl])  # a floor of 0: only the rounding slack is left
+    one = make_run()
+    one.final_weights = {n: torch.nextafter(w, w * 2) for n, w in trl.final_weights.items()}
+    report = compare_runs("bf16", trl, one, floor)
+    assert {c.name for c in report.checks} >= set(WEIGHT_ROWS) and report.passed
+    three = make_run()
+    three.final_weights = {
+        n: (w.float() * (1 + 3 * 2**-7)).bfloat16() for n, w in trl.final_weights.items()
+    }
+    assert failing(compare_runs("bf16", trl, three, floor)) >= {"final_weights q90"}
 
 
 def test_missing_weights_fail_every_weight_row(trl_and_floor):
@@ -235,20 +250,22 @@ def test_table_and_json_show_the_floor(trl_and_floor):
     assert plain["floor"] == {}
 
 
-def test_nudge_moves_each_trainable_weight_by_one_ulp_with_a_seeded_sign():
+def test_nudge_moves_every_float_weight_by_one_ulp_with_a_seeded_sign():
+    """Frozen weights too (the backbone under LoRA), each in its own dtype (bf16 adapters)."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     model[1].bias.requires_grad_(False)
+    model[1].to(torch.bfloat16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     nudge_one_ulp(model, seed=1)
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert torch.equal(after["1.bias"], before["1.bias"])
-    for name in ("0.weight", "0.bias", "1.weight"):
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
         a, b = before[name], after[name]
         up, down = torch.nextafter(a, a + 1), torch.nextafter(a, a - 1)
         assert torch.all((b == up) | (b == down)), name
-        assert 0 < (b > a).sum() < a.numel()  # both signs occur
+        if a.numel() >= 16:
+            assert 0 < (b > a).sum() < a.numel()  # both signs occur
     again = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    again[1].to(torch.bfloat16)
     again.load_state_dict(before)
-    again[1].bias.requires_grad_(False)
     nudge_one_ulp(again, seed=1)
     assert all(torch.equal(p, after[n]) for n, p in again.named_parameters())

@@ -20,7 +20,7 @@ import pytest
 from dpo_core.losses import LOSS_TYPES
 from dpo_core.settings import LossSettings
 from parity.cases import ParityCase, comparable, default_label_smoothing
-from parity.compare import compare_runs, low_precision_dtype
+from parity.compare import compare_runs
 from parity.noise_floor import FLOOR_RUNS, WEIGHT_QUANTILES, NoiseFloor, measure_floor
 from parity.ours_side import run_ours
 from parity.result import RunResult
@@ -66,11 +66,9 @@ CASES = [_case(f"loss-{t}", loss_type=[t]) for t in LOSS_TYPES] + [
 ]
 
 
-def noise_floor(case: ParityCase, workdir, trl: RunResult) -> NoiseFloor | None:
+def noise_floor(case: ParityCase, workdir, trl: RunResult) -> NoiseFloor:
     """The floor of ``trl`` from ``FLOOR_RUNS`` perturbed trl runs, as ``python -m parity``
-    measures it; None for bf16/fp16 weights (QLoRA), which keep their ulp checks."""
-    if low_precision_dtype(trl) is not None:
-        return None
+    measures it (bf16 QLoRA adapters included: nudged by one bf16 ulp)."""
     runs = [run_trl(case, workdir, perturb_seed=j) for j in range(1, FLOOR_RUNS + 1)]
     return measure_floor(trl, runs)
 
