@@ -13,146 +13,82 @@ shape                        fields
 ``conversational_implicit``  ``chosen``, ``rejected``: message lists sharing a prefix
 ===========================  =========================================================
 
-Every problem raises :class:`DataError`, whose message names the source, the row (or the line of
-the file) and the field, and whose ``reason`` is a short code a caller can count rows by.
+Every problem raises :class:`DataError` (``dpo_core.errors``), whose message names the source, the
+row (or its :class:`Place` in the file: line or data row) and the field, and whose ``reason`` is a
+short code a caller can count rows by.
 
-This module holds the one JSONL writer and reader of the project (:func:`write_jsonl`,
-:func:`read_jsonl`) and the one row validator (:func:`validate_row`; :func:`validate_rows` for a
-whole set, which must hold one shape). Other file formats are read by ``training.inputs.sources``.
+This module holds the one row validator (:func:`validate_row`; :func:`validate_rows` for a whole
+set, which must hold one shape) and re-exports the one JSONL writer and reader
+(``dpo_core.jsonl``: :func:`write_jsonl`, :func:`read_jsonl`, :func:`read_jsonl_rows`). Other file
+formats are read by ``training.inputs.sources``.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from dpo_core.errors import (
+    BAD_GZIP,
+    BAD_JSON,
+    EMPTY_COMPLETION,
+    EMPTY_PROMPT,
+    IDENTICAL_COMPLETIONS,
+    MISSING_FIELD,
+    MIXED_SHAPES,
+    NO_ROWS,
+    NOT_OBJECT,
+    NOT_UTF8,
+    UNKNOWN_ROLE,
+    UNREADABLE,
+    WRONG_TYPE,
+    DataError,
+    Place,
+)
+from dpo_core.jsonl import JsonlRows, read_jsonl, read_jsonl_rows, write_jsonl
+
+# The errors and the JSONL reader are re-exported: callers find them here, next to the validator.
+__all__ = [
+    "CONVERSATIONAL",
+    "CONVERSATIONAL_IMPLICIT",
+    "EXPLICIT",
+    "IMPLICIT",
+    "ROLES",
+    "detect_format",
+    "extract_prompt",
+    "is_conversational_format",
+    "prompt_split",
+    "validate_row",
+    "validate_rows",
+    "BAD_GZIP",
+    "BAD_JSON",
+    "EMPTY_COMPLETION",
+    "EMPTY_PROMPT",
+    "IDENTICAL_COMPLETIONS",
+    "MISSING_FIELD",
+    "MIXED_SHAPES",
+    "NOT_OBJECT",
+    "NOT_UTF8",
+    "NO_ROWS",
+    "UNKNOWN_ROLE",
+    "UNREADABLE",
+    "WRONG_TYPE",
+    "DataError",
+    "JsonlRows",
+    "Place",
+    "read_jsonl",
+    "read_jsonl_rows",
+    "write_jsonl",
+]
 
 EXPLICIT = "explicit"
 IMPLICIT = "implicit"
 CONVERSATIONAL = "conversational"
 CONVERSATIONAL_IMPLICIT = "conversational_implicit"
 
-# Reasons a row or a line is rejected (DataError.reason).
-NOT_UTF8 = "not_utf8"
-BAD_GZIP = "bad_gzip"
-BAD_JSON = "bad_json"
-NOT_OBJECT = "not_object"
-MISSING_FIELD = "missing_field"
-WRONG_TYPE = "wrong_type"
-EMPTY_COMPLETION = "empty_completion"
-EMPTY_PROMPT = "empty_prompt"
-IDENTICAL_COMPLETIONS = "identical_completions"
-NO_ROWS = "no_rows"
-MIXED_SHAPES = "mixed_shapes"
-
-
-class DataError(ValueError):
-    """Bad input data, located: ``"<source>, row <index>, field '<field>': <detail>"``.
-
-    Attributes:
-        source: where the rows came from (a file path or a name such as ``"<rows>"``).
-        reason: a short code (``missing_field``, ``wrong_type``, ...) to count rejected rows by.
-        index: the 0-based row index, or None for file-level problems.
-        field: the offending field, or None.
-        line: the 1-based line of the file, for problems found while reading.
-    """
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        source: str,
-        reason: str,
-        index: int | None = None,
-        field: str | None = None,
-        line: int | None = None,
-    ) -> None:
-        self.source, self.reason, self.index, self.field, self.line = (
-            source,
-            reason,
-            index,
-            field,
-            line,
-        )
-        where = [str(source)]
-        if line is not None:
-            where.append(f"line {line}")
-        if index is not None:
-            where.append(f"row {index}")
-        if field is not None:
-            where.append(f"field '{field}'")
-        super().__init__(f"{', '.join(where)}: {detail}")
-
-
-def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> None:
-    """Write one JSON object per line (UTF-8, keys in row order), gzipped when ``path`` ends in
-    ``.gz``: the file :func:`read_jsonl` reads back."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read one JSON object per line from a ``.jsonl`` or ``.jsonl.gz`` file.
-
-    Blank lines are skipped, so row ``i`` of the result is the ``i``-th non-blank line. A UTF-8 byte
-    order mark at the start of the file is ignored.
-
-    Raises:
-        DataError: naming the file and the 1-based line, for bytes that are not UTF-8, malformed
-            JSON, a line that is JSON but not an object, or a corrupt gzip stream.
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows: list[dict[str, Any]] = []
-    line_no = 0
-    try:
-        with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                row = _parse_line(raw, source=str(path), line=line_no)
-                if row is not None:
-                    rows.append(row)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(
-            f"not a readable gzip stream after line {line_no} ({e})",
-            source=str(path),
-            reason=BAD_GZIP,
-        ) from e
-    return rows
-
-
-def _parse_line(raw: bytes, *, source: str, line: int) -> dict[str, Any] | None:
-    """One line of a JSONL file as a dict, or None for a blank line."""
-    try:
-        text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
-    except UnicodeDecodeError as e:
-        bad = raw[e.start : e.end]
-        raise DataError(
-            f"bytes {bad!r} at byte {e.start} are not valid UTF-8",
-            source=source,
-            line=line,
-            reason=NOT_UTF8,
-        ) from e
-    if not text.strip():
-        return None
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        detail = f"malformed JSON at column {e.colno}: {e.msg}"
-        raise DataError(detail, source=source, line=line, reason=BAD_JSON) from e
-    if not isinstance(row, dict):
-        raise DataError(
-            f"expected a JSON object, got {type(row).__name__}",
-            source=source,
-            line=line,
-            reason=NOT_OBJECT,
-        )
-    return row
+# The message roles trl 1.16 accepts (``trl.data_utils.prepare_multimodal_messages``); a chat
+# template renders any other role as it is (``<|robot|>``), a turn the model never saw.
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def detect_format(
@@ -237,7 +173,8 @@ def validate_row(row: Mapping[str, Any], *, source: str, index: int) -> Mapping[
 
     - ``chosen`` and ``rejected`` are present (``missing_field``);
     - every field is a string, or, for conversations, a list of dicts with string ``role`` and
-      ``content``, and all fields share one kind (``wrong_type``);
+      ``content``, and all fields share the kind of ``chosen`` (``wrong_type``);
+    - every message's role is one trl accepts, :data:`ROLES` (``unknown_role``);
     - ``chosen`` and ``rejected`` are not empty (``empty_completion``) and differ
       (``identical_completions``);
     - a conversational prompt is not an empty list (the chat template cannot render it), and an
@@ -254,11 +191,8 @@ def validate_row(row: Mapping[str, Any], *, source: str, index: int) -> Mapping[
             reason=MISSING_FIELD,
         )
     conversational = is_conversational_format(fmt)
-    fields = (
-        ("prompt", "chosen", "rejected")
-        if fmt in (EXPLICIT, CONVERSATIONAL)
-        else ("chosen", "rejected")
-    )
+    # 'chosen' first: its kind (text or messages) is the one the other fields are held to.
+    fields = ("chosen", "rejected", "prompt") if "prompt" in row else ("chosen", "rejected")
     for field in fields:
         _check_type(row[field], conversational, source=source, index=index, field=field)
     for field in ("chosen", "rejected"):
@@ -297,11 +231,22 @@ def _check_type(value: Any, conversational: bool, *, source: str, index: int, fi
         raise fail(f"expected a list of messages like 'chosen', got {type(value).__name__}")
     for k, message in enumerate(value):
         if not isinstance(message, dict):
-            raise fail(f"message {k} is a {type(message).__name__}, expected a dict")
+            raise fail(
+                f"message {k} is a {type(message).__name__}, expected a {{'role', 'content'}} dict"
+            )
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 got = type(message[key]).__name__ if key in message else "nothing"
                 raise fail(f"message {k}: expected a string '{key}', got {got}")
+        if message["role"] not in ROLES:
+            raise DataError(
+                f"message {k} has role {message['role']!r}; expected one of "
+                + ", ".join(repr(r) for r in ROLES),
+                source=source,
+                index=index,
+                field=field,
+                reason=UNKNOWN_ROLE,
+            )
 
 
 def _check_prompt_not_empty(row: Mapping[str, Any], fmt: str, *, source: str, index: int) -> None:

@@ -1,0 +1,133 @@
+"""The one JSONL writer and reader of the project: one JSON object per line, gzipped when the
+name ends in ``.gz``. A bad line raises :class:`~dpo_core.errors.DataError` naming the file and
+the line, or, with ``skip_invalid``, is skipped and kept in the result (:func:`read_jsonl_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpo_core.errors import BAD_GZIP, BAD_JSON, NOT_OBJECT, NOT_UTF8, DataError
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> None:
+    """Write one JSON object per line (UTF-8, keys in row order), gzipped when ``path`` ends in
+    ``.gz``: the file :func:`read_jsonl` reads back."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read one JSON object per line from a ``.jsonl`` or ``.jsonl.gz`` file.
+
+    Blank lines are skipped, so row ``i`` of the result is the ``i``-th non-blank line. A UTF-8 byte
+    order mark at the start of the file is ignored.
+
+    Raises:
+        DataError: naming the file and the 1-based line, for bytes that are not UTF-8, malformed
+            JSON, a line that is JSON but not an object, or a corrupt gzip stream.
+    """
+    return read_jsonl_rows(path).rows
+
+
+@dataclass
+class JsonlRows:
+    """What :func:`read_jsonl_rows` read: the rows, the line of each, and the lines it skipped.
+
+    Attributes:
+        rows: one dict per JSON-object line, in file order.
+        lines: the 1-based line of each row.
+        skipped: the located error of every line skipped (``skip_invalid``), in file order.
+        num_read: the non-blank lines read, rows and skipped lines together.
+    """
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    lines: list[int] = dataclasses.field(default_factory=list)
+    skipped: list[DataError] = dataclasses.field(default_factory=list)
+    num_read: int = 0
+
+
+def read_jsonl_rows(
+    path: str | Path, *, skip_invalid: bool = False, max_rows: int | None = None
+) -> JsonlRows:
+    """:func:`read_jsonl`, keeping each row's line; optionally skipping bad lines.
+
+    Args:
+        path: a ``.jsonl`` or ``.jsonl.gz`` file.
+        skip_invalid: skip a line that is not UTF-8, not JSON or not a JSON object (its error is
+            kept in ``skipped``) instead of raising. A corrupt gzip stream still raises: nothing
+            after it can be read.
+        max_rows: stop reading once this many rows are read (the rest of the file is not read).
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = JsonlRows()
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if max_rows is not None and len(out.rows) >= max_rows:
+                    break
+                _read_line(raw, line_no, out, source=str(path), skip_invalid=skip_invalid)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(
+            f"not a readable gzip stream after line {line_no} ({e})",
+            source=str(path),
+            reason=BAD_GZIP,
+        ) from e
+    return out
+
+
+def _read_line(raw: bytes, line: int, out: JsonlRows, *, source: str, skip_invalid: bool) -> None:
+    """Add one line of a JSONL file to ``out``: a row, nothing (blank), or a skipped line."""
+    try:
+        row = _parse_line(raw, source=source, line=line)
+    except DataError as e:
+        if not skip_invalid:
+            raise
+        out.skipped.append(e)
+        out.num_read += 1
+        return
+    if row is not None:
+        out.rows.append(row)
+        out.lines.append(line)
+        out.num_read += 1
+
+
+def _parse_line(raw: bytes, *, source: str, line: int) -> dict[str, Any] | None:
+    """One line of a JSONL file as a dict, or None for a blank line."""
+    try:
+        text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.end]
+        raise DataError(
+            f"bytes {bad!r} at byte {e.start} are not valid UTF-8",
+            source=source,
+            line=line,
+            reason=NOT_UTF8,
+        ) from e
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text.rstrip("\r\n"))  # a column past the end is on this line
+    except json.JSONDecodeError as e:
+        detail = f"malformed JSON at column {e.colno}: {e.msg}"
+        raise DataError(detail, source=source, line=line, reason=BAD_JSON) from e
+    if not isinstance(row, dict):
+        raise DataError(
+            f"expected a JSON object, got {type(row).__name__}",
+            source=source,
+            line=line,
+            reason=NOT_OBJECT,
+        )
+    return row
