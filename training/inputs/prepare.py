@@ -7,13 +7,16 @@ which is built offline and cached on disk.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from dpo_core.data import PROMPT_FILLS_MAX_LENGTH
 from training.inputs.data_module import PreferenceData, split_heldout, tokenize_source
 from training.inputs.gguf import as_model_dir
 from training.inputs.model_loading import load_tokenizer
-from training.inputs.sources import load_rows
+from training.inputs.row_checks import Part, check_rows, report_source
+from training.inputs.sources import SourceRows, read_source
 from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,27 @@ class RunInputs:
 
 @dataclass
 class RowSets:
-    """The raw train and held-out rows, where they came from, and how the held-out set was cut."""
+    """The checked rows of the run's sources and what each part trains or evaluates on.
 
-    train: list[dict]
-    heldout: list[dict]
-    train_source: str
-    heldout_source: str
-    heldout_note: str  # for the "held-out: N pairs (...)" line
+    Attributes:
+        train_file, heldout_file: every valid row of the training source, and of the held-out
+            source (None when the held-out pairs are split off the training source).
+        train, heldout: the rows of each part, each with its place in its file.
+        heldout_note: for the "held-out: N pairs (...)" line.
+    """
+
+    train_file: SourceRows
+    heldout_file: SourceRows | None
+    train: SourceRows
+    heldout: SourceRows
+    heldout_note: str
+
+
+def _read(cfg: FitConfig, source, split: str, max_rows: int | None = None) -> SourceRows:
+    """The valid rows of one source (``--max-rows`` read at most), each with its place."""
+    skip = cfg.data.skip_invalid
+    rows = read_source(source, split, skip_invalid=skip, max_rows=max_rows)
+    return check_rows(rows, skip_invalid=skip)
 
 
 def _rows_and_sources(cfg: FitConfig, embedded) -> RowSets:
@@ -81,30 +98,42 @@ def _rows_and_sources(cfg: FitConfig, embedded) -> RowSets:
     limit = "" if cap is None else f", at most {cap}"
     change = "--eval-max-pairs to change"
     if d.dataset is None:
-        train_src, held_src = str(embedded.train_file), str(embedded.eval_file)
-        train, held = load_rows(train_src)[: d.max_rows], load_rows(held_src)
+        train = _read(cfg, embedded.train_file, "train", d.max_rows)
+        held = _read(cfg, embedded.eval_file, "train")
     else:
-        train_src = d.dataset
-        train = load_rows(d.dataset, d.split)[: d.max_rows]
-        if d.eval_dataset:
-            held_src = d.eval_dataset
-            held = load_rows(d.eval_dataset, d.eval_split or d.split)
-        elif d.eval_split:
-            held_src = f"{d.dataset}[{d.eval_split}]"
-            held = load_rows(d.dataset, d.eval_split)
+        train = _read(cfg, d.dataset, d.split, d.max_rows)
+        if d.eval_dataset or d.eval_split:
+            held = _read(cfg, d.eval_dataset or d.dataset, d.eval_split or d.split)
         else:
-            n_read = len(train)
-            train, held = split_heldout(train, d.eval_fraction, cfg.trainer.seed, max_rows=cap)
-            held_src = f"{d.dataset} (held-out {d.eval_fraction:.0%})"
-            note = (
-                f"{d.eval_fraction:.0%} of the {n_read} rows read{limit}; --eval-fraction, {change}"
-            )
-            return RowSets(train, held, train_src, held_src, note)
+            return _split_off_heldout(cfg, train)
     taken = (
-        f"all {len(held)}" if cap is None or cap >= len(held) else f"the first {cap} of {len(held)}"
+        f"all {len(held.rows)}"
+        if cap is None or cap >= len(held.rows)
+        else f"the first {cap} of {len(held.rows)}"
     )
-    note = f"{taken} in {held_src}{limit}; {change}"
-    return RowSets(train, held[:cap], train_src, held_src, note)
+    note = f"{taken} in {held.source}{limit}; {change}"
+    heldout = held.subset(list(range(len(held.rows)))[:cap])
+    return RowSets(train, held, train, heldout, note)
+
+
+def _split_off_heldout(cfg: FitConfig, rows: SourceRows) -> RowSets:
+    """``--eval-fraction`` of the valid rows read, at most ``--eval-max-pairs``, held out."""
+    d = cfg.data
+    positions = list(range(len(rows.rows)))
+    train, held = split_heldout(
+        positions, d.eval_fraction, cfg.trainer.seed, max_rows=d.eval_max_pairs
+    )
+    limit = "" if d.eval_max_pairs is None else f", at most {d.eval_max_pairs}"
+    counted = (
+        f"{len(positions)} valid rows of the {rows.num_read} read"
+        if rows.skipped
+        else f"{len(positions)} rows read"
+    )
+    note = (
+        f"{d.eval_fraction:.0%} of the {counted}{limit}; --eval-fraction, --eval-max-pairs to "
+        "change"
+    )
+    return RowSets(rows, None, rows.subset(train), rows.subset(held), note)
 
 
 def prepare_inputs(cfg: FitConfig) -> RunInputs:
@@ -119,20 +148,45 @@ def prepare_inputs(cfg: FitConfig) -> RunInputs:
         log.info("model: embedded default (%s)", model_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     rows = _rows_and_sources(cfg, embedded)
-    train_rows, held_rows = rows.train, rows.heldout
-    train = tokenize_source(train_rows, tokenizer, cfg, rows.train_source)
-    held = tokenize_source(held_rows, tokenizer, cfg, rows.heldout_source)
-    if not train.rows:
+    train, train_part = tokenize_source(rows.train, tokenizer, cfg, "train")
+    held, held_part = tokenize_source(rows.heldout, tokenizer, cfg, "held-out")
+    _report(rows, train_part, held_part, cfg.data.max_length)
+    if not train:
         raise ValueError(
-            f"{rows.train_source}: no training rows left after tokenization and filtering"
+            f"{rows.train.source}: no training rows left after tokenization and filtering"
         )
-    log.info("held-out: %d pairs (%s)", len(held.rows), rows.heldout_note)
-    dropped = {f"train/{k}": v for k, v in train.counts.items()}
-    dropped.update({f"heldout/{k}": v for k, v in held.counts.items()})
-    data = PreferenceData(train=train.rows, heldout=held.rows, dropped=dropped)
-    kept_train = [train_rows[r["index"]] for r in train.rows]
-    kept_held = [held_rows[r["index"]] for r in held.rows]
-    for features in (train.rows, held.rows):  # from here on, index = position in the features
+    log.info("held-out: %d pairs (%s)", len(held), rows.heldout_note)
+    dropped = _dropped_counts(rows, train_part, held_part)
+    data = PreferenceData(train=train, heldout=held, dropped=dropped)
+    kept_train = [rows.train.rows[r["index"]] for r in train]
+    kept_held = [rows.heldout.rows[r["index"]] for r in held]
+    for features in (train, held):  # from here on, index = position in the features
         for i, f in enumerate(features):
             f["index"] = i
     return RunInputs(model_path, tokenizer, data, kept_train, kept_held, embedded)
+
+
+def _report(rows: RowSets, train: Part, held: Part, max_length: int | None) -> None:
+    """One account per source file (``row_checks.report_source``)."""
+    if rows.heldout_file is None:
+        report_source(rows.train_file, [train, held], max_length)
+    else:
+        report_source(rows.train_file, [train], max_length)
+        report_source(rows.heldout_file, [held], max_length)
+
+
+def _dropped_counts(rows: RowSets, train: Part, held: Part) -> dict[str, int]:
+    """Rows left out, per reason, for report.md: ``train/<reason>`` counts the rows of the
+    training source (its held-out share included), ``heldout/<reason>`` those of a separate
+    held-out source."""
+    counts: Counter = Counter()
+    held_prefix = "train" if rows.heldout_file is None else "heldout"
+    for prefix, errors in (
+        ("train", rows.train_file.skipped),
+        (held_prefix, rows.heldout_file.skipped if rows.heldout_file else []),
+    ):
+        counts.update(f"{prefix}/{e.reason}" for e in errors)
+    for prefix, part in (("train", train), ("heldout", held)):
+        counts.update(f"{prefix}/{e.reason}" for e in part.skipped)
+        counts.update({f"{prefix}/{PROMPT_FILLS_MAX_LENGTH}": len(part.too_long)})
+    return {k: n for k, n in sorted(counts.items()) if n}

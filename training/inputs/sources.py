@@ -1,40 +1,126 @@
 """Preference rows from where a user keeps them: a local file, a directory or a hub data set.
 
-``load_rows(source)`` is the one reader of every format; training (``--dataset``) and parity
-(``--dataset``) both call it. Local files are read by their name, used literally
-(``datasets.load_dataset`` would read ``[`` or ``*`` in a path as a glob):
+``read_source(source)`` is the one reader of every format; training (``--dataset``) and parity
+(``--dataset``) both call it (``load_rows`` for the rows alone). Every row comes back with its
+:class:`~dpo_core.errors.Place` in the file, so that an error or a skip report names the file's
+own line or row, whatever happens to the rows later (a held-out split, ``--max-rows``). Local files
+are read by their name, used literally (``datasets.load_dataset`` would read ``[`` or ``*`` in a
+path as a glob):
 
-- ``.jsonl`` / ``.jsonl.gz``: one object per line (``dpo_core.rows.read_jsonl``: a bad line is
-  reported with its number);
-- ``.json`` / ``.json.gz``: a list of objects, an object of equal-length columns, one object, or
-  JSON lines;
-- ``.parquet``: with pyarrow (the format ``datasets`` stores);
-- ``.csv``: a header row, every cell a string.
+- ``.jsonl`` / ``.jsonl.gz``: one object per line (``dpo_core.jsonl``), placed by line;
+- ``.json`` / ``.json.gz``: a list of objects, an object of equal-length columns, one object
+  (placed by data row), or JSON lines (placed by line);
+- ``.parquet``: with pyarrow (the format ``datasets`` stores), placed by data row;
+- ``.csv``: a header row, every cell a string, placed by data row and the line it ends on.
 
-A directory or a hub id goes to ``datasets.load_dataset``.
-Rows come back as plain dicts, unchecked: ``dpo_core.rows.validate_row`` checks each one where it
-is formatted, ``validate_rows`` a whole set.
+A directory or a hub id goes to ``datasets.load_dataset`` (placed by data row of the split).
+A file that cannot be read at all raises one ``DataError`` naming it and the cause. Rows come
+back unchecked: ``training.inputs.row_checks`` validates them where they are placed.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
+import io
 import json
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_core.rows import read_jsonl
+from dpo_core.rows import (
+    BAD_JSON,
+    NOT_UTF8,
+    UNREADABLE,
+    DataError,
+    Place,
+    read_jsonl_rows,
+)
 
 
-def _read_json(path: Path) -> list[dict]:
-    """Rows of a JSON file: a list of objects, an object of columns, one object, or JSON lines."""
+@dataclass
+class SourceRows:
+    """The rows of one source, each with its place there.
+
+    Attributes:
+        source: the file path, or ``"<data set>[<split>]"``.
+        rows: the rows, in file order.
+        places: the :class:`Place` of each row in the file.
+        num_read: entries read: the rows plus the malformed entries skipped.
+        skipped: the located error of every entry skipped (``skip_invalid``), in file order.
+    """
+
+    source: str
+    rows: list[dict]
+    places: list[Place]
+    num_read: int
+    skipped: list[DataError] = dataclasses.field(default_factory=list)
+
+    def subset(self, positions: list[int]) -> SourceRows:
+        """The rows at ``positions`` (of ``rows``), with their places; nothing skipped."""
+        rows = [self.rows[i] for i in positions]
+        places = [self.places[i] for i in positions]
+        return SourceRows(self.source, rows, places, len(rows))
+
+
+def _by_row(source: str, rows: list, max_rows: int | None) -> SourceRows:
+    """Rows placed by their 1-based data row, cut to ``max_rows``."""
+    rows = rows[:max_rows]
+    return SourceRows(source, rows, [Place(row=i + 1) for i in range(len(rows))], len(rows))
+
+
+def _read_jsonl(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
+    read = read_jsonl_rows(path, skip_invalid=skip_invalid, max_rows=max_rows)
+    places = [Place(line=n) for n in read.lines]
+    return SourceRows(str(path), read.rows, places, read.num_read, read.skipped)
+
+
+def _read_json(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
+    """A JSON file: a list of objects, an object of columns, one object, or JSON lines.
+
+    A file whose first line is JSON by itself may be JSON lines: unless it parses as one
+    document, it is read line by line (each bad line located, ``skip_invalid`` applies). Any other
+    file is one document (an array, a pretty-printed object): an error in it ends the reading,
+    reported at its line.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
     try:
-        with opener(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8-sig"))
-    except (ValueError, OSError, EOFError, zlib.error):
-        return read_jsonl(path)  # not one JSON document: JSON lines, read with located errors
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        if _first_line_is_json(raw):
+            return _read_jsonl(path, skip_invalid, max_rows)
+        raise _document_error(e, raw, str(path)) from e
+    return _by_row(str(path), _json_rows(data, str(path)), max_rows)
+
+
+def _document_error(
+    err: UnicodeDecodeError | json.JSONDecodeError, raw: bytes, source: str
+) -> DataError:
+    """Where and why a one-document JSON file does not parse."""
+    note = "(read as one JSON document: its first line is not JSON by itself)"
+    if isinstance(err, UnicodeDecodeError):
+        line = raw[: err.start].count(b"\n") + 1
+        bad = raw[err.start : err.end]
+        detail = f"bytes {bad!r} are not valid UTF-8 {note}"
+        return DataError(detail, source=source, line=line, reason=NOT_UTF8)
+    detail = f"malformed JSON at column {err.colno}: {err.msg} {note}"
+    return DataError(detail, source=source, line=err.lineno, reason=BAD_JSON)
+
+
+def _first_line_is_json(raw: bytes) -> bool:
+    """Whether the first non-blank line parses alone: the file may be JSON lines."""
+    first = next((line for line in raw.splitlines() if line.strip()), b"")
+    try:
+        json.loads(first.decode("utf-8-sig"))
+    except ValueError:
+        return False
+    return True
+
+
+def _json_rows(data, source: str) -> list:
+    """The rows of one JSON document: a list, an object of columns, or one row."""
     if isinstance(data, list):
         return data
     if not isinstance(data, dict):
@@ -44,25 +130,52 @@ def _read_json(path: Path) -> list[dict]:
         return [data]  # one row (a conversational row's chosen is a list of messages)
     lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
     if len(lengths) != 1:
-        raise ValueError(f"{path}: columns of different lengths or non-list columns")
+        raise DataError(
+            "columns of different lengths or non-list columns", source=source, reason=UNREADABLE
+        )
     return [dict(zip(data, values)) for values in zip(*data.values())]
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    return _by_row(str(path), pq.read_table(path).to_pylist(), max_rows)
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+def _read_csv(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
+    """A CSV file with a header. Bytes that are not UTF-8 make their record an error (skipped
+    with ``skip_invalid``); every record is placed by data row and the line it ends on."""
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    out = SourceRows(str(path), [], [], 0)
+    for row in reader:
+        if max_rows is not None and len(out.rows) >= max_rows:
+            break
+        place = Place(row=out.num_read + 1, line=reader.line_num)
+        out.num_read += 1
+        bad = next((k for k, v in row.items() if _has_bad_bytes(k) or _has_bad_bytes(v)), None)
+        if bad is None:
+            out.rows.append(row)
+            out.places.append(place)
+            continue
+        error = DataError(
+            "bytes that are not valid UTF-8", source=str(path), reason=NOT_UTF8, field=str(bad)
+        ).at(place)
+        if not skip_invalid:
+            raise error
+        out.skipped.append(error)
+    return out
+
+
+def _has_bad_bytes(value) -> bool:
+    """Whether a CSV cell holds bytes that did not decode (``surrogateescape`` keeps them)."""
+    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
 
 
 # File name endings and their readers; a name matches at most one.
 READERS = {
-    ".jsonl": read_jsonl,
-    ".jsonl.gz": read_jsonl,
+    ".jsonl": _read_jsonl,
+    ".jsonl.gz": _read_jsonl,
     ".json": _read_json,
     ".json.gz": _read_json,
     ".parquet": _read_parquet,
@@ -70,33 +183,81 @@ READERS = {
 }
 
 
-def load_rows(source: str | Path, split: str = "train") -> list[dict]:
-    """All rows of ``source`` as plain dicts: a local file by its ending, else ``load_dataset``.
+def read_source(
+    source: str | Path,
+    split: str = "train",
+    *,
+    skip_invalid: bool = False,
+    max_rows: int | None = None,
+) -> SourceRows:
+    """All rows of ``source`` with their places: a local file by its ending, else ``load_dataset``.
 
     Args:
         source: a file path (see the module docstring), a directory, or a hub data set id.
         split: the split of a directory or hub data set; a file is one split.
+        skip_invalid: skip malformed entries (a JSON line that is not UTF-8, not JSON or not an
+            object; a CSV record with bytes that are not UTF-8), kept in ``skipped``.
+        max_rows: read at most this many rows (JSON lines: the rest of the file is not read).
 
     Raises:
         FileNotFoundError: ``source`` ends like a data file (``.jsonl``, ...) but does not exist.
-        ValueError: a file of another type, a JSON object whose columns differ in length, or a
-            data set ``load_dataset`` cannot load.
-        dpo_core.rows.DataError: a line of a JSON-lines file that is not a JSON object.
+        DataError: an unsupported file type; a file that cannot be read (naming it and the
+            cause); a malformed entry (naming its line or row) unless ``skip_invalid``.
+        ValueError: a data set ``load_dataset`` cannot load.
     """
     path = Path(source)
     reader = next((r for end, r in READERS.items() if path.name.endswith(end)), None)
     if path.is_file():
         if reader is None:
-            raise ValueError(
-                f"{path}: unsupported file type {path.suffix!r}; use " + ", ".join(READERS)
+            raise DataError(
+                f"unsupported file type {path.suffix!r}; use " + ", ".join(READERS),
+                source=str(path),
+                reason=UNREADABLE,
             )
-        return reader(path)
+        return _read_file(reader, path, skip_invalid, max_rows)
     if reader is not None and not path.exists():
         raise FileNotFoundError(f"preference file {path} not found")
+    return _by_row(f"{source}[{split}]", _load_dataset(str(source), split), max_rows)
+
+
+def _read_file(reader, path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
+    """``reader``'s rows; anything but a located ``DataError`` becomes one naming the file."""
+    try:
+        return reader(path, skip_invalid, max_rows)
+    except DataError:
+        raise
+    except Exception as err:  # pyarrow, csv, gzip, OS errors: one clear message, no traceback
+        raise DataError(
+            f"cannot read this file: {describe_error(err)}", source=str(path), reason=UNREADABLE
+        ) from err
+
+
+def _load_dataset(source: str, split: str) -> list[dict]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(str(source), split=split)
+        ds = datasets.load_dataset(source, split=split)
     except Exception as err:  # a hub/network error deep in datasets: say what was asked
-        raise ValueError(f"could not load dataset {source!r} (split {split!r}): {err}") from err
+        raise ValueError(
+            f"could not load dataset {source!r} (split {split!r}): {describe_error(err)}"
+        ) from err
     return ds.to_list()
+
+
+def describe_error(err: BaseException) -> str:
+    """``err`` with the chain of errors that caused it (``datasets`` wraps the real one)."""
+    parts = []
+    while err is not None and len(parts) < 4:
+        text = str(err).strip()
+        parts.append(f"{type(err).__name__}: {text}" if text else type(err).__name__)
+        err = err.__cause__ or err.__context__
+    return "; caused by ".join(parts)
+
+
+def load_rows(source: str | Path, split: str = "train") -> list[dict]:
+    """All rows of ``source`` as plain dicts (:func:`read_source` without the places).
+
+    Raises:
+        As :func:`read_source`.
+    """
+    return read_source(source, split).rows
