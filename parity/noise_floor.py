@@ -42,7 +42,7 @@ metrics, per step  up to 466               (not used: a step's floor can be ~0)
 
 On the real SmolLM2-135M-Instruct (conversational rows, LoRA, 3 steps, four floor runs): noise
 alone reaches 16.6x the floor (weights q99), ours 2.6x. bf16 adapters (QLoRA) are nudged by a
-whole bf16 ulp, a coarser change than ours' float32 rounding: there noise alone reaches 2.1x the
+whole bf16 ulp, a coarser change than ours' float32 rounding: there noise alone reaches 2.6x the
 *allowed* and ours stays below 0.05x.
 
 A real difference is far above: one parameter tensor stepped at lr x 1.001 gives weight q90 at
