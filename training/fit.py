@@ -21,21 +21,23 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from dpo_core.rows import DataError
 from training.inputs.data_module import PreferenceDataModule
+from training.inputs.model_checks import check_model_source
 from training.inputs.model_loading import build_reference, load_policy
 from training.inputs.precompute import attach_precomputed_reference, resolve_precompute
 from training.inputs.prepare import RunInputs, prepare_inputs
-from training.run.callbacks import AtomicCheckpointIO, StepProgressBar, StepTimer
+from training.run.callbacks import PREVIOUS_NAME, AtomicCheckpointIO, StepProgressBar, StepTimer
 from training.run.cli import config_to_yaml, resolve_config
 from training.run.config import FitConfig
-from training.run.metrics_csv import read_rows as metrics_csv_rows
-from training.run.metrics_csv import restore_earlier_rows
+from training.run.errors import RunError, debug_requested, describe_os_error, is_no_space
+from training.run.metrics_csv import StepCSVLogger
 from training.run.module import DPOModule
-from training.run.outputs import evaluate_run, save_outputs
+from training.run.nan_stop import NonFiniteStop, stop_message
+from training.run.outputs import check_output_dir, evaluate_run, publish_metrics, save_outputs
 from training.run.quiet import quiet_foreign_warnings
+from training.run.resume import ResumePlan, plan_resume, run_record
 
 log = logging.getLogger("training.fit")
 
@@ -88,11 +90,13 @@ def make_trainer(
     epochs: int,
     timer: StepTimer,
     extra_callbacks: list[L.Callback] | None = None,
+    earlier_rows: list[dict] | None = None,
 ) -> L.Trainer:
-    """The Lightning Trainer: loggers, checkpoints, clipping, accumulation, strategy."""
+    """The Lightning Trainer: loggers, checkpoints, clipping, accumulation, strategy.
+    ``earlier_rows``: the metrics rows a resumed run continues (``training.run.metrics_csv``)."""
     out = Path(cfg.trainer.output_dir)
     # every step on disk, so that an interrupted run's file holds all the steps it finished
-    loggers = [CSVLogger(save_dir=str(out), name="logs", version="", flush_logs_every_n_steps=1)]
+    loggers = [StepCSVLogger(str(out), "logs", earlier_rows)]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -140,42 +144,36 @@ def train(
     """Build policy, reference and Lightning objects from ``inputs``; fit; save; evaluate.
 
     ``callbacks`` are extra Lightning callbacks for the training run (e.g. a benchmark's meter).
+    A ``--resume`` is checked against the checkpoint's config and data before the model loads.
     """
     out = Path(cfg.trainer.output_dir)
     total = total_optimizer_steps(cfg, len(inputs.data.train))
     cfg = resolve_precompute(cfg, len(inputs.data.train), total)
+    record = run_record(cfg, inputs)
+    plan = plan_resume(cfg, record)
     policy = load_policy(inputs.model_path, cfg)
     if cfg.dpo.precompute_ref_log_probs:
         reference = attach_precomputed_reference(policy, inputs, cfg)
     else:
         reference = build_reference(policy, cfg)
     data = PreferenceDataModule(inputs.data, inputs.tokenizer, cfg)
-    module = DPOModule(policy, reference, cfg, total_steps=total)
-    last = out / "checkpoints" / "last.ckpt"
-    resume = cfg.trainer.resume and last.exists()
-    if cfg.trainer.resume and not resume:
-        log.warning("--resume: no checkpoint at %s; starting from the beginning", last)
-    metrics_csv = out / "logs" / "metrics.csv"
-    earlier_rows = metrics_csv_rows(metrics_csv) if resume else []  # the logger deletes the file
+    module = DPOModule(policy, reference, cfg, total, record, resume_changes=len(plan.changes))
     timer = StepTimer()
     epochs = epochs_needed(cfg, len(inputs.data.train), total)
-    trainer = make_trainer(cfg, total, epochs, timer, callbacks)
+    trainer = make_trainer(cfg, total, epochs, timer, callbacks, plan.earlier_rows)
     module.reference_to(trainer.strategy.root_device)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
-    if earlier_rows and trainer.is_global_zero:
-        restore_earlier_rows(metrics_csv, earlier_rows)
-    model_dir = out / "model"
+    fit_module(trainer, module, data, plan, cfg)
     evaluation = report = None
     before: dict[str, float] = {}
     after: dict[str, float] = {}
     if trainer.is_global_zero:
-        save_outputs(cfg, policy, inputs)
+        save_outputs(cfg, policy, inputs, plan.config_note())
         if cfg.trainer.evaluate and inputs.data.heldout:
             evaluation, report = evaluate_run(cfg, inputs, policy, reference)
             before, after = evaluation.before.trl_metrics, evaluation.after.trl_metrics
     return FitResult(
         out,
-        model_dir,
+        out / "model",
         before,
         after,
         module.last_logged,
@@ -189,6 +187,40 @@ def train(
     )
 
 
+def fit_module(
+    trainer: L.Trainer, module: DPOModule, data, plan: ResumePlan, cfg: FitConfig
+) -> None:
+    """``trainer.fit``, from ``plan``'s checkpoint when resuming. A non-finite stop becomes a
+    ``RunError`` saying which checkpoint is kept (``training.run.nan_stop``); a finished run
+    keeps ``last.ckpt`` alone; however training ends, ``metrics.csv`` gets every step logged."""
+    checkpoint = str(plan.checkpoint) if plan.checkpoint else None
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=checkpoint)
+        if trainer.is_global_zero:  # only a stopped run may need the one before last.ckpt
+            (Path(cfg.trainer.output_dir) / "checkpoints" / PREVIOUS_NAME).unlink(missing_ok=True)
+    except NonFiniteStop as stop:
+        raise RunError(stop_message(stop, cfg, trainer.is_global_zero)) from stop
+    finally:
+        if trainer.is_global_zero:
+            try:
+                publish_metrics(Path(cfg.trainer.output_dir))
+            except RunError as err:  # do not hide the failure that ended training
+                log.error("%s", err)
+
+
+def check_before_loading(cfg: FitConfig) -> None:
+    """What can fail without loading anything, checked first: the model paths exist and look
+    like models (nothing is written if not), then the output directory is writable
+    (``RunError`` otherwise)."""
+    for flag, name in (("--model", cfg.model.model), ("--ref-model", cfg.model.ref_model)):
+        if name:
+            check_model_source(name, flag)
+    adapter = cfg.model.adapter
+    if adapter and not Path(adapter).expanduser().exists():
+        raise RunError(f"--adapter {adapter}: no such directory")
+    check_output_dir(cfg.trainer.output_dir)
+
+
 def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
     """The whole job for a resolved config. On the embedded default, the fields the user did not
     set (``explicit``: names set by flag or YAML) take the embedded task's recipe."""
@@ -196,6 +228,7 @@ def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
         from training.inputs.prepare import apply_embedded_recipe
 
         cfg = apply_embedded_recipe(cfg, explicit or set())
+    check_before_loading(cfg)
     L.seed_everything(cfg.trainer.seed, verbose=False)
     inputs = prepare_inputs(cfg)
     result = train(cfg, inputs)
@@ -204,6 +237,20 @@ def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
 
         print_summary(result)
     return result
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message ``main`` prints for a failure the user can act on, or None for an
+    unexpected one (whose traceback is then shown)."""
+    if isinstance(err, RunError | DataError | FloatingPointError):
+        return str(err)
+    if isinstance(err, OSError):
+        return describe_os_error(err) if err.errno else str(err)
+    if isinstance(err, ValueError):
+        return str(err)
+    if is_no_space(err):
+        return f"no space left on device ({str(err).strip().splitlines()[0]})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_foreign_warnings(cfg.lora.load_in_4bit)
     try:
         run(cfg, explicit=args.explicit)
-    except (DataError, FloatingPointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = None if debug_requested(getattr(args, "debug", False)) else user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -141,8 +141,10 @@ def test_non_finite_values_stop_training_and_keep_the_last_good_checkpoint(
     assert f"{tmp_path}/checkpoints" in err and "--resume" in err
     assert "Traceback" not in err
 
+    # The checkpoint of the bad step holds the weights that step ran on (resuming from it would
+    # repeat the failure): the one before it is kept (training.run.nan_stop).
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert checkpoint["global_step"] == fault_step
+    assert checkpoint["global_step"] == fault_step - 1
     weights = checkpoint["state_dict"].values()
     assert all(torch.isfinite(t).all() for t in weights if t.is_floating_point())
     assert not (tmp_path / "model").exists()  # a failed run publishes no model

@@ -15,13 +15,19 @@ import copy
 import logging
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from training.inputs.four_bit import disable_cpu_packing
 from training.inputs.gguf import as_model_dir
+from training.inputs.model_checks import check_model_source, loading_failure
 from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
+
+# What transformers, huggingface_hub and safetensors raise for a model they cannot read (a hub
+# id's validation error is a ValueError); a RunError naming the path replaces them.
+LOAD_ERRORS = (OSError, ValueError, ImportError, SafetensorError)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,10 +40,15 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """Load a tokenizer and make sure it can pad (pad = EOS when it has no pad token, as trl)."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        as_model_dir(path), trust_remote_code=trust_remote_code
-    )
+    """Load a tokenizer and make sure it can pad (pad = EOS when it has no pad token, as trl).
+    A path that cannot be loaded is a ``RunError`` naming it (``training.inputs.model_checks``)."""
+    check_model_source(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            as_model_dir(path), trust_remote_code=trust_remote_code
+        )
+    except LOAD_ERRORS as err:
+        raise loading_failure(path, err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -53,8 +64,12 @@ def _quantization_config(cfg: FitConfig):
     )
 
 
-def load_causal_lm(path: str, cfg: FitConfig, *, quantize: bool = False) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with the config's dtype, attention and 4-bit."""
+def load_causal_lm(
+    path: str, cfg: FitConfig, *, quantize: bool = False, flag: str = "--model"
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with the config's dtype, attention and 4-bit;
+    a path that cannot be loaded is a ``RunError`` naming it and ``flag``."""
+    check_model_source(path, flag)
     kwargs = {
         "dtype": torch_dtype(cfg.model.dtype),
         "trust_remote_code": cfg.model.trust_remote_code,
@@ -63,7 +78,10 @@ def load_causal_lm(path: str, cfg: FitConfig, *, quantize: bool = False) -> PreT
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if quantize:
         kwargs["quantization_config"] = _quantization_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(as_model_dir(path), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(as_model_dir(path), **kwargs)
+    except LOAD_ERRORS as err:
+        raise loading_failure(path, err, flag) from err
     model.config.use_cache = False
     if quantize:  # before any forward: bitsandbytes' CPU repacking drops gradients (four_bit)
         disable_cpu_packing(model)
@@ -160,7 +178,10 @@ def build_reference(policy: torch.nn.Module, cfg: FitConfig):
     if cfg.dpo.reference_free or cfg.dpo.precompute_ref_log_probs:
         return None
     if cfg.model.ref_model:
-        ref_model = frozen(load_causal_lm(cfg.model.ref_model, cfg, quantize=cfg.lora.load_in_4bit))
+        ref_model = load_causal_lm(
+            cfg.model.ref_model, cfg, quantize=cfg.lora.load_in_4bit, flag="--ref-model"
+        )
+        ref_model = frozen(ref_model)
         disable_dropout(ref_model)
         return ref.FrozenCopyReference(ref_model, **options)
     if cfg.lora.lora:

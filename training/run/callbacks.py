@@ -4,6 +4,7 @@ that counts optimizer steps."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,28 +13,91 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from training.run.errors import RunError, is_no_space, write_failure
+
+# The checkpoint that ``last.ckpt`` replaced, kept beside it (training.run.nan_stop falls back
+# to it when the last one already holds the weights of a non-finite step).
+PREVIOUS_NAME = "previous.ckpt"
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary file in the same folder, fsync it, then rename it
     over the target: a run killed mid-write leaves the previous checkpoint intact, never a torn
-    one (``os.replace`` is atomic on POSIX within one file system)."""
+    one (``os.replace`` is atomic on POSIX within one file system).
+
+    The checkpoint being replaced stays as ``previous.ckpt`` (a hard link: no copy), so a run
+    that stops on a non-finite value can fall back to the one before the bad step
+    (``training.run.nan_stop``). A write that fails (a full disk) removes its temporary, keeps
+    the previous checkpoint and raises a ``RunError`` naming the file and the cause."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        previous = path.with_name(PREVIOUS_NAME)
+        previous.unlink(missing_ok=True)  # at most two checkpoints on disk while writing
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+        except Exception as err:
+            no_space = disk_too_full(path.parent, checkpoint, Path(tmp))
+            Path(tmp).unlink(missing_ok=True)
+            raise checkpoint_write_failure(path, err, no_space) from err
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _link_previous(path, previous)
+        os.replace(tmp, path)
         # A writer killed mid-save (SIGKILL runs no except clause) leaves its temporary behind.
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        for pattern in (f".{path.name}.*.tmp", f".{PREVIOUS_NAME}.*.tmp"):
+            for stale in path.parent.glob(pattern):
+                stale.unlink(missing_ok=True)
+
+
+def _link_previous(path: Path, previous: Path) -> None:
+    """Keep the checkpoint at ``path`` (about to be replaced) as ``previous``, by a hard link
+    made under a temporary name and renamed: ``path`` exists at every moment."""
+    if not path.is_file():
+        return
+    link = path.with_name(f".{PREVIOUS_NAME}.{os.getpid()}.tmp")
+    try:
+        os.link(path, link)
+    except OSError:  # a file system without hard links: no previous checkpoint is kept
+        return
+    os.replace(link, previous)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) checkpoint: about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def disk_too_full(folder: Path, checkpoint, partial: Path) -> bool:
+    """Whether a failed checkpoint write ran out of space: the bytes it still had to write
+    exceed the free space left (torch's zip writer reports this as ``file write failed``)."""
+    written = partial.stat().st_size if partial.exists() else 0
+    return shutil.disk_usage(folder).free < tensor_bytes(checkpoint) - written
+
+
+def checkpoint_write_failure(path: Path, err: BaseException, no_space: bool) -> RunError:
+    """The message of a failed checkpoint write: the file, the cause, what was kept."""
+    failure = write_failure(path, err, "writing a checkpoint")
+    if no_space and not is_no_space(err):
+        failure = RunError(f"{path}: no space left on device while writing a checkpoint")
+    kept = (
+        f"the checkpoint written before, {path}, is intact"
+        if path.is_file()
+        else "no earlier checkpoint exists"
+    )
+    return RunError(f"{failure}; {kept}")
 
 
 class StepTimer(L.Callback):
@@ -92,3 +156,10 @@ class StepProgressBar(TQDMProgressBar):
         if not bar.disable:
             bar.n = n
             bar.refresh()
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint file, its tensors memory-mapped (not read until used): cheap to open for its
+    step, its run record or a finiteness check. Lightning checkpoints hold loop and callback
+    state besides tensors, hence ``weights_only=False`` (the file is this run's own)."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)

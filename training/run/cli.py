@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="YAML file with any of the fields below.")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config.")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="On a failure, show the full traceback instead of one error line (or DPO_DEBUG=1).",
+    )
     for group in GROUPS:
         add_group_flags(parser, group)
     return parser

@@ -161,7 +161,15 @@ class TrainerConfig:
     eval_every_n_steps: int | None = _f(
         None, "Validate every N optimizer steps (unset = at the end)."
     )
-    resume: bool = _f(False, "Continue from output_dir/checkpoints/last.ckpt.")
+    resume: bool = _f(
+        False,
+        "Continue from output_dir/checkpoints/last.ckpt (refused if the config or data changed).",
+    )
+    resume_allow_changes: bool = _f(
+        False,
+        "With --resume: continue even if the config or data differ from the checkpoint's "
+        "(the changes are recorded in config.yaml and metrics.csv).",
+    )
     evaluate: bool = _f(True, "Evaluate before vs after and write the report at the end.")
     num_workers: int = _f(0, "DataLoader workers.")
 

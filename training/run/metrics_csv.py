@@ -1,10 +1,17 @@
-"""The run's ``logs/metrics.csv`` across ``--resume``.
+"""The run's ``logs/metrics.csv``: every trained step on disk, across kills and ``--resume``.
 
-Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when a new run starts in the same
-directory, so a resumed run would keep only the steps it trained itself. ``fit`` reads the
-interrupted run's rows first and, after training, puts back those from steps before the first
-step the resumed run logged (they are the steps it did not redo), so the file covers the whole
-run. The logger flushes every step, so the interrupted run's file holds every step it finished.
+Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when a run starts in the same
+directory, and rewrites the file in place when a new column appears: a resumed run that dies
+would lose the interrupted run's steps. ``StepCSVLogger`` writes the same file differently:
+
+- a resumed run starts from the rows already on disk (and the row its checkpoint carries, for a
+  step killed between the checkpoint and the row's write: ``DPOModule.on_save_checkpoint``);
+- a step the resumed run logs again replaces the earlier row of that step, and an earlier row
+  stays in the file until then, so a run killed any number of times never loses a step;
+- every change that is not a plain append (a new column, a replaced row) rewrites the file
+  through a temporary file and a rename, so a kill leaves the old file or the new one.
+
+A fresh run (no ``--resume``) replaces an old file with its own rows at its first write.
 """
 
 from __future__ import annotations
@@ -13,32 +20,129 @@ import csv
 import os
 from pathlib import Path
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a metrics file as written (strings), or [] when there is none."""
-    if not path.is_file():
+    """The rows of a metrics file as written (strings), or [] when there is none. A torn last
+    line (a kill mid-append) is dropped: it has no step or missing fields."""
+    if not Path(path).is_file():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if None not in r.values() and _has_step(r)]
 
 
-def _step(row: dict[str, str]) -> int:
+def _has_step(row: dict) -> bool:
+    try:
+        _step(row)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _step(row: dict) -> int:
     return int(float(row["step"]))
 
 
+def merge_rows(earlier: list[dict], current: list[dict]) -> list[dict]:
+    """``earlier``'s rows at steps ``current`` does not log, and ``current``'s rows, in step
+    order (a step's own rows keep their order): a redone step's new rows win."""
+    redone = {_step(r) for r in current}
+    kept = [r for r in earlier if _step(r) not in redone]
+    return sorted(kept + current, key=_step)
+
+
+def write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Write ``rows`` under the header ``fields`` to ``path`` through a temporary file and a
+    rename (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def restore_earlier_rows(path: Path, earlier: list[dict[str, str]]) -> int:
-    """Rewrite ``path`` as ``earlier``'s rows from before its first logged step, then its own
-    rows; the header is the union of both. Returns how many earlier rows were put back."""
+    """Rewrite ``path`` as ``merge_rows(earlier, its rows)``; the header is the union of both.
+    Returns how many earlier rows were put back (0: the file is left alone)."""
     current = read_rows(path)
-    first = min((_step(r) for r in current if r.get("step")), default=None)
-    kept = [r for r in earlier if r.get("step") and (first is None or _step(r) < first)]
-    if not kept:
-        return 0
-    fields = sorted({k for r in kept + current for k in r})
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept + current)
-    os.replace(tmp, path)
-    return len(kept)
+    merged = merge_rows([r for r in earlier if _has_step(r)], current)
+    added = len(merged) - len(current)
+    if added:
+        write_rows(path, merged, sorted({k for r in merged for k in r}))
+    return added
+
+
+class MergingWriter(ExperimentWriter):
+    """Lightning's experiment writer, with the file kept whole as the module docstring says.
+
+    ``earlier``: the rows a resumed run continues (None: a fresh run, which replaces the file).
+    """
+
+    def __init__(self, log_dir: str, earlier: list[dict] | None) -> None:
+        self._earlier = earlier
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes metrics.csv here; this writer keeps it until it writes a new one.
+        self.logged: list[dict] = []  # every row this run logged, in order
+        self.on_disk_earlier = list(self._earlier or [])  # earlier rows now in the file
+        # The first save rewrites the file: a fresh run replaces another run's file, a resumed
+        # one puts back the row its checkpoint carried.
+        self.stale_file = True
+        self.header: list[str] = sorted({k for r in self.on_disk_earlier for k in r})
+        self.metrics_keys = list(self.header)
+
+    def save(self) -> None:
+        """Write the rows logged since the last save: appended when that keeps the file in step
+        order under the same header, else the whole file rewritten atomically."""
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        rows, self.metrics = self.metrics, []
+        self.logged.extend(rows)
+        first = min(_step(r) for r in self.logged)
+        path = Path(self.metrics_file_path)
+        must_rewrite = (
+            self.stale_file
+            or not path.is_file()
+            or self.metrics_keys != self.header
+            or any(_step(r) >= first for r in self.on_disk_earlier)
+        )
+        if not must_rewrite:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.header).writerows(rows)
+            return
+        merged = merge_rows(self.on_disk_earlier, self.logged)
+        redone = {_step(r) for r in self.logged}
+        self.on_disk_earlier = [r for r in self.on_disk_earlier if _step(r) not in redone]
+        write_rows(path, merged, self.metrics_keys)
+        self.header = list(self.metrics_keys)
+        self.stale_file = False
+
+
+class StepCSVLogger(CSVLogger):
+    """``CSVLogger`` writing ``<save_dir>/<name>/metrics.csv`` with ``MergingWriter``, flushed
+    every step. ``earlier``: the rows a resumed run continues (None for a fresh run)."""
+
+    def __init__(self, save_dir: str, name: str, earlier: list[dict] | None = None) -> None:
+        super().__init__(save_dir=save_dir, name=name, version="", flush_logs_every_n_steps=1)
+        self._earlier_rows = earlier
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> MergingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = MergingWriter(self.log_dir, self._earlier_rows)
+        return self._experiment

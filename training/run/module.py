@@ -3,8 +3,10 @@
 ``training_step`` and ``validation_step`` share one step; this file only wires it to Lightning:
 optimizer and schedule (as transformers' Trainer builds them, so runs compare with trl), the
 per-optimizer-step metric reduction trl uses (mean over micro-batches of sums/counts reduced
-across processes), the pre-clip ``grad_norm``, and a stop with a clear message on a non-finite
-loss.
+across processes), the pre-clip ``grad_norm``, a stop on a non-finite loss or gradient
+(``training.run.nan_stop`` decides what is kept), and what a checkpoint carries for ``--resume``
+beyond weights and optimizer: the token count, the run record (config and data fingerprint,
+``training.run.resume``) and the last step's metrics row.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from dpo_core.step import DPOSettings, StepOutput, dpo_step
 from training.inputs.four_bit import check_not_packed
 from training.run.config import FitConfig
+from training.run.nan_stop import NonFiniteStop
 
 # Shown in the progress bar (all metrics go to the loggers).
 PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -62,10 +65,29 @@ def linear_schedule(step: int, *, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-class DPOModule(L.LightningModule):
-    """Trains ``model`` with DPO against ``reference`` (None when reference-free)."""
+def as_logged(value: float) -> float:
+    """``value`` as Lightning's loggers write it: ``self.log`` stores a Python float as a tensor
+    of the default dtype (float32), and the logger writes its ``.item()``."""
+    return torch.tensor(value, dtype=torch.get_default_dtype()).item()
 
-    def __init__(self, model: torch.nn.Module, reference, cfg: FitConfig, total_steps: int):
+
+class DPOModule(L.LightningModule):
+    """Trains ``model`` with DPO against ``reference`` (None when reference-free).
+
+    ``run_record``: the run's config and data fingerprint, saved in every checkpoint so that
+    ``--resume`` can compare them (``training.run.resume``). ``resume_changes``: how many of them
+    a resume was allowed to change (logged as a metric; its new optimizer settings then replace
+    the restored ones when training starts)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        reference,
+        cfg: FitConfig,
+        total_steps: int,
+        run_record: dict | None = None,
+        resume_changes: int = 0,
+    ):
         super().__init__()
         self.model = model
         self.reference = reference  # a dpo_core.reference source; not a registered submodule
@@ -76,6 +98,9 @@ class DPOModule(L.LightningModule):
         self.num_tokens = 0.0
         self.last_logged: dict[str, float] = {}
         self.history: list[dict[str, float]] = []  # one entry per optimizer step
+        self.run_record = run_record or {}
+        self.resume_changes = resume_changes
+        self.last_row: dict[str, float] = {}  # the last step's metrics row, as the CSV has it
 
     # -- the shared step ----------------------------------------------------------------------
     def step(self, batch) -> StepOutput:
@@ -90,12 +115,7 @@ class DPOModule(L.LightningModule):
 
     def _stop(self, what: str, where: str) -> NoReturn:
         """Stop training before a non-finite value reaches the weights (or a checkpoint)."""
-        raise FloatingPointError(
-            f"{what} at optimizer step {self.global_step}, {where}; training stopped. The last "
-            f"good checkpoint is kept in {self.cfg.trainer.output_dir}/checkpoints (resume with "
-            "--resume after fixing the cause: learning rate, data, or a loss needing label "
-            "smoothing)."
-        )
+        raise NonFiniteStop(what, where, self.global_step)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         out = self.step(batch).detached()
@@ -144,7 +164,11 @@ class DPOModule(L.LightningModule):
             learning_rate=optimizer.param_groups[0]["lr"],
             num_tokens=self.num_tokens,
         )
+        if self.resume_changes:
+            values["resume_changes"] = float(self.resume_changes)
         self.last_logged = values
+        row = {k: as_logged(v) for k, v in values.items()}
+        self.last_row = {**row, "epoch": self.current_epoch, "step": self.global_step}
         self.history.append(values)
         bar = {k: v for k, v in values.items() if k in PROGRESS_BAR_KEYS}
         rest = {k: v for k, v in values.items() if k not in PROGRESS_BAR_KEYS}
@@ -176,6 +200,9 @@ class DPOModule(L.LightningModule):
     # -- state beyond weights and optimizer that --resume must restore --------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["num_tokens"] = self.num_tokens  # a running total, as trl's num_tokens
+        # Lightning saves the checkpoint before it writes the step's metrics row: a kill in
+        # between would lose the row for good, so the checkpoint carries it (metrics_csv).
+        checkpoint["dpo_run"] = {**self.run_record, "last_row": dict(self.last_row)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.num_tokens = float(checkpoint.get("num_tokens", 0.0))
@@ -193,7 +220,31 @@ class DPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # after the reference precomputation and the "before" evaluation (no-grad passes)
         check_not_packed(self.model, "training start")
+        if self.resume_changes:  # after Lightning restored the checkpoint's optimizer state
+            apply_optim_config(
+                self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), self.cfg
+            )
 
     def on_train_epoch_start(self) -> None:
         # Lightning keeps submodules' modes; a model from from_pretrained starts in eval mode.
         self.model.train()
+
+
+def apply_optim_config(optimizer, scheduler, cfg: FitConfig) -> None:
+    """Put ``cfg.optim``'s settings into a restored optimizer and schedule: a resume allowed to
+    change them (``--resume-allow-changes``) trains with the new learning rate, betas, epsilon
+    and weight decay from the restored step on (Lightning restores the old ones, and LambdaLR
+    its old base learning rates). The schedule's shape comes from ``cfg`` already
+    (``configure_optimizers``)."""
+    o = cfg.optim
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = o.learning_rate
+        group["betas"] = (o.adam_beta1, o.adam_beta2)
+        group["eps"] = o.adam_epsilon
+        if i == 0:  # param_groups puts the decayed weights first, the rest at 0
+            group["weight_decay"] = o.weight_decay
+    scheduler.base_lrs = [o.learning_rate] * len(optimizer.param_groups)
+    lrs = [lam(scheduler.last_epoch) * o.learning_rate for lam in scheduler.lr_lambdas]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -6,21 +6,70 @@
       model/            save_pretrained: full weights, or the LoRA adapter; the tokenizer
       model-merged/     with --merge-adapter: adapter merged into the base weights
       config.yaml       the resolved config
-      metrics.csv       per-step metrics, trl's names (from Lightning's CSVLogger)
-      checkpoints/      Lightning checkpoints (atomic), for --resume
+      metrics.csv       per-step metrics, trl's names (logs/metrics.csv, copied when a run ends)
+      logs/metrics.csv  the same, written every step (training.run.metrics_csv)
+      checkpoints/      last.ckpt (atomic) for --resume; while training (or after a stop)
+                        also previous.ckpt, the one it replaced
       eval.json         before / after evaluation (``training.evaluate``; not with --no-evaluate)
       report.md, *.png  the evaluation's report and plots (``training.eval.report``)
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from training.run.cli import config_to_yaml
 from training.run.config import FitConfig
+from training.run.errors import RunError, write_failure
+
+# The folders a run writes into, under --output-dir (each checked when it already exists).
+OUTPUT_SUBDIRS = ("checkpoints", "logs", "tensorboard", "model")
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir`` and prove it (and its existing sub-folders) writable by writing a
+    probe file, before anything is loaded: a read-only or full place fails in a second with a
+    ``RunError`` naming it, not after the model and data are loaded."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunError(f"--output-dir {out}: exists and is not a directory") from None
+    except OSError as err:
+        raise write_failure(out, err, "creating --output-dir") from err
+    for folder in [out, *(out / d for d in OUTPUT_SUBDIRS if (out / d).is_dir())]:
+        _probe_write(folder)
+    return out
+
+
+def _probe_write(folder: Path) -> None:
+    """Write, sync and remove a small file in ``folder``; a ``RunError`` if that fails."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.")
+    except OSError as err:
+        raise _not_writable(folder, err) from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise _not_writable(folder, err) from err
+    finally:
+        Path(probe).unlink(missing_ok=True)
+
+
+def _not_writable(folder: Path, err: OSError) -> RunError:
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return RunError(f"--output-dir {folder}: not writable ({err.strerror.lower()})")
+    return write_failure(folder, err, "checking that --output-dir is writable")
+
 
 SUMMARY_KEYS = (
     # trl's names: rewards/accuracies is trl's strict ">" (a tie counts 0), not the evaluation's
@@ -56,14 +105,44 @@ def save_model(cfg: FitConfig, policy: torch.nn.Module, tokenizer, model_path: s
     return model_dir
 
 
-def save_outputs(cfg: FitConfig, policy, inputs) -> None:
-    """Model, tokenizer, resolved config and the flat metrics CSV (rank zero only)."""
+def save_outputs(cfg: FitConfig, policy, inputs, config_note: str = "") -> None:
+    """Model, tokenizer, resolved config and the flat metrics CSV (rank zero only). A failed
+    write (a full disk) is a ``RunError`` naming the file; the checkpoints are not touched.
+    ``config_note``: YAML comment lines put at the top of config.yaml (a resume's changes)."""
     out = Path(cfg.trainer.output_dir)
-    save_model(cfg, policy, inputs.tokenizer, inputs.model_path)
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    try:
+        save_model(cfg, policy, inputs.tokenizer, inputs.model_path)
+    except Exception as err:  # safetensors, torch or the OS: whichever layer hit the disk
+        raise write_failure(out / "model", err, "saving the trained model") from err
+    write_atomic(out / "config.yaml", config_note + config_to_yaml(cfg))
+    publish_metrics(out)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a full disk leaves the
+    old file whole and raises a ``RunError`` naming ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, err, f"writing {path.name}") from err
+
+
+def publish_metrics(out: Path) -> None:
+    """Copy ``logs/metrics.csv`` (written every step) to ``<out>/metrics.csv``, atomically:
+    called when a run ends, successfully or not, so the flat file never loses a step."""
     csv = out / "logs" / "metrics.csv"
-    if csv.exists():
-        shutil.copyfile(csv, out / "metrics.csv")
+    if not csv.is_file():
+        return
+    tmp = out / f".metrics.csv.{os.getpid()}.tmp"
+    try:
+        shutil.copyfile(csv, tmp)
+        os.replace(tmp, out / "metrics.csv")
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(out / "metrics.csv", err, "copying logs/metrics.csv") from err
 
 
 def evaluate_run(cfg: FitConfig, inputs, policy, reference):

@@ -1,0 +1,155 @@
+"""``--resume``: continue the run in ``checkpoints/last.ckpt`` only if it is the same run.
+
+Every checkpoint carries the run record it was trained under (``DPOModule.on_save_checkpoint``):
+the resolved config, and a fingerprint of the data (each file's identity, and the count and
+SHA-256 of the rows read, train and held-out). A resume compares them with its own and refuses,
+naming every field that differs, unless ``--resume-allow-changes`` is given: then the run goes
+on with the new settings (its new optimizer settings replace the restored ones), config.yaml
+records the changes and metrics.csv a ``resume_changes`` column. Fields that do not change what
+is trained (where outputs go, whether to evaluate, how to sample the evaluation) are not
+compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.run.callbacks import read_checkpoint
+from training.run.config import FitConfig
+from training.run.errors import RunError
+from training.run.metrics_csv import merge_rows, read_rows
+
+log = logging.getLogger(__name__)
+
+# Fields a resume may change freely: they do not touch the weights, the data or the schedule.
+NOT_COMPARED = {
+    "trainer.resume",
+    "trainer.resume_allow_changes",
+    "trainer.output_dir",
+    "trainer.save_every_n_steps",
+    "trainer.num_workers",
+    "trainer.evaluate",
+}
+NOT_COMPARED_GROUPS = ("eval.",)
+
+
+def comparable_config(cfg: FitConfig) -> dict[str, object]:
+    """The resolved config as ``group.field -> value``, less the fields not compared."""
+    flat = {
+        f"{group}.{name}": value
+        for group, values in dataclasses.asdict(cfg).items()
+        for name, value in values.items()
+    }
+    return {
+        k: v
+        for k, v in flat.items()
+        if k not in NOT_COMPARED and not k.startswith(NOT_COMPARED_GROUPS)
+    }
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """``N rows, sha256 <hex>`` of rows as read (keys sorted; non-JSON values as text)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return f"{len(rows)} rows, sha256 {digest.hexdigest()}"
+
+
+def file_identity(name: str | None) -> str | None:
+    """A data source's identity: a local file's resolved path, else the name (a hub id)."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def data_fingerprint(cfg: FitConfig, inputs) -> dict[str, object]:
+    """Which files the run read and a content hash of the rows it trains and evaluates on."""
+    return {
+        "data.dataset_file": file_identity(cfg.data.dataset),
+        "data.eval_dataset_file": file_identity(cfg.data.eval_dataset),
+        "data.train_rows": rows_digest(inputs.train_rows),
+        "data.heldout_rows": rows_digest(inputs.heldout_rows),
+    }
+
+
+def run_record(cfg: FitConfig, inputs) -> dict[str, dict]:
+    """What a checkpoint carries to be compared on resume."""
+    return {"config": comparable_config(cfg), "data": data_fingerprint(cfg, inputs)}
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """``name: old -> new`` for every compared field that differs (missing on one side too)."""
+    old = {**saved.get("config", {}), **saved.get("data", {})}
+    new = {**now.get("config", {}), **now.get("data", {})}
+    missing = "(not recorded)"
+    return [
+        f"{name}: {old.get(name, missing)} -> {new.get(name, missing)}"
+        for name in sorted(old.keys() | new.keys())
+        if old.get(name, missing) != new.get(name, missing)
+    ]
+
+
+@dataclass
+class ResumePlan:
+    """How a run starts: from which checkpoint (None: from the beginning), with which earlier
+    metrics rows (None: a fresh run, whose file replaces any old one), after which changes."""
+
+    checkpoint: Path | None = None
+    earlier_rows: list[dict] | None = None
+    changes: list[str] = field(default_factory=list)
+    step: int = 0
+
+    def config_note(self) -> str:
+        """YAML comment lines for config.yaml that record a resume's allowed changes."""
+        if not self.changes:
+            return ""
+        lines = [f"# resumed at step {self.step} with --resume-allow-changes; changed:"]
+        return "\n".join(lines + [f"#   {c}" for c in self.changes]) + "\n"
+
+
+def plan_resume(cfg: FitConfig, record: dict) -> ResumePlan:
+    """Check ``--resume`` against ``checkpoints/last.ckpt``: a ``RunError`` naming every
+    difference unless ``--resume-allow-changes``; the earlier metrics rows to continue."""
+    out = Path(cfg.trainer.output_dir)
+    last = out / "checkpoints" / "last.ckpt"
+    if not cfg.trainer.resume:
+        return ResumePlan()
+    on_disk = read_rows(out / "logs" / "metrics.csv")
+    if not last.exists():
+        log.warning("--resume: no checkpoint at %s; starting from the beginning", last)
+        return ResumePlan(earlier_rows=on_disk)
+    try:
+        checkpoint = read_checkpoint(last)
+    except Exception as err:  # torch's and pickle's errors for a file that is not a checkpoint
+        raise RunError(f"--resume: {last}: cannot be read ({err})") from err
+    saved = checkpoint.get("dpo_run") or {}
+    step = int(checkpoint.get("global_step", 0))
+    if "config" not in saved:  # written before checkpoints carried a run record
+        log.warning("--resume: %s has no run record; settings and data not compared", last)
+        return ResumePlan(last, on_disk, [], step)
+    changes = differences(saved, record)
+    if changes and not cfg.trainer.resume_allow_changes:
+        raise RunError(refusal(last, step, changes))
+    if changes:
+        log.warning("--resume-allow-changes: resuming at step %d with %s", step, "; ".join(changes))
+    carried = [saved["last_row"]] if saved.get("last_row") else []
+    return ResumePlan(last, merge_rows(carried, on_disk), changes, step)
+
+
+def refusal(last: Path, step: int, changes: list[str]) -> str:
+    """The message of a refused resume: the checkpoint, each difference, the two ways on."""
+    listed = "\n".join(f"  {c}" for c in changes)
+    return (
+        f"--resume: {last} (step {step}) was trained with other settings or data; "
+        f"{len(changes)} difference(s), checkpoint -> now:\n{listed}\n"
+        "Pass the checkpoint's values to continue it, --resume-allow-changes to continue with "
+        "the new ones (recorded in config.yaml and metrics.csv), or another --output-dir to "
+        "start a new run."
+    )
