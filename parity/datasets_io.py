@@ -11,8 +11,8 @@ from __future__ import annotations
 import pathlib
 import random
 
-from dpo_core.rows import read_jsonl, validate_rows
-from training.inputs.sources import load_rows
+from dpo_core.rows import DataError, read_jsonl, validate_rows
+from training.inputs.sources import read_source
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 HH_RLHF_FILE = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -27,18 +27,23 @@ _WORDS = (  # noqa: SIM905
 
 
 def load_preference_rows(path: str | pathlib.Path) -> list[dict]:
-    """The rows of a preference file (``training.inputs.sources.load_rows``: .jsonl, .json,
+    """The rows of a preference file (``training.inputs.sources.read_source``: .jsonl, .json,
     .parquet, .csv), checked to be valid rows of one shape (``dpo_core.rows.validate_rows``), as
     trl's side needs them.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: an unsupported file type, or a ``DataError`` naming the file, the row (or the
-            line) and the field.
+        DataError: an unsupported or unreadable file, or a bad row, naming the file, the row's own
+            line (JSON lines) or data row (the others) and the field.
     """
-    rows = load_rows(path)
-    validate_rows(rows, source=str(path))
-    return rows
+    src = read_source(path)
+    try:
+        validate_rows(src.rows, source=src.source)
+    except DataError as err:
+        if err.index is None:
+            raise
+        raise err.at(src.places[err.index]) from None
+    return src.rows
 
 
 def generate_rows(shape: str, n: int, seed: int) -> list[dict]:

@@ -34,10 +34,16 @@ def test_generated_rows_are_deterministic_in_the_seed():
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"prompt": "p", "chosen": "c"}, "row 1, field 'rejected': missing"),
-        ({"prompt": "p", "chosen": 3, "rejected": "r"}, "row 1, field 'chosen': expected a string"),
-        ({"prompt": None, "chosen": "c", "rejected": "r"}, "row 1, field 'prompt': expected a str"),
-        ({"chosen": "pc", "rejected": "pr"}, "row 1, field 'prompt': this row is implicit"),
+        ({"prompt": "p", "chosen": "c"}, "line 2, field 'rejected': missing"),
+        (
+            {"prompt": "p", "chosen": 3, "rejected": "r"},
+            "line 2, field 'chosen': expected a string",
+        ),
+        (
+            {"prompt": None, "chosen": "c", "rejected": "r"},
+            "line 2, field 'prompt': expected a str",
+        ),
+        ({"chosen": "pc", "rejected": "pr"}, "line 2, field 'prompt': this row is implicit"),
     ],
 )
 def test_bad_rows_are_named(row, message, tmp_path):
@@ -45,7 +51,7 @@ def test_bad_rows_are_named(row, message, tmp_path):
     write_jsonl([{"prompt": "p", "chosen": "c", "rejected": "r"}, row], path)
     with pytest.raises(DataError, match=message) as err:
         load_preference_rows(path)
-    assert str(err.value).startswith(f"{path}, row 1, ")
+    assert str(err.value).startswith(f"{path}, line 2, ")  # the file's own line, not an index
 
 
 def test_bad_messages_and_files_are_named(tmp_path):
