@@ -17,7 +17,7 @@ import torch
 import training.fit
 from tests.training.conftest import base_args
 from training.fit import main
-from training.run import callbacks, outputs
+from training.run import callbacks, metrics_csv, outputs
 from training.run.callbacks import AtomicCheckpointIO, read_checkpoint
 from training.run.errors import RunError
 
@@ -176,6 +176,25 @@ def test_full_disk_while_saving_the_model(tiny_assets, tmp_path, capsys, monkeyp
     err = fails(base_args(tiny_assets, tmp_path, save_every_n_steps=1), capsys)
     assert f"{tmp_path / 'model'}: no space left on device while saving the trained model" in err
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_full_disk_while_logging_keeps_the_rows_written(tiny_assets, tmp_path, capsys, monkeypatch):
+    appends = {"n": 0}
+
+    def full_after_two_appends(path, mode="r", *args, **kwargs):
+        if mode == "a":
+            appends["n"] += 1
+            if appends["n"] > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(metrics_csv, "open", full_after_two_appends, raising=False)
+    err = fails(base_args(tiny_assets, tmp_path, max_steps=5), capsys)
+    logs = tmp_path / "logs" / "metrics.csv"
+    assert f"{logs}: no space left on device while writing the metrics" in err
+    # the first row is written whole, the next two appended: none of them is lost
+    for path in (logs, tmp_path / "metrics.csv"):
+        assert [r["step"] for r in metrics_csv.read_rows(path)] == ["0", "1", "2"]
 
 
 def test_debug_shows_the_traceback(tiny_assets, tmp_path, monkeypatch):

@@ -24,6 +24,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from training.run.errors import write_failure
+
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a metrics file as written (strings), or [] when there is none. A torn last
@@ -119,14 +121,21 @@ class MergingWriter(ExperimentWriter):
             or self.metrics_keys != self.header
             or any(_step(r) >= first for r in self.on_disk_earlier)
         )
-        if not must_rewrite:
-            with open(path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.header).writerows(rows)
-            return
+        try:
+            if must_rewrite:
+                self._rewrite(path)
+            else:
+                with open(path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self.header).writerows(rows)
+        except OSError as err:  # a full disk: the file keeps every row written before
+            raise write_failure(path, err, "writing the metrics") from err
+
+    def _rewrite(self, path: Path) -> None:
+        """Write the earlier rows not redone and this run's rows, atomically."""
         merged = merge_rows(self.on_disk_earlier, self.logged)
         redone = {_step(r) for r in self.logged}
-        self.on_disk_earlier = [r for r in self.on_disk_earlier if _step(r) not in redone]
         write_rows(path, merged, self.metrics_keys)
+        self.on_disk_earlier = [r for r in self.on_disk_earlier if _step(r) not in redone]
         self.header = list(self.metrics_keys)
         self.stale_file = False
 
