@@ -34,6 +34,13 @@ def test_training_bar_spans_epochs(tiny_assets, tmp_path, capsys):
     assert bar_counts(capsys.readouterr().out, "Training")[-1] == "16/16"
 
 
+def test_tqdm_disable_turns_the_training_bar_off(tiny_assets, tmp_path, capsys, monkeypatch):
+    """``python -m parity`` sets TQDM_DISABLE=1 so that its table is not interleaved with bars."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    fit(base_args(tiny_assets, tmp_path, max_steps=2))
+    assert bar_counts(capsys.readouterr().out, "Training") == []
+
+
 def test_evaluation_bars_show_on_a_non_terminal_stderr(tiny_assets, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -131,11 +131,15 @@ class StepTimer(L.Callback):
 class StepProgressBar(TQDMProgressBar):
     """Lightning's bar, counting optimizer steps up to the run's total (``--max-steps``, or the
     epochs' steps) in one bar across epochs. Lightning's own bar counts the batches of one epoch:
-    ``6/100`` for a 6-step run over 100 batches."""
+    ``6/100`` for a 6-step run over 100 batches. ``TQDM_DISABLE=1`` turns it off, as it does
+    tqdm's own bars (Lightning passes ``disable=False`` explicitly, which tqdm's variable cannot
+    override): ``python -m parity`` sets it to keep its table clean."""
 
     def __init__(self, total_steps: int) -> None:
         super().__init__()
         self.total_steps = total_steps
+        if os.environ.get("TQDM_DISABLE", "").lower() in {"1", "true", "yes"}:
+            self.disable()
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         if self._leave:
