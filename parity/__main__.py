@@ -23,7 +23,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")  # trl's reference-precompute progress bar
 
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
@@ -195,7 +194,10 @@ def _dirname(name: str) -> str:
 
 
 def _quiet() -> None:
-    """No progress bars from datasets and transformers; warnings stay."""
+    """No progress bars from datasets, transformers, trl (its reference precomputation) or our
+    training bar (``TQDM_DISABLE``, set here rather than at import so that importing this module
+    changes nothing); warnings stay."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import datasets
     import transformers
 

@@ -8,6 +8,8 @@ import logging
 import re
 import warnings
 
+import pytest
+
 from tests.training.conftest import base_args, fit
 from training.eval.scoring import ModelView, score_completions
 from training.inputs.model_loading import load_tokenizer
@@ -17,6 +19,12 @@ from training.run.quiet import BNB_CPU_LOGGER, BNB_KERNELS_NOTICE, quiet_foreign
 def bar_counts(text: str, desc: str) -> list[str]:
     """The ``n/total`` of every redraw of the bar called ``desc``."""
     return re.findall(re.escape(desc) + r":[^|]*\|[^|]*\| (\d+/\d+)", text)
+
+
+@pytest.fixture(autouse=True)
+def _bars_on(monkeypatch):
+    """Bars as a user sees them, whatever the environment says (CI may set TQDM_DISABLE)."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
 
 
 def test_training_bar_counts_optimizer_steps_to_max_steps(tiny_assets, tmp_path, capsys):
