@@ -15,9 +15,8 @@ import signal
 
 import pytest
 
-import training.fit
 from tests.training.conftest import base_args, fit, fit_subprocess, preference_rows, read_metrics
-from tests.training.test_faults import Fault, kill_after_checkpoint, load_checkpoint
+from tests.training.test_faults import kill_after_checkpoint, load_checkpoint, with_fault
 from training.fit import main
 from training.run.metrics_csv import read_rows
 from training.run.module import DPOModule
@@ -29,18 +28,6 @@ RUN = {"max_steps": STEPS, "save_every_n_steps": 3, "learning_rate": 1e-3, "seed
 def steps_in(path) -> list[int]:
     """The optimizer steps a metrics file holds a training row for, in file order."""
     return [int(float(r["step"])) for r in read_rows(path) if r.get("loss")]
-
-
-def with_fault(monkeypatch, kind: str, step: int) -> None:
-    """Inject ``test_faults.Fault`` into the next in-process runs."""
-    make_trainer = training.fit.make_trainer
-
-    def patched(*args, **kwargs):
-        trainer = make_trainer(*args, **kwargs)
-        trainer.callbacks.insert(0, Fault(kind, step))
-        return trainer
-
-    monkeypatch.setattr(training.fit, "make_trainer", patched)
 
 
 @pytest.mark.slow

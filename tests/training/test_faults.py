@@ -116,6 +116,18 @@ class Fault(L.Callback):
             next(pl_module.model.parameters()).grad.view(-1)[0] = float("nan")
 
 
+def with_fault(monkeypatch, kind: str, step: int) -> None:
+    """Inject a ``Fault`` at ``step`` into the next in-process runs."""
+    make_trainer = training.fit.make_trainer
+
+    def patched(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        trainer.callbacks.insert(0, Fault(kind, step))
+        return trainer
+
+    monkeypatch.setattr(training.fit, "make_trainer", patched)
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [("loss", "non-finite DPO loss"), ("gradient", "non-finite gradient norm")],
@@ -124,14 +136,7 @@ def test_non_finite_values_stop_training_and_keep_the_last_good_checkpoint(
     tiny_assets, tmp_path, monkeypatch, capsys, kind, message
 ):
     fault_step = 2
-    make_trainer = training.fit.make_trainer
-
-    def with_fault(*args, **kwargs):
-        trainer = make_trainer(*args, **kwargs)
-        trainer.callbacks.insert(0, Fault(kind, fault_step))
-        return trainer
-
-    monkeypatch.setattr(training.fit, "make_trainer", with_fault)
+    with_fault(monkeypatch, kind, fault_step)
     argv = base_args(tiny_assets, tmp_path, max_steps=5, save_every_n_steps=1)
     assert training.fit.main(argv) == 1
 
