@@ -152,14 +152,16 @@ def test_model_source_is_the_policy(tmp_path, monkeypatch):
     assert len(fetched) == 1 and case.model_path == str(model_dir)
 
 
-def test_smollm2_source_finds_the_cached_model():
-    """With SmolLM2 already in the model cache, the source returns its directory (no download)."""
+def test_smollm2_source_finds_the_cached_model(smollm2):
+    """With SmolLM2 in the model cache (the fixture fetches it once), the source returns that
+    directory without fetching again."""
     from training.inputs.gguf import MODEL_NAME, default_cache_dir, is_model_dir
 
     cached = default_cache_dir() / MODEL_NAME
-    if not is_model_dir(cached):
-        pytest.skip(f"SmolLM2 not in the model cache ({cached})")
+    assert smollm2 == cached and is_model_dir(cached)
+    stamp = (cached / "config.json").stat().st_mtime_ns
     assert MODEL_SOURCES["smollm2"]() == cached
+    assert (cached / "config.json").stat().st_mtime_ns == stamp
 
 
 def side(losses, seconds, exact=True):
