@@ -53,10 +53,17 @@ def _model_reference_logps(
     chunk_size: int,
     ld_alpha: float | None,
     prompt_sharing: bool,
+    padding_free: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed (or LD-weighted) completion log-probs of ``model`` on ``batch``, without grad."""
     with torch.no_grad():
-        token = token_logps(model, batch, prompt_sharing=prompt_sharing, chunk_size=chunk_size)
+        token = token_logps(
+            model,
+            batch,
+            prompt_sharing=prompt_sharing,
+            padding_free=padding_free,
+            chunk_size=chunk_size,
+        )
     if ld_alpha is not None:
         return ld_sequence_logps(token, ld_alpha)
     return split_pairs(sequence_logps(token))
@@ -79,17 +86,23 @@ class FrozenCopyReference(ReferenceSource):
         ld_alpha: float | None = None,
         policy: nn.Module | None = None,
         prompt_sharing: bool = True,
+        padding_free: bool = True,
     ) -> None:
         if policy is not None:
             check_reference_is_not_policy(policy, ref_model)
         self.model = ref_model.eval().requires_grad_(False)
         self.chunk_size = chunk_size
         self.ld_alpha = ld_alpha
-        self.prompt_sharing = prompt_sharing
+        self.prompt_sharing, self.padding_free = prompt_sharing, padding_free
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return _model_reference_logps(
-            self.model, batch, self.chunk_size, self.ld_alpha, self.prompt_sharing
+            self.model,
+            batch,
+            self.chunk_size,
+            self.ld_alpha,
+            self.prompt_sharing,
+            self.padding_free,
         )
 
 
@@ -109,6 +122,7 @@ class AdapterDisabledReference(ReferenceSource):
         chunk_size: int = CHUNK_SIZE,
         ld_alpha: float | None = None,
         prompt_sharing: bool = True,
+        padding_free: bool = True,
     ) -> None:
         if not callable(getattr(peft_model, "disable_adapter", None)):
             raise TypeError(
@@ -118,12 +132,17 @@ class AdapterDisabledReference(ReferenceSource):
         self.model = peft_model
         self.chunk_size = chunk_size
         self.ld_alpha = ld_alpha
-        self.prompt_sharing = prompt_sharing
+        self.prompt_sharing, self.padding_free = prompt_sharing, padding_free
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         with self.model.disable_adapter():
             return _model_reference_logps(
-                self.model, batch, self.chunk_size, self.ld_alpha, self.prompt_sharing
+                self.model,
+                batch,
+                self.chunk_size,
+                self.ld_alpha,
+                self.prompt_sharing,
+                self.padding_free,
             )
 
 

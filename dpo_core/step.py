@@ -37,14 +37,16 @@ class DPOSettings:
 
     Attributes:
         loss: the objective (``dpo_core.settings``), trl's names and defaults.
-        chunk_size, keep_probs_bytes, prompt_sharing: speed and memory only; the numbers agree up
-            to float32 rounding (``dpo_core.lm_head``, ``dpo_core.packing``).
+        chunk_size, keep_probs_bytes, prompt_sharing, padding_free: speed and memory only; the
+            numbers agree up to float32 rounding (``dpo_core.lm_head``, ``dpo_core.packing``).
+            ``padding_free`` packs several pairs per row, and needs ``prompt_sharing``.
     """
 
     loss: LossSettings = field(default_factory=LossSettings)
     chunk_size: int = CHUNK_SIZE
     keep_probs_bytes: int = KEEP_PROBS_BYTES
     prompt_sharing: bool = True
+    padding_free: bool = True
 
 
 @dataclass
@@ -111,6 +113,7 @@ def step_token_logps(
         model,
         batch,
         prompt_sharing=settings.prompt_sharing,
+        padding_free=settings.padding_free,
         chunk_size=settings.chunk_size,
         with_stats=True,
         with_wpo=settings.loss.use_weighting,

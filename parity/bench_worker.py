@@ -51,8 +51,14 @@ class Side:
 SIDES = {
     "ours": Side(
         "ours",
-        description="ours, default settings: prompt sharing, reference log-probs precomputed "
-        "(the run reads every row) before the first step, so setup includes them",
+        description="ours, default settings: padding-free prompt sharing, reference log-probs "
+        "precomputed (the run reads every row) before the first step, so setup includes them",
+    ),
+    "ours_one_pair_per_row": Side(
+        "ours",
+        {"padding_free": False},
+        description="ours, --no-padding-free: prompt sharing with one pair per row, padded to "
+        "the longest (the default before padding-free)",
     ),
     "ours_live": Side(
         "ours",
@@ -185,6 +191,7 @@ def _our_defaults() -> dict:
     d = DPOConfig()
     return {
         "prompt_sharing": d.prompt_sharing,
+        "padding_free": d.padding_free,
         "precompute_ref_log_probs": d.precompute_ref_log_probs,
     }
 

@@ -42,6 +42,9 @@ final weights           1e-4 abs    Adam at lr 1e-3 turns last-bit gradient nois
                                     about lr per element (measured 1.09e-5 max on gpt2 ipo)
 packed_4bit             0           4-bit layers left in bitsandbytes' gradient-less CPU layout
                                     (training.inputs.four_bit): a count, on both sides together
+padding_free            2x floor    ours only: the padding-free forward's error against a float64
+                                    forward, at most twice the plain path's own float32 error
+                                    (parity.padding_free_check); not gated when not measured
 ======================  ==========  ============================================================
 
 Trainable weights stored in bf16/fp16 (trl 1.16 casts QLoRA adapters to bf16, as the QLoRA paper
@@ -64,6 +67,7 @@ from parity.result import RunResult
 
 if TYPE_CHECKING:
     from parity.noise_floor import NoiseFloor
+    from parity.padding_free_check import PaddingFreeCheck
 
 
 @dataclass(frozen=True)
@@ -299,7 +303,32 @@ def compare_runs(
     else:
         checks.append(compare_weights(trl, ours))
     checks.append(compare_packed_4bit(trl, ours))
+    if ours.padding_free is not None:
+        checks.append(compare_padding_free(ours.padding_free))
     return CaseReport(name=name, checks=checks)
+
+
+def compare_padding_free(check: PaddingFreeCheck) -> MetricCheck:
+    """The row for ``parity.padding_free_check``: the plain path's float32 error (as trl's
+    column, the floor) and the padding-free path's (as ours), both against float64."""
+    from parity.padding_free_check import FACTOR
+
+    if check.skipped:
+        return MetricCheck("padding_free", None, None, 0.0, 0.0, note=check.skipped, gated=False)
+    note = (
+        f"{check.sequences} sequences; {check.pairs} pairs packed in {check.rows} rows; "
+        f"|packed - plain| <= {check.packed_vs_plain:.2e}"
+    )
+    return MetricCheck(
+        "padding_free",
+        check.plain_error,
+        check.packed_error,
+        check.packed_error,
+        check.bound,
+        note=note,
+        floor=check.plain_error,
+        factor=FACTOR,
+    )
 
 
 def compare_packed_4bit(trl: RunResult, ours: RunResult) -> MetricCheck:

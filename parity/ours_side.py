@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dpo_core.batch import PreferenceBatch
+from dpo_core.collate import PreferenceCollator
 from dpo_core.rows import write_jsonl
+from parity import padding_free_check
 from parity.cases import ParityCase
 from parity.models import trained_weights
 from parity.result import TOKEN_FIELDS, RunResult
@@ -133,6 +136,7 @@ def run_ours(case: ParityCase, workdir: pathlib.Path) -> RunResult:
     run = train_case(case, workdir, pathlib.Path(workdir) / "ours")
     train_rows = run.inputs.data.train
     policy, reference_model = run.result.policy, getattr(run.result.reference, "model", None)
+    batches = training_batches(run, case)
     return RunResult(
         steps=run.result.history,
         token_ids=[{k: list(f[k]) for k in TOKEN_FIELDS} for f in train_rows],
@@ -141,4 +145,18 @@ def run_ours(case: ParityCase, workdir: pathlib.Path) -> RunResult:
         packed_4bit_layers=[
             name for m in (policy, reference_model) if m is not None for name in packed_layers(m)
         ],
+        padding_free=padding_free_check.measure(policy, batches),
     )
+
+
+def training_batches(run: OurRun, case: ParityCase) -> list[PreferenceBatch]:
+    """The first ``padding_free_check.MAX_BATCHES`` micro-batches of the run's training rows, in
+    data order (parity runs do not shuffle), collated as training collates them."""
+    collate = PreferenceCollator(
+        pad_token_id=run.inputs.tokenizer.pad_token_id,
+        max_length=case.max_length,
+        truncation_mode=case.truncation_mode,
+    )
+    rows, size = run.inputs.data.train, case.batch_size
+    starts = range(0, min(len(rows), padding_free_check.MAX_BATCHES * size), size)
+    return [collate([rows[i] for i in range(s, min(s + size, len(rows)))]) for s in starts]

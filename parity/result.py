@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo_core.metrics import PAIR_METRICS, TOKEN_METRICS
+from parity.padding_free_check import PaddingFreeCheck
 
 # The per-step metrics trl's DPOTrainer logs (trl/trainer/dpo_trainer.py:1535-1601; our names for
 # them are dpo_core.metrics') plus the ones transformers.Trainer adds (loss, grad_norm,
@@ -37,6 +38,8 @@ class RunResult:
         packed_4bit_layers: 4-bit layers of the policy or reference found, after training, in
             bitsandbytes' CPU inference layout, where they have no gradient
             (``training.inputs.four_bit``); empty for a correct run.
+        padding_free: ours only: the padding-free forward against the plain one and a float64
+            forward (``parity.padding_free_check``), or None (trl's side).
     """
 
     steps: list[dict[str, float]]
@@ -44,6 +47,7 @@ class RunResult:
     final_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     dropped_rows: int = 0
     packed_4bit_layers: list[str] = field(default_factory=list)
+    padding_free: PaddingFreeCheck | None = None
 
     def metric(self, name: str) -> list[float]:
         """The values of one metric over steps; ``KeyError`` naming the step when one lacks it."""

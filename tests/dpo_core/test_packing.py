@@ -1,4 +1,5 @@
-"""dpo_core.packing: one packed row per pair gives the plain forward's log-probs and gradients."""
+"""dpo_core.packing: packed rows (one pair per row, or padding-free: several pairs per row) give
+the plain forward's log-probs and gradients."""
 
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ import torch
 
 from dpo_core.collate import PreferenceCollator
 from dpo_core.logps import model_token_logps
-from dpo_core.packing import (
-    batch_blocker,
-    pack_pairs,
-    shared_prompt_token_logps,
-    sharing_saves_work,
-    token_logps,
-)
+from dpo_core.packing import batch_blocker, packed_layout, shared_prompt_token_logps, token_logps
+from dpo_core.pair_layout import layout_cost, one_pair_per_row, pack_pairs, plain_cost
 from dpo_core.reference import AdapterDisabledReference, FrozenCopyReference
 from dpo_core.step import DPOSettings, dpo_step
 from tests.dpo_core.tiny import lora_model, tiny_gpt2, tiny_llama
@@ -64,13 +60,16 @@ def with_attention(model, attention: str):
     return model
 
 
-def both_ways(model, batch, **kw):
-    """(plain, packed) TokenLogps; packing must not fall back (a warning would say it did)."""
-    assert sharing_saves_work(batch, model.config.get_text_config().hidden_size)
+def both_ways(model, batch, padding_free=True, **kw):
+    """(plain, packed) TokenLogps; packing must not fall back (a warning would say it did), and
+    padding-free must put several pairs in a row."""
+    layout = packed_layout(model, batch, padding_free)
+    assert layout is not None
+    assert (layout.num_rows < batch.num_pairs) == padding_free
     plain = model_token_logps(model, batch, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        packed = shared_prompt_token_logps(model, batch, **kw)
+        packed = shared_prompt_token_logps(model, batch, padding_free=padding_free, **kw)
     return plain, packed
 
 
@@ -103,13 +102,14 @@ def test_packed_layout_hand_worked():
     assert packed.hidden_index.tolist() == [1, 5 + 0, 5 + 1, 1, 3, 5 + 0]
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_qwen2, tiny_gpt2])
-def test_packed_equals_plain_values_and_gradients(builder, attention):
+def test_packed_equals_plain_values_and_gradients(builder, attention, padding_free):
     model = with_attention(builder(), attention)
     batch = pair_batch()
     params = list(model.parameters())
-    plain, packed = both_ways(model, batch, with_stats=True, with_wpo=True)
+    plain, packed = both_ways(model, batch, padding_free, with_stats=True, with_wpo=True)
     torch.testing.assert_close(packed.logps, plain.logps, **VALUE_TOL)
     assert torch.equal(packed.mask, plain.mask)
     assert torch.equal(packed.is_top1, plain.is_top1)
@@ -132,10 +132,11 @@ def test_packed_equals_plain_under_lora_and_for_its_reference():
         weighted_grads(packed.logps, params), weighted_grads(plain.logps, params), strict=True
     ):
         torch.testing.assert_close(got, want, **GRAD_TOL)
-    shared = AdapterDisabledReference(model, prompt_sharing=True)(batch)
     separate = AdapterDisabledReference(model, prompt_sharing=False)(batch)
-    for a, b in zip(shared, separate, strict=True):
-        torch.testing.assert_close(a, b, rtol=0.0, atol=3e-5)  # sums of ~10 tokens of O(5)
+    for padding_free in (True, False):
+        shared = AdapterDisabledReference(model, padding_free=padding_free)(batch)
+        for a, b in zip(shared, separate, strict=True):
+            torch.testing.assert_close(a, b, rtol=0.0, atol=3e-5)  # sums of ~10 tokens of O(5)
 
 
 def test_dpo_step_with_and_without_sharing():
@@ -177,8 +178,8 @@ def test_sharing_is_used_only_where_it_saves_work():
     masked attention computes 4x the (query, key) pairs of two causal rows."""
     long_prompt = pair_batch([(128, 128, 128)] * 2)
     no_prompt = pair_batch([(0, 2048, 2048)] * 2)
-    assert sharing_saves_work(long_prompt, hidden_size=256)
-    assert not sharing_saves_work(no_prompt, hidden_size=256)
+    assert layout_cost(one_pair_per_row([384] * 2), 256) < plain_cost(long_prompt, 256)
+    assert layout_cost(one_pair_per_row([4096] * 2), 256) > plain_cost(no_prompt, 256)
     model = tiny_llama()  # hidden 64: plain is cheaper for this batch, and is what runs
     short = pair_batch([(0, 40, 40)] * 2)
     with warnings.catch_warnings():

@@ -174,6 +174,7 @@ def build_reference(policy: torch.nn.Module, cfg: FitConfig):
         "chunk_size": cfg.dpo.logps_chunk_size,
         "ld_alpha": cfg.dpo.ld_alpha,
         "prompt_sharing": cfg.dpo.prompt_sharing,
+        "padding_free": cfg.dpo.padding_free,
     }
     if cfg.dpo.reference_free or cfg.dpo.precompute_ref_log_probs:
         return None

@@ -99,6 +99,11 @@ class DPOConfig(LossSettings):
         "Forward each prompt once per pair (prompt+chosen+rejected in one row): faster, equal "
         "up to float32 rounding of the attention sums (dpo_core.packing).",
     )
+    padding_free: bool = _f(
+        True,
+        "With prompt sharing, lay several pairs end to end in a row under a block mask, so no "
+        "padding is computed (dpo_core.pair_layout); used where it saves work.",
+    )
 
     def option_name(self, field_name: str) -> str:
         """Errors name the flag a user typed."""

@@ -35,6 +35,7 @@ def dpo_settings(cfg: FitConfig) -> DPOSettings:
         chunk_size=d.logps_chunk_size,
         keep_probs_bytes=d.logps_keep_probs_mb * 2**20,
         prompt_sharing=d.prompt_sharing,
+        padding_free=d.padding_free,
     )
 
 
