@@ -5,22 +5,24 @@ pads every row to the longest. Here pair i becomes one segment ``prompt + chosen
 (``dpo_core.pair_layout``): rejected tokens do not see the chosen ones and their positions
 restart after the prompt, so every token sees exactly the tokens, at exactly the positions, that
 it sees in its plain row. Padding-free (``padding_free``, the default) lays several segments end
-to end in one row (bin packing) under a block mask, positions restarting per segment; without
-it each segment has its own row. Each hidden state then equals its plain counterpart up to
-float32 rounding (the attention sums run over a differently shaped, masked matrix). The scored
-hidden states are gathered from the packed rows in the plain (2B, L-1) grid order and go through
-the same head (``logps.score_selected``), so no padding position reaches the head, and the
-backbone sees padding only where a packed row ends before the longest one.
+to end in a row (bin packing) under a block mask, positions restarting per segment, and sends
+each row through the backbone alone at its own length; without it each segment has its own row
+and the rows go through padded, in one call. Each hidden state equals its plain counterpart up
+to float32 rounding (the attention sums run over a differently shaped, masked matrix). The
+scored hidden states are gathered from the packed rows in the plain (2B, L-1) grid order and go
+through the same head (``logps.score_selected``): padding-free, no padding position goes through
+the backbone or the head.
 
 This needs a model whose attention takes a ready 4D mask and explicit ``position_ids``: the
 transformers models listed in ``SUPPORTED_MODEL_TYPES`` with ``sdpa`` or ``eager`` attention
 (their mask builders pass a 4D mask through, ``masking_utils._preprocess_mask_arguments``).
 Anything else, a sliding window shorter than the rows, or a batch whose two rows of a pair do
 not start with the same prompt (``keep_end`` truncation can cut them differently) falls back to
-the plain forward, with a warning the first time (``batch_blocker`` says why). On a GPU the same
-block mask runs through SDPA's masked kernels (efficient or math attention, not flash); a
-varlen kernel (FlashAttention with per-segment sequences) or FlexAttention would skip the
-masked blocks.
+the plain forward, with a warning the first time (``batch_blocker`` says why). On a GPU the
+block mask runs through SDPA's masked kernels (memory-efficient or math attention: the flash
+kernel takes no mask). FlexAttention with a block mask built from the segment ids and token
+kinds would skip the masked blocks; varlen FlashAttention cannot say "rejected sees the prompt
+but not chosen" without forwarding the prompt twice (see BENCHMARKS.md's GPU note).
 
 Both are on by default (``DPOSettings.prompt_sharing`` / ``padding_free``, ``--no-prompt-sharing``
 and ``--no-padding-free`` in training.fit), and used for a batch only where ``layout_cost`` says
@@ -100,6 +102,38 @@ def _warn_once(reason: str) -> None:
         warnings.warn(f"prompt sharing off, plain forward used: {reason}", stacklevel=3)
 
 
+def _scored_states(backbone, model: nn.Module, packed, layout: Layout) -> torch.Tensor:
+    """The (T, H) last hidden states at ``packed.hidden_index`` (grid order (Nr, Lp)).
+
+    Padding-free (``layout.separate_rows``), each row goes through the backbone alone, cut to
+    its fill, so no padding position is computed: the rows' states are concatenated (sum of
+    fills, H) and grid index ``r * Lp + q`` becomes ``start_r + q``. Otherwise the padded rows
+    go through in one call."""
+    dtype = unwrap_peft(model).get_input_embeddings().weight.dtype
+    mask = _attention_mask(packed.allowed, model, dtype)
+    if not layout.separate_rows:
+        out = backbone(
+            input_ids=packed.input_ids,
+            attention_mask=mask,
+            position_ids=packed.position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state.flatten(0, 1)[packed.hidden_index]
+    rows = []
+    for r, n in enumerate(layout.fills):
+        out = backbone(
+            input_ids=packed.input_ids[r : r + 1, :n],
+            attention_mask=mask[r : r + 1, :, :n, :n],
+            position_ids=packed.position_ids[r : r + 1, :n],
+            use_cache=False,
+        )
+        rows.append(out.last_hidden_state[0])
+    fills = torch.tensor(layout.fills, device=packed.hidden_index.device)
+    row = packed.hidden_index.div(layout.row_length, rounding_mode="floor")
+    q = packed.hidden_index - row * layout.row_length
+    return torch.cat(rows)[(fills.cumsum(0) - fills)[row] + q]
+
+
 def packed_layout(model: nn.Module, batch: PreferenceBatch, padding_free: bool) -> Layout | None:
     """The layout to pack ``batch`` in for ``model``, or None when the plain forward runs: the
     batch cannot be packed (warned once per reason) or the plain rows cost less work
@@ -110,7 +144,7 @@ def packed_layout(model: nn.Module, batch: PreferenceBatch, padding_free: bool) 
         return None
     hidden_size = unwrap_peft(model).config.get_text_config().hidden_size
     p, c, r = pair_spans(batch)
-    layout = choose_layout((p + c + r).tolist(), hidden_size, padding_free)
+    layout = choose_layout((p + c + r).tolist(), padding_free)
     return layout if layout_cost(layout, hidden_size) < plain_cost(batch, hidden_size) else None
 
 
@@ -138,16 +172,8 @@ def shared_prompt_token_logps(
         return model_token_logps(model, batch, **head_options)
     packed = pack_pairs(batch, layout)
     parts = model_parts(model)
-    embeddings = unwrap_peft(model).get_input_embeddings()
-    out = parts.backbone(
-        input_ids=packed.input_ids,
-        attention_mask=_attention_mask(packed.allowed, model, embeddings.weight.dtype),
-        position_ids=packed.position_ids,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state  # (Nr, Lp, H)
     head_device = next(parts.head.parameters()).device
-    selected = hidden.reshape(-1, hidden.shape[-1])[packed.hidden_index].to(head_device)
+    selected = _scored_states(parts.backbone, model, packed, layout).to(head_device)
     return score_selected(
         selected,
         packed.targets.to(head_device),

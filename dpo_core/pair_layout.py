@@ -11,17 +11,23 @@ restart after the prompt, so every token sees exactly the tokens, at exactly the
 sees in its plain row (``prompt + chosen`` or ``prompt + rejected``).
 
 Segments are laid end to end in rows of at most ``capacity`` positions (bin packing, first fit
-by decreasing length); a block mask keeps each segment to itself, and positions restart per
-segment. With ``padding_free=False`` each segment gets its own row (one pair per row, padded to
-the longest). The only padding left is where a row ends before the longest row does::
+by decreasing length, capacity = the longest segment); a block mask keeps each segment to
+itself, and positions restart per segment. Padding-free, each row then goes through the
+backbone alone, at its own length: no padding position is computed::
 
     row 0   [ pair 3 ............................. ][ pair 0 .......... ]
-    row 1   [ pair 1 ................ ][ pair 2 ............ ][ pair 4 ..]   <- no pad
-    row 2   [ pair 5 ....................... ] pad pad pad pad pad pad pad
+    row 1   [ pair 1 ................ ][ pair 2 ............ ][ pair 4 ..]
+    row 2   [ pair 5 ....................... ]
 
-The capacity is chosen by the work it costs (``layout_cost``): a longer row holds more segments
-(fewer padding positions through the backbone) but its masked attention computes every (query,
-key) pair of the row, inside a segment or not.
+``pack_pairs`` still returns the rows right-padded to one (Nr, Lp) grid, the form a single
+batched call takes; ``Layout.fills`` says where each row's real positions end. With
+``padding_free=False`` each segment gets its own row and the rows go through as one padded
+batch (one pair per row, the layout before padding-free).
+
+Work, in units of 2h multiply-adds per layer (h the hidden size): a position costs ~12 h²
+multiply-adds in its projections and MLP (6h units), and each (query, key) pair of a masked
+attention ~2h (1 unit); a masked attention computes every pair of its row. ``layout_cost``
+counts each row at its fill (padding-free) or every row at Lp (one batched call).
 """
 
 from __future__ import annotations
@@ -31,10 +37,6 @@ from dataclasses import dataclass
 import torch
 
 from dpo_core.batch import PreferenceBatch
-
-# Capacities tried, as multiples of the longest segment: 1 keeps every row as short as the
-# longest pair; larger ones put more segments in a row.
-CAPACITY_FACTORS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
 @dataclass
@@ -65,13 +67,24 @@ class Layout:
 
     Attributes:
         rows: row of pair i. offsets: its first position in that row.
-        row_length: Lp, the longest row's fill. num_rows: Nr.
+        fills: positions used in each row (Nr,). separate_rows: each row goes through the
+            backbone alone at its fill (padding-free), not padded in one batched call.
     """
 
     rows: tuple[int, ...]
     offsets: tuple[int, ...]
-    row_length: int
-    num_rows: int
+    fills: tuple[int, ...]
+    separate_rows: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        """Nr."""
+        return len(self.fills)
+
+    @property
+    def row_length(self) -> int:
+        """Lp, the longest row's fill: the padded grid's width."""
+        return max(self.fills, default=0)
 
 
 def pair_spans(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
@@ -109,23 +122,20 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> Layout:
             fill.append(0)
         rows[i], offsets[i] = row, fill[row]
         fill[row] += lengths[i]
-    return Layout(tuple(rows), tuple(offsets), max(fill, default=0), len(fill))
+    return Layout(tuple(rows), tuple(offsets), tuple(fill), separate_rows=True)
 
 
 def one_pair_per_row(lengths: list[int]) -> Layout:
-    """Pair i alone in row i."""
+    """Pair i alone in row i, the rows padded to the longest in one batched call."""
     n = len(lengths)
-    return Layout(tuple(range(n)), (0,) * n, max(lengths, default=0), n)
+    return Layout(tuple(range(n)), (0,) * n, tuple(lengths))
 
 
 def layout_cost(layout: Layout, hidden_size: int) -> float:
-    """Backbone work of the packed rows, in units of 2h multiply-adds per layer.
-
-    A position costs ~12 h² multiply-adds per layer in its projections and MLP (6h units), and
-    each (query, key) pair the masked attention computes ~2h (scores and weighted sum: 1 unit);
-    a row's attention computes all Lp² pairs whatever the mask."""
-    lp = layout.row_length
-    return layout.num_rows * (6 * hidden_size * lp + lp**2)
+    """Backbone work of the packed rows (module docstring's units): each row at its fill when
+    rows go through alone, else every row at the padded width Lp."""
+    widths = layout.fills if layout.separate_rows else [layout.row_length] * layout.num_rows
+    return sum(6 * hidden_size * n + n**2 for n in widths)
 
 
 def plain_cost(batch: PreferenceBatch, hidden_size: int) -> float:
@@ -136,16 +146,13 @@ def plain_cost(batch: PreferenceBatch, hidden_size: int) -> float:
     return rows * (6 * hidden_size * length + causal * length**2)
 
 
-def choose_layout(lengths: list[int], hidden_size: int, padding_free: bool = True) -> Layout:
-    """The cheapest layout (``layout_cost``): one pair per row, or first-fit decreasing at each
-    of ``CAPACITY_FACTORS`` times the longest segment."""
-    candidates = [one_pair_per_row(lengths)]
+def choose_layout(lengths: list[int], padding_free: bool = True) -> Layout:
+    """Padding-free: first-fit decreasing at the longest segment's length, each row alone (never
+    more work than one pair per row: the same real positions, rows no longer than the longest
+    pair, no padding). Else one pair per row, padded in one call."""
     if padding_free and lengths:
-        longest, total = max(lengths), sum(lengths)
-        for factor in CAPACITY_FACTORS:
-            capacity = min(int(factor * longest), total)
-            candidates.append(first_fit_decreasing(lengths, max(capacity, longest)))
-    return min(candidates, key=lambda layout: layout_cost(layout, hidden_size))
+        return first_fit_decreasing(lengths, max(lengths))
+    return one_pair_per_row(lengths)
 
 
 def pack_pairs(batch: PreferenceBatch, layout: Layout | None = None) -> PackedPairs:

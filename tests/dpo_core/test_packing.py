@@ -221,3 +221,24 @@ def test_sliding_window_shorter_than_rows_falls_back():
 def test_pack_pairs_refuses_unpackable_batches():
     with pytest.raises(ValueError, match="same prompt"):
         pack_pairs(pair_batch(max_length=6, truncation_mode="keep_end"))
+
+
+def test_padding_free_computes_no_padding_position():
+    """Padding-free, the backbone sees exactly the pairs' P + C + R tokens, row by row, and no
+    row longer than the longest pair; one pair per row, it sees the rows padded to the longest."""
+    model = tiny_llama()
+    batch = pair_batch()
+    seen = []
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    both_ways(model, batch, padding_free=True)
+    real = [p + c + r for p, c, r in SPANS]
+    padding_free = seen[1:]  # seen[0]: the plain forward
+    assert all(rows == 1 for rows, _ in padding_free) and len(padding_free) < len(SPANS)
+    assert sum(n for _, n in padding_free) == sum(real)
+    assert max(n for _, n in padding_free) == max(real)
+    seen.clear()
+    both_ways(model, batch, padding_free=False)
+    assert seen[1] == (len(SPANS), max(real))

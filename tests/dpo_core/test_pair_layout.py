@@ -96,10 +96,13 @@ def test_packed_rows_hold_each_token_once_and_predict_from_its_plain_state(spans
     assert not bool((packed.allowed[:, 0] & ~same).any())
 
 
-def test_choose_layout_prefers_fewer_rows_until_attention_outweighs_them():
+def test_padding_free_layout_costs_less_than_one_padded_pair_per_row():
+    """Rows no longer than the longest pair, each forwarded at its fill: the same real
+    positions as one pair per row, no padding, and no row's attention larger."""
     lengths = [100, 60, 40, 30, 20, 10]
     alone = one_pair_per_row(lengths)
-    packed = choose_layout(lengths, hidden_size=256)
-    assert packed.num_rows < alone.num_rows
+    packed = choose_layout(lengths)
+    assert packed.separate_rows and packed.fills == (100, 100, 60)
+    assert sum(packed.fills) == sum(lengths)
     assert layout_cost(packed, 256) < layout_cost(alone, 256)
-    assert choose_layout(lengths, hidden_size=256, padding_free=False) == alone
+    assert choose_layout(lengths, padding_free=False) == alone and not alone.separate_rows

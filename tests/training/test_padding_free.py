@@ -1,7 +1,8 @@
 """Padding-free rows through ``training.fit`` (``dpo_core.pair_layout``): on real hh-rlhf rows of
 uneven length, a run trains exactly as with one pair per row and as the plain forward (within
 ``STEP_TOL``: float32 rounding of the attention sums) in every mode, and several pairs really
-share a row in the training step, the reference precomputation and the held-out evaluation."""
+share a row, with no padding computed, in the training step, the reference precomputation and
+the held-out evaluation."""
 
 from __future__ import annotations
 
@@ -37,13 +38,14 @@ def hh_file(tmp_path_factory):
 
 @pytest.fixture
 def layouts(monkeypatch):
-    """Every packed forward as (grad enabled, rows, pairs), in call order."""
+    """Every packed forward as (grad enabled, rows, pairs, padding-free), in call order."""
     calls = []
     real = dpo_core.packing.pack_pairs
 
     def spy(batch, layout=None):
         packed = real(batch, layout)
-        calls.append((torch.is_grad_enabled(), packed.input_ids.shape[0], batch.num_pairs))
+        rows, free = packed.input_ids.shape[0], layout is not None and layout.separate_rows
+        calls.append((torch.is_grad_enabled(), rows, batch.num_pairs, free))
         return packed
 
     monkeypatch.setattr(dpo_core.packing, "pack_pairs", spy)
@@ -65,11 +67,13 @@ def test_padding_free_trains_like_one_pair_per_row_and_plain(
     mode, tiny_assets, tmp_path, hh_file, layouts
 ):
     packed = run(tiny_assets, tmp_path / "packed", hh_file, **MODES[mode])
-    training = [(rows, pairs) for grad, rows, pairs in layouts if grad]
-    assert training and any(rows < pairs for rows, pairs in training), training
+    training = [(rows, pairs, free) for grad, rows, pairs, free in layouts if grad]
+    assert training and all(free for _, _, free in training)
+    if MODES[mode].get("batch_size", 4) > 2:  # 2 pairs never share a row no longer than either
+        assert any(rows < pairs for rows, pairs, _ in training), training
     layouts.clear()
     one_per_row = run(tiny_assets, tmp_path / "rows", hh_file, padding_free=False, **MODES[mode])
-    assert all(rows == pairs for _, rows, pairs in layouts)
+    assert all(rows == pairs and not free for _, rows, pairs, free in layouts)
     plain = run(tiny_assets, tmp_path / "plain", hh_file, prompt_sharing=False, **MODES[mode])
     assert packed.history[-1]["rewards/margins"] != 0  # trained: the comparison means something
     assert_steps_close(packed.history, one_per_row.history)
@@ -80,16 +84,16 @@ def test_precomputation_and_held_out_evaluation_are_padding_free(
     tiny_assets, tmp_path, hh_file, layouts
 ):
     """Before the first training step the reference log-probs are precomputed, after the last
-    the held-out pairs are scored: both without gradients, both with pairs sharing rows; the
-    evaluation's numbers equal the plain forward's."""
+    the held-out pairs are scored: both without gradients, both padding-free; the evaluation's
+    numbers equal the plain forward's."""
     evaluation = {"evaluate": True, "eval_fraction": 0.25, "num_prompts": 0, "eval_batch_size": 3}
     packed = run(tiny_assets, tmp_path / "packed", hh_file, **evaluation)
-    grads = [grad for grad, _, _ in layouts]
+    grads = [grad for grad, *_ in layouts]
     first, last = grads.index(True), len(grads) - 1 - grads[::-1].index(True)
     precompute, heldout = layouts[:first], layouts[last + 1 :]
-    assert not any(grad for grad, _, _ in precompute + heldout)
+    assert not any(grad for grad, *_ in precompute + heldout)
     for phase in (precompute, heldout):
-        assert any(rows < pairs for _, rows, pairs in phase), phase
+        assert phase and all(free for *_, free in phase)
     plain = run(tiny_assets, tmp_path / "plain", hh_file, prompt_sharing=False, **evaluation)
     for key, value in plain.after.items():
         # float32 sums of ~30 token log-probs in two summation orders (STEP_TOL's reasoning)
