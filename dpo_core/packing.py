@@ -99,7 +99,10 @@ _warned: set[str] = set()
 def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"prompt sharing off, plain forward used: {reason}", stacklevel=3)
+        warnings.warn(
+            f"prompt sharing off (padding-free rows too), plain forward used: {reason}",
+            stacklevel=3,
+        )
 
 
 def _scored_states(backbone, model: nn.Module, packed, layout: Layout) -> torch.Tensor:

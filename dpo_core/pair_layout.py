@@ -13,7 +13,9 @@ sees in its plain row (``prompt + chosen`` or ``prompt + rejected``).
 Segments are laid end to end in rows of at most ``capacity`` positions (bin packing, first fit
 by decreasing length, capacity = the longest segment); a block mask keeps each segment to
 itself, and positions restart per segment. Padding-free, each row then goes through the
-backbone alone, at its own length: no padding position is computed::
+backbone alone, at its own length: no padding position is computed. Rows rather than one call
+per pair because each call has a fixed cost per layer (small models feel it), and rows no longer
+than the longest pair because a masked attention computes every (query, key) pair of its row::
 
     row 0   [ pair 3 ............................. ][ pair 0 .......... ]
     row 1   [ pair 1 ................ ][ pair 2 ............ ][ pair 4 ..]

@@ -101,7 +101,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_assets, tmp_path)
 
 class Fault(L.Callback):
     """At optimizer step ``step``, put a nan into the weights (the loss goes nan) or into one
-    gradient (the loss is still finite)."""
+    gradient (the loss is still finite). The weights' nan goes into every row of the first
+    weight (the input embeddings: every token's), not into one token's row, which a
+    padding-free forward may never read (row 0 is the pad token's)."""
 
     def __init__(self, kind: str, step: int) -> None:
         self.kind, self.step = kind, step
@@ -109,7 +111,8 @@ class Fault(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.kind == "loss" and trainer.global_step == self.step:
             with torch.no_grad():
-                next(pl_module.model.parameters()).view(-1)[0] = float("nan")
+                weight = next(pl_module.model.parameters())
+                weight.view(weight.shape[0], -1)[:, 0] = float("nan")
 
     def on_after_backward(self, trainer, pl_module) -> None:
         if self.kind == "gradient" and trainer.global_step == self.step:

@@ -1,5 +1,6 @@
-"""The speed options reach the step: --prompt-sharing, --logps-keep-probs-mb, --group-by-length,
-and --precompute-ref-log-probs (unset: decided from how much of the data the run reads)."""
+"""The speed options reach the step: --prompt-sharing, --padding-free, --logps-keep-probs-mb,
+--group-by-length, and --precompute-ref-log-probs (unset: decided from how much of the data the
+run reads)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from training.run.module import DPOModule
 
 def test_defaults_share_prompts_and_keep_the_file_order():
     cfg, _ = resolve_config([])
-    assert cfg.dpo.prompt_sharing is True
+    assert cfg.dpo.prompt_sharing is True and cfg.dpo.padding_free is True
     assert cfg.dpo.precompute_ref_log_probs is None
     assert cfg.data.group_by_length is False
     settings = DPOModule(tiny_llama(), None, cfg, total_steps=1).settings
-    assert settings.prompt_sharing is True
+    assert settings.prompt_sharing is True and settings.padding_free is True
     assert settings.keep_probs_bytes == 512 * 2**20
 
 
@@ -45,3 +46,6 @@ def test_flags_reach_the_policy_step_and_the_reference():
     assert build_reference(tiny_llama(), cfg).prompt_sharing is True
     no_sharing, _ = resolve_config(["--no-prompt-sharing"])
     assert build_reference(tiny_llama(), no_sharing).prompt_sharing is False
+    padded, _ = resolve_config(["--no-padding-free"])
+    assert DPOModule(tiny_llama(), None, padded, total_steps=1).settings.padding_free is False
+    assert build_reference(tiny_llama(), padded).padding_free is False
