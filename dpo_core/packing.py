@@ -6,9 +6,9 @@ pads every row to the longest. Here pair i becomes one segment ``prompt + chosen
 restart after the prompt, so every token sees exactly the tokens, at exactly the positions, that
 it sees in its plain row. Padding-free (``padding_free``, the default) lays several segments end
 to end in a row (bin packing) under a block mask, positions restarting per segment, and sends
-each row through the backbone alone at its own length; without it each segment has its own row
-and the rows go through padded, in one call. Each hidden state equals its plain counterpart up
-to float32 rounding (the attention sums run over a differently shaped, masked matrix). The
+each row through the backbone at its own length (rows of equal fill in one call); without it
+each segment has its own row and the rows go through padded, in one call. Each hidden state
+equals its plain counterpart up to float32 rounding (the attention sums run over a differently shaped, masked matrix). The
 scored hidden states are gathered from the packed rows in the plain (2B, L-1) grid order and go
 through the same head (``logps.score_selected``): padding-free, no padding position goes through
 the backbone or the head.
@@ -108,33 +108,37 @@ def _warn_once(reason: str) -> None:
 def _scored_states(backbone, model: nn.Module, packed, layout: Layout) -> torch.Tensor:
     """The (T, H) last hidden states at ``packed.hidden_index`` (grid order (Nr, Lp)).
 
-    Padding-free (``layout.separate_rows``), each row goes through the backbone alone, cut to
-    its fill, so no padding position is computed: the rows' states are concatenated (sum of
-    fills, H) and grid index ``r * Lp + q`` becomes ``start_r + q``. Otherwise the padded rows
-    go through in one call."""
+    Padding-free (``layout.separate_rows``), the rows go through the backbone cut to their
+    fills, rows of equal fill together in one call, so no padding position is computed: the
+    calls' states are concatenated and grid index ``r * Lp + q`` becomes ``start_r + q``.
+    Otherwise the padded rows go through in one call."""
     dtype = unwrap_peft(model).get_input_embeddings().weight.dtype
     mask = _attention_mask(packed.allowed, model, dtype)
+
+    def forward(rows, n: int) -> torch.Tensor:
+        out = backbone(
+            input_ids=packed.input_ids[rows, :n],
+            attention_mask=mask[rows, :, :n, :n],
+            position_ids=packed.position_ids[rows, :n],
+            use_cache=False,
+        )
+        return out.last_hidden_state.flatten(0, 1)  # (len(rows) * n, H)
+
     if not layout.separate_rows:
-        out = backbone(
-            input_ids=packed.input_ids,
-            attention_mask=mask,
-            position_ids=packed.position_ids,
-            use_cache=False,
-        )
-        return out.last_hidden_state.flatten(0, 1)[packed.hidden_index]
-    rows = []
+        return forward(slice(None), layout.row_length)[packed.hidden_index]
+    by_fill: dict[int, list[int]] = {}
     for r, n in enumerate(layout.fills):
-        out = backbone(
-            input_ids=packed.input_ids[r : r + 1, :n],
-            attention_mask=mask[r : r + 1, :, :n, :n],
-            position_ids=packed.position_ids[r : r + 1, :n],
-            use_cache=False,
-        )
-        rows.append(out.last_hidden_state[0])
-    fills = torch.tensor(layout.fills, device=packed.hidden_index.device)
+        by_fill.setdefault(n, []).append(r)
+    states, start, offset = [], [0] * layout.num_rows, 0
+    for n, rows in by_fill.items():
+        states.append(forward(rows, n))
+        for j, r in enumerate(rows):
+            start[r] = offset + j * n
+        offset += len(rows) * n
     row = packed.hidden_index.div(layout.row_length, rounding_mode="floor")
     q = packed.hidden_index - row * layout.row_length
-    return torch.cat(rows)[(fills.cumsum(0) - fills)[row] + q]
+    starts = torch.tensor(start, device=q.device)
+    return torch.cat(states)[starts[row] + q]
 
 
 def packed_layout(model: nn.Module, batch: PreferenceBatch, padding_free: bool) -> Layout | None:

@@ -13,9 +13,10 @@ sees in its plain row (``prompt + chosen`` or ``prompt + rejected``).
 Segments are laid end to end in rows of at most ``capacity`` positions (bin packing, first fit
 by decreasing length, capacity = the longest segment); a block mask keeps each segment to
 itself, and positions restart per segment. Padding-free, each row then goes through the
-backbone alone, at its own length: no padding position is computed. Rows rather than one call
-per pair because each call has a fixed cost per layer (small models feel it), and rows no longer
-than the longest pair because a masked attention computes every (query, key) pair of its row::
+backbone at its own length (rows of equal fill together, in one call): no padding position is
+computed. Rows rather than one call per pair because each call has a fixed cost per layer (small
+models feel it) and batched rows multiply faster; rows no longer than the longest pair because
+a masked attention computes every (query, key) pair of its row::
 
     row 0   [ pair 3 ............................. ][ pair 0 .......... ]
     row 1   [ pair 1 ................ ][ pair 2 ............ ][ pair 4 ..]
@@ -70,7 +71,8 @@ class Layout:
     Attributes:
         rows: row of pair i. offsets: its first position in that row.
         fills: positions used in each row (Nr,). separate_rows: each row goes through the
-            backbone alone at its fill (padding-free), not padded in one batched call.
+            backbone at its fill (padding-free; rows of equal fill in one call), not padded in
+            one batched call.
     """
 
     rows: tuple[int, ...]
@@ -135,7 +137,7 @@ def one_pair_per_row(lengths: list[int]) -> Layout:
 
 def layout_cost(layout: Layout, hidden_size: int) -> float:
     """Backbone work of the packed rows (module docstring's units): each row at its fill when
-    rows go through alone, else every row at the padded width Lp."""
+    rows go through at their fills, else every row at the padded width Lp."""
     widths = layout.fills if layout.separate_rows else [layout.row_length] * layout.num_rows
     return sum(6 * hidden_size * n + n**2 for n in widths)
 
@@ -149,9 +151,9 @@ def plain_cost(batch: PreferenceBatch, hidden_size: int) -> float:
 
 
 def choose_layout(lengths: list[int], padding_free: bool = True) -> Layout:
-    """Padding-free: first-fit decreasing at the longest segment's length, each row alone (never
-    more work than one pair per row: the same real positions, rows no longer than the longest
-    pair, no padding). Else one pair per row, padded in one call."""
+    """Padding-free: first-fit decreasing at the longest segment's length, rows at their fills
+    (never more work than one pair per row: the same real positions, rows no longer than the
+    longest pair, no padding). Else one pair per row, padded in one call."""
     if padding_free and lengths:
         return first_fit_decreasing(lengths, max(lengths))
     return one_pair_per_row(lengths)

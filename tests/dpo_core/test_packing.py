@@ -224,21 +224,23 @@ def test_pack_pairs_refuses_unpackable_batches():
 
 
 def test_padding_free_computes_no_padding_position():
-    """Padding-free, the backbone sees exactly the pairs' P + C + R tokens, row by row, and no
-    row longer than the longest pair; one pair per row, it sees the rows padded to the longest."""
+    """Padding-free, the backbone sees exactly the pairs' P + C + R tokens (rows of equal fill in
+    one call, no row longer than the longest pair); one pair per row, it sees the rows padded to
+    the longest."""
     model = tiny_llama()
-    batch = pair_batch()
+    batch = pair_batch(SPANS + [(2, 3, 4), (4, 3, 2)])  # two segments of 9 tokens: one call
+    real = [p + c + r for p, c, r in SPANS + [(2, 3, 4), (4, 3, 2)]]
     seen = []
     model.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
         with_kwargs=True,
     )
+    layout = packed_layout(model, batch, padding_free=True)
     both_ways(model, batch, padding_free=True)
-    real = [p + c + r for p, c, r in SPANS]
     padding_free = seen[1:]  # seen[0]: the plain forward
-    assert all(rows == 1 for rows, _ in padding_free) and len(padding_free) < len(SPANS)
-    assert sum(n for _, n in padding_free) == sum(real)
+    assert sum(rows * n for rows, n in padding_free) == sum(real)
     assert max(n for _, n in padding_free) == max(real)
+    assert len(padding_free) == len(set(layout.fills)) < layout.num_rows
     seen.clear()
     both_ways(model, batch, padding_free=False)
-    assert seen[1] == (len(SPANS), max(real))
+    assert seen[1] == (len(real), max(real))
