@@ -47,25 +47,19 @@ class ReferenceSource(ABC):
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _model_reference_logps(
-    model: nn.Module,
-    batch: PreferenceBatch,
-    chunk_size: int,
-    ld_alpha: float | None,
-    prompt_sharing: bool,
-    padding_free: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed (or LD-weighted) completion log-probs of ``model`` on ``batch``, without grad."""
+def _model_reference_logps(source, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed (or LD-weighted) completion log-probs of ``source.model`` on ``batch``, without
+    grad, with the source's options (chunk_size, ld_alpha, prompt_sharing, padding_free)."""
     with torch.no_grad():
         token = token_logps(
-            model,
+            source.model,
             batch,
-            prompt_sharing=prompt_sharing,
-            padding_free=padding_free,
-            chunk_size=chunk_size,
+            prompt_sharing=source.prompt_sharing,
+            padding_free=source.padding_free,
+            chunk_size=source.chunk_size,
         )
-    if ld_alpha is not None:
-        return ld_sequence_logps(token, ld_alpha)
+    if source.ld_alpha is not None:
+        return ld_sequence_logps(token, source.ld_alpha)
     return split_pairs(sequence_logps(token))
 
 
@@ -96,14 +90,7 @@ class FrozenCopyReference(ReferenceSource):
         self.prompt_sharing, self.padding_free = prompt_sharing, padding_free
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return _model_reference_logps(
-            self.model,
-            batch,
-            self.chunk_size,
-            self.ld_alpha,
-            self.prompt_sharing,
-            self.padding_free,
-        )
+        return _model_reference_logps(self, batch)
 
 
 class AdapterDisabledReference(ReferenceSource):
@@ -136,14 +123,7 @@ class AdapterDisabledReference(ReferenceSource):
 
     def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         with self.model.disable_adapter():
-            return _model_reference_logps(
-                self.model,
-                batch,
-                self.chunk_size,
-                self.ld_alpha,
-                self.prompt_sharing,
-                self.padding_free,
-            )
+            return _model_reference_logps(self, batch)
 
 
 class PrecomputedReference(ReferenceSource):

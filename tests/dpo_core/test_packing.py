@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import dpo_core.packing
 from dpo_core.collate import PreferenceCollator
 from dpo_core.logps import model_token_logps
 from dpo_core.packing import batch_blocker, packed_layout, shared_prompt_token_logps, token_logps
@@ -18,6 +19,13 @@ from dpo_core.step import DPOSettings, dpo_step
 from tests.dpo_core.tiny import lora_model, tiny_gpt2, tiny_llama
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test sees the fallback warnings that are warned once per process."""
+    monkeypatch.setattr(dpo_core.packing, "_warned", set())
+
 
 # Per-token log-probs are O(log V) ~ 5; the packed and plain forwards run the same float32 math
 # over differently shaped (masked) attention matrices, so they may differ by a few ulp (~5e-7).
