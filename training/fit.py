@@ -232,10 +232,9 @@ def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
     L.seed_everything(cfg.trainer.seed, verbose=False)
     inputs = prepare_inputs(cfg)
     result = train(cfg, inputs)
-    if result.before or result.after or result.evaluation:
-        from training.run.outputs import print_summary
+    from training.run.outputs import print_summary
 
-        print_summary(result)
+    print_summary(result)
     return result
 
 

@@ -72,3 +72,13 @@ def test_a_malformed_flag_value_is_an_argparse_error(capsys):
         main(["--max-steps", "many"])
     assert exit_info.value.code == 2
     assert "--max-steps: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_a_run_without_evaluation_still_says_where_its_outputs_are(tiny_assets, tmp_path, capsys):
+    from tests.training.conftest import base_args, fit
+
+    fit(base_args(tiny_assets, tmp_path, max_steps=2))  # --no-evaluate
+    out = capsys.readouterr().out
+    assert "done: loss" in out and " s/step; model in " in out
+    assert f"metrics in {tmp_path / 'metrics.csv'}" in out
+    assert "before" not in out  # no table: nothing was evaluated

@@ -179,14 +179,14 @@ def validation_table(before: dict, after: dict) -> str:
 
 
 def print_summary(result) -> None:
-    """The before/after table and a one-line summary with where the outputs are."""
-    print()
+    """The before/after table (when the run was evaluated) and a one-line summary with where
+    the outputs are (always)."""
     if result.evaluation is not None:
         from training.eval.report import evaluation_table
 
-        print(evaluation_table(result.evaluation.to_json()))
-    else:
-        print(validation_table(result.before, result.after))
+        print("\n" + evaluation_table(result.evaluation.to_json()))
+    elif result.before or result.after:
+        print("\n" + validation_table(result.before, result.after))
     step = result.last_step
     print(
         f"\ndone: loss {step.get('loss', float('nan')):.4f}, "
