@@ -8,10 +8,10 @@ it sees in its plain row. Padding-free (``padding_free``, the default) lays seve
 to end in a row (bin packing) under a block mask, positions restarting per segment, and sends
 each row through the backbone at its own length (rows of equal fill in one call); without it
 each segment has its own row and the rows go through padded, in one call. Each hidden state
-equals its plain counterpart up to float32 rounding (the attention sums run over a differently shaped, masked matrix). The
-scored hidden states are gathered from the packed rows in the plain (2B, L-1) grid order and go
-through the same head (``logps.score_selected``): padding-free, no padding position goes through
-the backbone or the head.
+equals its plain counterpart up to float32 rounding (the attention sums run over a differently
+shaped, masked matrix). The scored hidden states are gathered from the packed rows in the plain
+(2B, L-1) grid order and go through the same head (``logps.score_selected``): padding-free, no
+padding position goes through the backbone or the head.
 
 This needs a model whose attention takes a ready 4D mask and explicit ``position_ids``: the
 transformers models listed in ``SUPPORTED_MODEL_TYPES`` with ``sdpa`` or ``eager`` attention
@@ -72,8 +72,9 @@ def model_blocker(model: nn.Module) -> str | None:
     return None
 
 
-def batch_blocker(model: nn.Module, batch: PreferenceBatch) -> str | None:
-    """Why this batch cannot be packed for ``model`` (None when it can)."""
+def _spans_or_blocker(model: nn.Module, batch: PreferenceBatch):
+    """The pairs' (P, C, R) spans (``pair_layout.pair_spans``), or why this batch cannot be
+    packed for ``model``."""
     reason = model_blocker(model)
     if reason is not None:
         return reason
@@ -81,7 +82,12 @@ def batch_blocker(model: nn.Module, batch: PreferenceBatch) -> str | None:
     window = getattr(config.get_text_config(), "sliding_window", None)
     if window is not None and batch.input_ids.shape[1] > window:
         return f"rows longer than the sliding window ({window} tokens)"  # one warning, not one a length
-    spans = pair_spans(batch)
+    return pair_spans(batch)
+
+
+def batch_blocker(model: nn.Module, batch: PreferenceBatch) -> str | None:
+    """Why this batch cannot be packed for ``model`` (None when it can)."""
+    spans = _spans_or_blocker(model, batch)
     return spans if isinstance(spans, str) else None
 
 
@@ -145,12 +151,12 @@ def packed_layout(model: nn.Module, batch: PreferenceBatch, padding_free: bool) 
     """The layout to pack ``batch`` in for ``model``, or None when the plain forward runs: the
     batch cannot be packed (warned once per reason) or the plain rows cost less work
     (``pair_layout.layout_cost``; no warning, a silent choice)."""
-    reason = batch_blocker(model, batch)
-    if reason is not None:
-        _warn_once(reason)
+    spans = _spans_or_blocker(model, batch)
+    if isinstance(spans, str):
+        _warn_once(spans)
         return None
     hidden_size = unwrap_peft(model).config.get_text_config().hidden_size
-    p, c, r = pair_spans(batch)
+    p, c, r = spans
     layout = choose_layout((p + c + r).tolist(), padding_free)
     return layout if layout_cost(layout, hidden_size) < plain_cost(batch, hidden_size) else None
 

@@ -27,6 +27,7 @@ import torch
 from dpo_core.batch import PreferenceBatch
 from dpo_core.logps import sequence_logps
 from dpo_core.packing import packed_layout, token_logps
+from training.inputs.four_bit import linear4bit_layers
 
 MAX_BATCHES = 4
 FACTOR = 2.0
@@ -61,7 +62,7 @@ class PaddingFreeCheck:
 
 def float64_twin(model: torch.nn.Module) -> torch.nn.Module | str:
     """A float64 copy of ``model``, or why there is none (4-bit weights have no float64 form)."""
-    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+    if linear4bit_layers(model):
         return "4-bit weights have no float64 twin"
     return copy.deepcopy(model).double()
 
