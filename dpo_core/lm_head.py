@@ -13,8 +13,14 @@ Forward needs ``exp(z - max z)`` anyway (for log Z and for the statistics); when
 float32 probabilities fit in ``keep_probs_bytes``, forward keeps them and backward is two matmuls
 (3 in all: the forward projection, grad_h, grad_W). Otherwise forward keeps only ``log Z`` (T,)
 and backward recomputes each chunk's logits (4 matmuls), so one [chunk, V] block is alive at a
-time. Any other head (LoRA, 4-bit, a logit softcap, autocast) runs through plain autograd, each
-chunk under activation checkpointing.
+time. Any other head (LoRA, 4-bit, a logit softcap) runs through plain autograd, each chunk
+under activation checkpointing.
+
+Under autocast (``bf16-mixed``) the Function rounds where trl's kernel does: the product
+``h Wᵀ`` is taken in bf16 and rounded once, everything after it (log Z, the statistics, ∂L/∂z) is
+float32, ∂L/∂z is rounded to bf16, and the two gradient products are float32 sums of those
+rounded operands. Plain autograd would round each gradient product to bf16 as well (2^-9
+relative in grad_h), which trl avoids because it biases training (kern:52-58).
 
 The metric-only statistics (entropy, mean logit, top-1, WPO's ``log Σ p²``) are computed from the
 same block, without gradient, and only for the selected tokens.
@@ -109,11 +115,12 @@ class _LinearHeadLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, stats, wpo, keep_probs):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, stats, wpo, keep_probs, compute):
         probs = hidden.new_empty(hidden.shape[0], weight.shape[0]) if keep_probs else None
         logps, log_zs, chunk_stats = [], [], []
+        w, b = _rounded(weight, compute), _rounded(bias, compute)
         for rows in _chunks(hidden.shape[0], chunk_size):
-            logits = F.linear(hidden[rows], weight, bias)  # (n, V)
+            logits = _logits(hidden[rows], w, b, compute)  # (n, V) float32
             e, s, log_z = _softmax_parts(logits, out=None if probs is None else probs[rows])
             logps.append(_target_logp(logits, targets[rows], log_z))
             log_zs.append(log_z)
@@ -122,7 +129,7 @@ class _LinearHeadLogps(torch.autograd.Function):
             if probs is not None:
                 e.div_(s.unsqueeze(-1))  # now softmax(z), in place inside ``probs``
         ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(log_zs), probs)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.compute = chunk_size, compute
         ctx.set_materialize_grads(False)
         out_stats = _concat_stats(chunk_stats) if stats else NO_STATS
         ctx.mark_non_differentiable(*(s for s in out_stats if s is not None))
@@ -133,7 +140,10 @@ class _LinearHeadLogps(torch.autograd.Function):
         hidden, weight, bias, targets, log_z, probs = ctx.saved_tensors
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         if grad_logps is None:
-            return (None,) * 8
+            return (None,) * 9
+        compute = ctx.compute
+        w, b = _rounded(weight, compute), _rounded(bias, compute)
+        w32 = w if compute is None else w.float()  # the rounded weight, products in float32
         grad_h = torch.empty_like(hidden) if needs_h else None
         grad_w = torch.zeros_like(weight) if needs_w else None
         grad_b = torch.zeros_like(bias) if needs_b and bias is not None else None
@@ -142,16 +152,35 @@ class _LinearHeadLogps(torch.autograd.Function):
             if probs is not None:
                 grad_logits = probs[rows].mul(-g)  # -g * p
             else:  # recompute p = exp(z - log Z) from the chunk's logits
-                logits = F.linear(h, weight, bias)
+                logits = _logits(h, w, b, compute)
                 grad_logits = logits.sub_(log_z[rows].unsqueeze(-1)).exp_().mul_(-g)
             grad_logits.scatter_add_(1, targets[rows].unsqueeze(-1), g)  # + g * onehot
+            if compute is not None:  # trl stores ∂L/∂z in the compute dtype (kern:297)
+                grad_logits = grad_logits.to(compute).float()
+                h = h.to(compute).float()
             if grad_h is not None:
-                torch.mm(grad_logits, weight, out=grad_h[rows])
+                grad_h[rows] = grad_logits @ w32
             if grad_w is not None:
                 grad_w.addmm_(grad_logits.t(), h)
             if grad_b is not None:
                 grad_b.add_(grad_logits.sum(dim=0))
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _rounded(t: torch.Tensor | None, compute: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` rounded to the autocast dtype ``compute`` (None: unchanged)."""
+    return t if t is None or compute is None else t.to(compute)
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b, compute: torch.dtype | None) -> torch.Tensor:
+    """``h Wᵀ + b`` (n, V) float32. Under autocast (``compute`` = bf16/fp16, ``w``/``b`` already
+    rounded to it) the product is taken in ``compute``, rounded once, the bias added in
+    ``compute``, then widened: exactly trl's tile (kern:352-358), so both see the same logits."""
+    if compute is None:
+        return F.linear(h, w, b)
+    with torch.autocast(h.device.type, enabled=False):
+        z = h.to(compute) @ w.t()
+        return (z if b is None else z.add_(b)).float()
 
 
 def _project(
@@ -186,13 +215,17 @@ def _checkpointed_chunk(head, hidden, targets, transform, stats: bool, wpo: bool
 
 
 def _uses_linear_kernel(head: nn.Module, hidden: torch.Tensor, transform) -> bool:
-    """The custom Function covers a plain float32 nn.Linear with no logit transform or autocast."""
+    """The custom Function covers a plain float32 nn.Linear with no logit transform."""
     return (
         type(head) is nn.Linear
         and transform is None
         and hidden.dtype == head.weight.dtype == torch.float32
-        and not torch.is_autocast_enabled(hidden.device.type)
     )
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on ``device``, or None when it is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 def selected_logps(
@@ -220,8 +253,9 @@ def selected_logps(
     """
     if torch.is_grad_enabled() and _uses_linear_kernel(head, hidden, transform):
         keep = hidden.shape[0] * head.weight.shape[0] * 4 <= keep_probs_bytes
+        compute = _autocast_dtype(hidden.device)
         logps, *rest = _LinearHeadLogps.apply(
-            hidden, head.weight, head.bias, targets, chunk_size, stats, wpo, keep
+            hidden, head.weight, head.bias, targets, chunk_size, stats, wpo, keep, compute
         )
         return logps, (HeadStats(*rest) if stats else None)
     chunked = torch.is_grad_enabled() and hidden.shape[0] > chunk_size

@@ -257,6 +257,7 @@ def reference_cache_key(
     truncation_mode: str,
     dtype: torch.dtype | str,
     ld_alpha: float | None,
+    precision: str = "32-true",
 ) -> str:
     """sha256 hex digest of everything the precomputed reference log-probs depend on.
 
@@ -264,7 +265,8 @@ def reference_cache_key(
     are switched off: its state_dict, adapters included, is hashed; compute the key before
     training). ``data_fingerprint`` identifies the rows (e.g. a datasets fingerprint or a hash of
     the file). Like trl's cache key (dpo:979-982, 1174-1183: dataset fingerprint + weight hash),
-    plus the tokenizer, truncation, dtype and ld_alpha.
+    plus the tokenizer, truncation, dtype, ld_alpha and the autocast ``precision`` (Lightning's
+    name: ``bf16-mixed`` log-probs differ from float32 ones).
     """
     h = hashlib.sha256(CACHE_FORMAT.encode())
     settings = {
@@ -273,6 +275,7 @@ def reference_cache_key(
         "truncation_mode": truncation_mode,
         "dtype": str(dtype),
         "ld_alpha": ld_alpha,
+        "precision": precision,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(_tokenizer_identity(tokenizer).encode())

@@ -37,7 +37,9 @@ from dpo_core.settings import LossSettings  # noqa: E402
 from parity.cases import (  # noqa: E402
     ARCHS,
     DATA_SHAPES,
+    DEVICES,
     LOSS_TYPES,
+    PRECISIONS,
     ParityCase,
     cases_from_args,
     comparable,
@@ -107,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-rows", type=int, help="default: steps x batch size x grad accum")
     p.add_argument("--max-length", type=int, default=1024, help="0: no truncation")
     p.add_argument("--truncation-mode", default="keep_start", choices=TRUNCATION_MODES)
+    p.add_argument(
+        "--precision",
+        default="32-true",
+        choices=PRECISIONS,
+        help="bf16-mixed: trl with bf16=True against ours under Lightning's bf16-mixed",
+    )
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where both sides train")
     p.add_argument("--seed", type=int, default=42)
     _add_run_options(p)
     return p
@@ -151,7 +160,7 @@ def run_case(
         floor = None
         if floor_runs > 0:
             floors = [run_trl(case, workdir, perturb_seed=j) for j in range(1, floor_runs + 1)]
-            floor = measure_floor(trl, floors)
+            floor = measure_floor(trl, floors, first_step=case.precision != "32-true")
         if against == "trl":
             other = run_trl(case, workdir)
         else:

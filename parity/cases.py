@@ -27,6 +27,8 @@ from dpo_core.losses import (  # noqa: F401 (LOSS_TYPES: the command line's choi
 from dpo_core.settings import LossSettings
 
 ARCHS = ("llama", "qwen2", "gpt2", "mistral")
+PRECISIONS = ("32-true", "bf16-mixed")
+DEVICES = ("cpu", "cuda")
 DATA_SHAPES = ("explicit", "conversational", "implicit", "hh-rlhf", "hh-rlhf-chat")
 
 
@@ -83,6 +85,12 @@ class ParityCase:
     """Truncation length of prompt + completion; None keeps everything."""
     truncation_mode: str = "keep_start"
     """``keep_start`` or ``keep_end``."""
+    precision: str = "32-true"
+    """``32-true``: float32 throughout. ``bf16-mixed``: float32 weights, optimizer and loss, the
+    matrix products under bf16 autocast: trl with ``bf16=True``, ours under Lightning's
+    ``bf16-mixed`` (the same ``torch.autocast`` region: every forward)."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda`` (both sides on the first GPU)."""
     seed: int = 42
     """Seed of the models, the reference perturbation, the generated data and the trainer."""
     vocab_size: int = 1000
@@ -95,6 +103,12 @@ class ParityCase:
         if self.dataset_path is None and self.data not in DATA_SHAPES:
             raise ValueError(f"case {self.name!r}: data {self.data!r} not in {DATA_SHAPES}")
         check_truncation_mode(self.truncation_mode, f"case {self.name!r}: truncation_mode")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"case {self.name!r}: precision {self.precision!r} not in {PRECISIONS}"
+            )
+        if self.device not in DEVICES:
+            raise ValueError(f"case {self.name!r}: device {self.device!r} not in {DEVICES}")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -219,6 +233,8 @@ def cases_from_args(args: argparse.Namespace) -> list[ParityCase]:
                 prompt_sharing=args.prompt_sharing,
                 max_length=None if args.max_length == 0 else args.max_length,
                 truncation_mode=args.truncation_mode,
+                precision=args.precision,
+                device=args.device,
                 seed=args.seed,
             )
             case.name = case_name(case)

@@ -49,8 +49,8 @@ def trl_config(case: ParityCase, output_dir: pathlib.Path, **overrides):
     settings = dict(
         output_dir=str(output_dir),
         seed=case.seed,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=case.device == "cpu",
+        bf16=case.precision == "bf16-mixed",
         fp16=False,
         gradient_checkpointing=False,
         train_sampling_strategy="sequential",

@@ -65,7 +65,8 @@ class FitResult:
 
 
 def total_optimizer_steps(cfg: FitConfig, n_train: int) -> int:
-    """``max_steps`` if set, else epochs x ceil(batches per device / accumulation)."""
+    """``max_steps`` if set, else epochs x ceil(batches per process / accumulation), a batch
+    being ``batch_size`` pairs on each of devices x num_nodes processes."""
     if cfg.trainer.max_steps > 0:
         return cfg.trainer.max_steps
     per_step = cfg.trainer.pairs_per_batch
@@ -121,6 +122,7 @@ def make_trainer(
         gradient_clip_algorithm="norm",
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
         strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision,
         logger=loggers,
@@ -136,6 +138,19 @@ def make_trainer(
         enable_model_summary=False,
         default_root_dir=str(out),
     )
+
+
+def check_world_size(trainer: L.Trainer, cfg: FitConfig) -> None:
+    """The step count, epochs and learning-rate schedule were sized for ``--devices`` x
+    ``--num-nodes`` processes (``TrainerConfig.world_size``); a ``RunError`` if Lightning runs
+    another number (``--devices -1`` on several GPUs). Under torchrun or SLURM, Lightning itself
+    refuses a ``--devices`` / ``--num-nodes`` that disagrees with the launcher's world size."""
+    if trainer.world_size != cfg.trainer.world_size:
+        raise RunError(
+            f"Lightning runs {trainer.world_size} processes, but --devices {cfg.trainer.devices} "
+            f"x --num-nodes {cfg.trainer.num_nodes} = {cfg.trainer.world_size}, which the step "
+            "count and learning-rate schedule assume: give --devices as the number per machine"
+        )
 
 
 def train(
@@ -161,6 +176,7 @@ def train(
     timer = StepTimer()
     epochs = epochs_needed(cfg, len(inputs.data.train), total)
     trainer = make_trainer(cfg, total, epochs, timer, callbacks, plan.earlier_rows)
+    check_world_size(trainer, cfg)
     module.reference_to(trainer.strategy.root_device)
     fit_module(trainer, module, data, plan, cfg)
     evaluation = report = None

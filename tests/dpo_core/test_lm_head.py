@@ -106,3 +106,54 @@ def test_no_tokens():
     assert logps.shape == (0,) and stats.entropy.shape == (0,)
     logps.sum().backward()
     assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
+
+
+def float64_mirror(h, targets, head, grad_logps):
+    """The bf16-autocast head in float64, rounding where trl's kernel rounds (kern:352-358, 297):
+    ``z = bf16(h_bf16 W_bf16ᵀ)``, the log-softmax in float64, ``∂L/∂z = g (onehot - p)`` rounded
+    to bf16, then the gradient products of the rounded operands in float64.
+    Returns (logps (T,), grad_h (T, H), grad_W (V, H))."""
+    hb, wb = h.detach().bfloat16(), head.weight.detach().bfloat16()
+    z = (hb @ wb.t()).double()  # the product rounded to bf16 once, as both heads take it
+    logp = z.log_softmax(-1)
+    onehot = torch.nn.functional.one_hot(targets, z.shape[-1]).double()
+    dz = (grad_logps.double().unsqueeze(-1) * (onehot - logp.exp())).bfloat16().double()
+    logps = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logps, dz @ wb.double(), dz.t() @ hb.double()
+
+
+@pytest.mark.parametrize("keep_probs_bytes", [0, lm_head.KEEP_PROBS_BYTES])
+def test_under_bf16_autocast_the_head_rounds_where_trl_does(keep_probs_bytes):
+    """Under bf16 autocast the head takes the bf16 product, widens it, and keeps every gradient
+    product in float32 from bf16-rounded operands (rounding each product to bf16, as plain
+    autograd does, moves grad_h by ~2^-9 relative: trl's step-1 grad_norm then differs 1e-4).
+    Against a float64 twin of those roundings: values within float32 log-softmax rounding;
+    gradients within float32 sums of T or V terms (relative T·eps at worst)."""
+    h, targets, head = problem(bias=False)
+    g = torch.rand(h.shape[0], generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, _ = selected_logps(h, targets, head, chunk_size=5, keep_probs_bytes=keep_probs_bytes)
+    grad_h, grad_w = torch.autograd.grad((logps * g).sum(), [h, head.weight])
+    want_logps, want_h, want_w = float64_mirror(h, targets, head, g)
+    assert logps.dtype == grad_h.dtype == grad_w.dtype == torch.float32
+    torch.testing.assert_close(logps.double(), want_logps, **VALUE_TOL)
+    torch.testing.assert_close(grad_h.double(), want_h, **GRAD_TOL)
+    torch.testing.assert_close(grad_w.double(), want_w, **GRAD_TOL)
+
+
+def test_under_bf16_autocast_the_head_equals_trls_kernel():
+    """The same logits and per-token log-probs as trl 1.16's chunked kernel under autocast, and
+    the same gradients: both round the product to bf16 once and sum the gradient products in
+    float32 (in another order: float32 sums of V or T terms)."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    h, targets, head = problem(bias=False)
+    g = torch.rand(h.shape[0], generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, _ = selected_logps(h, targets, head, chunk_size=5)
+        theirs = ChunkedLogProbFunction.apply(h, head.weight, None, targets, 1.0, 16)[0]
+    got = torch.autograd.grad((ours * g).sum(), [h, head.weight])
+    want = torch.autograd.grad((theirs * g).sum(), [h, head.weight])
+    torch.testing.assert_close(ours, theirs, **VALUE_TOL)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **GRAD_TOL)

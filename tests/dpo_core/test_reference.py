@@ -167,6 +167,7 @@ def test_key_changes_with_everything_it_depends_on(base_and_peft, tiny_tokenizer
         "truncation": key_for(frozen, tiny_tokenizer, truncation_mode="keep_end"),
         "dtype": key_for(frozen, tiny_tokenizer, dtype=torch.bfloat16),
         "ld_alpha": key_for(frozen, tiny_tokenizer, ld_alpha=0.5),
+        "precision": key_for(frozen, tiny_tokenizer, precision="bf16-mixed"),
     }
     for what, other in variants.items():
         assert other != key, what

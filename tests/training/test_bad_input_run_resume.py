@@ -212,3 +212,21 @@ def test_resume_allow_changes_applies_and_records_them(tiny_assets, tmp_path):
     assert all(r["resume_changes"] == 2 for r in steps[3:])
     # the new learning rate trains: linear decay of 0.01 over 5 steps, at steps 3 and 4
     assert [r["learning_rate"] for r in steps[3:]] == pytest.approx([0.01 * 2 / 5, 0.01 * 1 / 5])
+
+
+def test_a_setting_added_since_the_checkpoint_counts_as_its_default():
+    """A checkpoint written before ``--num-nodes`` existed records no ``trainer.num_nodes``: it
+    resumes as the default (1) without --resume-allow-changes, and refuses 2."""
+    import dataclasses
+
+    from training.run.config import FitConfig
+    from training.run.resume import comparable_config, differences
+
+    cfg = FitConfig()
+    old = {"config": comparable_config(cfg), "data": {}}
+    del old["config"]["trainer.num_nodes"]
+    assert differences(old, {"config": comparable_config(cfg), "data": {}}) == []
+    two = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, num_nodes=2))
+    assert differences(old, {"config": comparable_config(two), "data": {}}) == [
+        "trainer.num_nodes: 1 -> 2"
+    ]

@@ -161,3 +161,29 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_assets, tmp_path):
         assert_steps_close(ckpt.history, plain.history)
         if not mode:
             assert_weights_close(ckpt.model_dir, plain.model_dir, tiny_assets.model_dir)
+
+
+def test_bf16_mixed_trains_with_clipping_and_reference_log_probs_in_bf16(tiny_assets, tmp_path):
+    """``--precision bf16-mixed``: float32 weights and optimizer (fused AdamW, clipping on: a
+    combination Lightning's mixed-precision plugin refuses on its own), forwards under bf16
+    autocast, the reference precomputed under the same autocast (its log-probs differ from a
+    float32 run's, and so does its cache file)."""
+    flags = dict(TRAIN, max_grad_norm=0.05, precompute_ref_log_probs=True)
+    result = fit(base_args(tiny_assets, tmp_path / "bf16", precision="bf16-mixed", **flags))
+    fp32 = fit(base_args(tiny_assets, tmp_path / "fp32", **flags))
+    assert all(p.dtype == torch.float32 for p in result.policy.parameters())
+    assert all(row["grad_norm"] > 0.05 for row in result.history)  # clipped every step
+    ref_files = [
+        sorted(p.name for p in (tmp_path / run / "reference_logps").iterdir())
+        for run in ("bf16", "fp32")
+    ]
+    assert ref_files[0] != ref_files[1]
+    first = [r.history[0] for r in (result, fp32)]
+    # The same rows and step-1 weights: only bf16 rounding tells the runs apart, and it does.
+    assert first[0]["logps/chosen"] != first[1]["logps/chosen"]
+    batch = fixed_batch(tiny_assets)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_assets.model_dir)
+    reference = FrozenCopyReference(copy.deepcopy(initial))
+    assert batch_loss(result.policy, reference, batch) < (
+        batch_loss(initial, reference, batch) - MIN_LOSS_DROP
+    )

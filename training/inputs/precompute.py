@@ -4,7 +4,7 @@ The reference (a frozen copy of the starting policy, ``--ref-model``, or the LoR
 adapters off) runs once over the train and held-out rows; the values ride along with each row
 into the batches (``ref_chosen_logps`` / ``ref_rejected_logps``), so a training step needs no
 reference forward. Each cache file is named by its key, a hash of the weights, tokenizer, tokens,
-truncation, dtype and ld_alpha (``dpo_core.reference.reference_cache_key``): a run with anything
+truncation, dtype, ld_alpha and precision (``dpo_core.reference.reference_cache_key``): a run with anything
 changed computes a new file, and a stale file is never read.
 """
 
@@ -78,6 +78,7 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
         truncation_mode=cfg.data.truncation_mode,
         dtype=cfg.model.dtype,
         ld_alpha=cfg.dpo.ld_alpha,
+        precision=cfg.trainer.precision,
     )
     path = Path(cfg.trainer.output_dir) / "reference_logps" / f"{name}-{key[:16]}.pt"
     if path.exists():
@@ -86,12 +87,23 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
     loader = DataLoader(features, batch_size=cfg.trainer.eval_batch_size, collate_fn=collator)
     with torch.no_grad(), _model_on(reference.model, _precompute_device(cfg)) as device:
         batches = (batch.to(device) for batch in loader)
-        chosen, rejected = ref.precompute_reference_logps(
-            reference, batches, num_rows=len(features)
-        )
+        with _autocast(cfg.trainer.precision, device):
+            chosen, rejected = ref.precompute_reference_logps(
+                reference, batches, num_rows=len(features)
+            )
     ref.save_reference_cache(path, key, chosen, rejected, torch.arange(len(features)))
     log.info("reference log-probs (%s): computed for %d rows -> %s", name, len(features), path)
     return chosen, rejected
+
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def _autocast(precision: str, device: torch.device):
+    """The autocast region training runs its forwards in under Lightning's ``precision``
+    (``bf16-mixed``, ``16-mixed``), so precomputed values equal live ones; else no autocast."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager

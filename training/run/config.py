@@ -159,7 +159,8 @@ class TrainerConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     seed: int = _f(42, "Seed for weights init, data order, dropout and sampling.")
     accelerator: str = _f("auto", "cpu, gpu or auto.")
-    devices: int = _f(1, "Devices (processes) to train on.")
+    devices: int = _f(1, "Devices (processes) per machine to train on.")
+    num_nodes: int = _f(1, "Machines (nodes) to train on; Lightning's num_nodes.")
     strategy: str = _f("auto", "Lightning strategy: auto, ddp, fsdp, deepspeed.")
     precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, ...")
     save_every_n_steps: int = _f(50, "Write a checkpoint every N optimizer steps.")
@@ -179,9 +180,14 @@ class TrainerConfig:
     num_workers: int = _f(0, "DataLoader workers.")
 
     @property
+    def world_size(self) -> int:
+        """Training processes over all machines: devices per machine x machines."""
+        return max(1, self.devices) * self.num_nodes
+
+    @property
     def pairs_per_batch(self) -> int:
-        """Pairs in one micro-batch over all processes."""
-        return self.batch_size * max(1, self.devices)
+        """Pairs in one micro-batch over all processes (batch_size x devices x num_nodes)."""
+        return self.batch_size * self.world_size
 
 
 @dataclass
@@ -241,6 +247,8 @@ def check_config(cfg: FitConfig) -> None:
         raise ValueError(f"--eval-max-pairs must be >= 1 or none, got {cfg.data.eval_max_pairs}")
     if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
         raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
+    if cfg.trainer.num_nodes < 1:
+        raise ValueError(f"--num-nodes must be >= 1, got {cfg.trainer.num_nodes}")
     check_eval_config(cfg.eval)
     if cfg.lora.load_in_4bit or cfg.model.adapter:
         cfg.lora.lora = True  # 4-bit weights cannot be trained directly: QLoRA trains adapters.

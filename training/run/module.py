@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from dpo_core.step import DPOSettings, StepOutput, dpo_step
 from training.inputs.four_bit import check_not_packed
@@ -176,10 +177,26 @@ class DPOModule(L.LightningModule):
         self.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
         self.log_dict(rest, on_step=True, on_epoch=False, rank_zero_only=True)
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip as configured. Under bf16 autocast no gradient is scaled, so clipping before the
+        fused AdamW step is exact, as in fp32 (transformers' Trainer does so with ``bf16=True``);
+        Lightning's mixed-precision plugin refuses any fused optimizer, scaler or not."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # -- optimizer ----------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.cfg.optim
-        fused = all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
+        # fp16 (16-mixed) scales the loss; a fused AdamW would unscale inside its step, after
+        # clipping has seen the scaled gradients, so it is used everywhere else only.
+        fused = self.cfg.trainer.precision not in ("16-mixed", "16") and all(
+            p.device.type in ("cpu", "cuda") for p in self.model.parameters()
+        )
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay),
             lr=o.learning_rate,

@@ -85,8 +85,11 @@ def run_record(cfg: FitConfig, inputs) -> dict[str, dict]:
 
 
 def differences(saved: dict, now: dict) -> list[str]:
-    """``name: old -> new`` for every compared field that differs (missing on one side too)."""
-    old = {**saved.get("config", {}), **saved.get("data", {})}
+    """``name: old -> new`` for every compared field that differs (missing on one side too). A
+    setting added since the checkpoint was written counts as its default there: the run that
+    wrote it had no such option and behaved as the default does."""
+    defaults = comparable_config(FitConfig())
+    old = {**defaults, **saved.get("config", {}), **saved.get("data", {})}
     new = {**now.get("config", {}), **now.get("data", {})}
     missing = "(not recorded)"
     return [
