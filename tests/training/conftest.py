@@ -216,12 +216,15 @@ STEP_KEYS = (
 )
 
 
-def assert_steps_close(ours: list[dict], theirs: list[dict], keys=STEP_KEYS) -> None:
-    """Same number of optimizer steps, and every ``keys`` metric equal within ``STEP_TOL``."""
+def assert_steps_close(
+    ours: list[dict], theirs: list[dict], keys=STEP_KEYS, tol: float = STEP_TOL
+) -> None:
+    """Same number of optimizer steps, and every ``keys`` metric equal within ``tol`` (relative
+    and absolute)."""
     assert len(ours) == len(theirs) > 0
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         for key in keys:
-            assert math.isclose(a[key], b[key], rel_tol=STEP_TOL, abs_tol=STEP_TOL), (
+            assert math.isclose(a[key], b[key], rel_tol=tol, abs_tol=tol), (
                 f"step {step} {key}: {a[key]} vs {b[key]}"
             )
 
