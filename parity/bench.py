@@ -8,6 +8,12 @@ GPU), then the ratios against trl. trl runs at the parity settings (float32, no 
 checkpointing: the same numbers as ours) and at its own defaults (bf16 autocast + gradient
 checkpointing: faster on some CPUs, other numbers).
 
+How close each side is to the limit (``parity.flops``): the FLOPs it executes per step (its
+backbone calls and its head; ``flops_per_step``, ``flops_per_s``, ``hfu``), the necessary FLOPs
+of the step's pairs, the same for every side (``model_flops_per_step``, ``mfu``), both against
+the matmul peak measured in the same run on the same threads (``peak_flops_per_s``, per dtype:
+bf16 for trl's defaults).
+
 A fast wrong answer is worthless: every exact side's per-step losses must equal trl's parity
 run's within ``--loss-tolerance``; otherwise the table says so and the exit status is 1.
 
@@ -119,6 +125,49 @@ def summarize(raw: dict, warmup: int) -> dict:
         "seconds_per_step": statistics.median(seconds) if seconds else float("nan"),
         "cpu_seconds_per_step": statistics.median(cpu) if cpu else float("nan"),
         "completion_tokens_per_second": sum(tokens) / sum(seconds) if seconds else float("nan"),
+        **flop_summary(raw, timed, seconds),
+    }
+
+
+def flop_summary(raw: dict, timed: slice, seconds: list[float]) -> dict:
+    """Over the timed steps: the mean FLOPs per step, executed (by part) and necessary, and the
+    rates Σ FLOPs / Σ seconds (as tokens per second); empty when the side counted none."""
+    executed, necessary = raw.get("step_flops", [])[timed], raw.get("step_model_flops", [])[timed]
+    if not executed or not seconds:
+        return {}
+    parts = {k: sum(step[k] for step in executed) / len(executed) for k in executed[0]}
+    return {
+        "flops_per_step": parts["total"],
+        "flops_breakdown": parts,
+        "model_flops_per_step": sum(necessary) / len(necessary),
+        "flops_per_s": sum(step["total"] for step in executed) / sum(seconds),
+        "model_flops_per_s": sum(necessary) / sum(seconds),
+    }
+
+
+def matmul_peaks(runs: list[dict]) -> dict[str, float]:
+    """The best matmul FLOP/s per dtype over every run's own measurement (each measured in its
+    worker after training, on the same threads): the machine's limit in this run."""
+    peaks: dict[str, float] = {}
+    for run in runs:
+        for dtype, value in run.get("matmul_peak_flops_per_s", {}).items():
+            peaks[dtype] = max(peaks.get(dtype, 0.0), value)
+    return peaks
+
+
+def with_utilisation(side: dict, peaks: dict[str, float]) -> dict:
+    """``side`` with ``mfu`` (necessary FLOP/s / peak) and ``hfu`` (executed FLOP/s / peak),
+    against the peak of the dtype its matmuls ran in (``peak_dtype``)."""
+    dtype = side.get("compute_dtype")
+    if "flops_per_s" not in side or dtype not in peaks:
+        return side
+    peak = peaks[dtype]
+    return {
+        **side,
+        "peak_dtype": dtype,
+        "peak_flops_per_s": peak,
+        "mfu": side["model_flops_per_s"] / peak,
+        "hfu": side["flops_per_s"] / peak,
     }
 
 
@@ -148,12 +197,16 @@ def ratio(sides: dict, num: str, den: str, key: str) -> float | None:
     return sides[num][key] / sides[den][key]
 
 
-def build_report(preset: Preset, case, sides: dict[str, dict], check: dict, load) -> dict:
-    """The JSON report: headline sides, ratios, the loss check and the settings."""
+def build_report(
+    preset: Preset, case, sides: dict[str, dict], check: dict, load, peaks: dict[str, float]
+) -> dict:
+    """The JSON report: headline sides, ratios, the matmul peaks, the loss check and the
+    settings."""
     import torch
     import transformers
     import trl
 
+    sides = {name: with_utilisation(side, peaks) for name, side in sides.items()}
     report = {name: sides.get(name) for name in HEADLINE}
     report["speedup"] = ratio(sides, "trl", "ours", "seconds_per_step")
     report["peak_memory_ratio"] = ratio(sides, "ours", "trl", "peak_rss_mb")
@@ -161,6 +214,8 @@ def build_report(preset: Preset, case, sides: dict[str, dict], check: dict, load
         report["peak_cuda_memory_ratio"] = ratio(sides, "ours", "trl", "peak_cuda_mb")
     report["speedup_vs_trl_defaults"] = ratio(sides, "trl_defaults", "ours", "seconds_per_step")
     report["variants"] = {k: v for k, v in sides.items() if k not in HEADLINE}
+    report["peak_flops_per_s"] = peaks.get("float32")
+    report["peak_flops_per_s_by_dtype"] = peaks
     report["loss_check"] = check
     report["config"] = {
         "preset": preset.name,
@@ -224,12 +279,39 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _giga(value: float | None) -> str:
+    """FLOPs in GFLOP: three significant digits, no exponent."""
+    if value is None:
+        return "-"
+    giga = value / 1e9
+    return f"{giga:,.0f}" if giga >= 100 else f"{giga:.3g}"
+
+
+def flop_lines(report: dict, sides: dict[str, dict]) -> list[str]:
+    """The matmul peaks and the necessary work the MFU column divides by."""
+    peaks = report.get("peak_flops_per_s_by_dtype") or {}
+    if not peaks:
+        return []
+    listed = ", ".join(f"{dtype} {value / 1e9:.0f}" for dtype, value in peaks.items())
+    lines = [f"matmul peak GFLOP/s (best measured in this run, same threads): {listed}"]
+    necessary = {_giga(s["model_flops_per_step"]) for s in sides.values()
+                 if "model_flops_per_step" in s}  # fmt: skip
+    if necessary:
+        values = ", ".join(sorted(necessary))
+        lines.append(
+            f"necessary GFLOP / step (MFU's numerator; GFLOP / step, GFLOP/s and HFU count "
+            f"what each side executed; parity.flops): {values}"
+        )
+    return lines
+
+
 def bench_table(report: dict) -> str:
     """A markdown table of every side and the headline ratios."""
     rows = [
-        "| side | s / step | x trl | CPU s / step | completion tok / s | peak RSS MiB "
-        "| RSS / trl | peak CUDA MiB | setup s | max loss diff vs trl |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| side | s / step | x trl | CPU s / step | completion tok / s | GFLOP / step "
+        "| GFLOP/s | HFU | MFU | peak RSS MiB | RSS / trl | peak CUDA MiB | setup s "
+        "| max loss diff vs trl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     sides = {k: report[k] for k in HEADLINE if report.get(k)} | report["variants"]
     trl = sides.get("trl")
@@ -243,7 +325,9 @@ def bench_table(report: dict) -> str:
         rows.append(
             f"| {name} | {s['seconds_per_step']:.3f} | {_fmt(speed, '.2f')} "
             f"| {s['cpu_seconds_per_step']:.2f} "
-            f"| {s['completion_tokens_per_second']:.0f} | {s['peak_rss_mb']:.0f} "
+            f"| {s['completion_tokens_per_second']:.0f} | {_giga(s.get('flops_per_step'))} "
+            f"| {_giga(s.get('flops_per_s'))} | {_fmt(s.get('hfu'), '.2f')} "
+            f"| {_fmt(s.get('mfu'), '.2f')} | {s['peak_rss_mb']:.0f} "
             f"| {_fmt(memory, '.2f')} | {_fmt(s['peak_cuda_mb'], '.0f')} "
             f"| {s['setup_seconds']:.1f} | {diff} |"
         )
@@ -258,6 +342,7 @@ def bench_table(report: dict) -> str:
     ]
     if counts:
         lines.append("trained parameters: " + ", ".join(counts))
+    lines += flop_lines(report, sides)
     for key, label in (
         ("speedup", "speedup, trl parity s/step / ours"),
         ("speedup_vs_trl_defaults", "speedup, trl defaults s/step / ours"),
@@ -298,9 +383,10 @@ def run(args: argparse.Namespace, workdir: pathlib.Path) -> dict:
             raw = run_worker(spec_path, side, workdir, preset.threads)
             runs[side].append(summarize(raw, preset.warmup))
     sides = {side: best_of(r) for side, r in runs.items()}
+    peaks = matmul_peaks([run for r in runs.values() for run in r])
     check = loss_check(sides, args.loss_tolerance)
     load = {"before": load_before, "after": os.getloadavg()}
-    return build_report(preset, case, sides, check, load)
+    return build_report(preset, case, sides, check, load, peaks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,10 @@ the preset; ``SIDE`` is a key of ``SIDES``. The side trains through its normal e
 that times every optimizer step (forward + backward + clipping + optimizer + schedule; batch
 collation is outside) and counts its completion tokens. ``OUT.json`` receives the step times,
 token counts, per-step losses, the trained model's parameter counts (all, and those that train:
-LoRA's adapter only), peak RSS (``getrusage``) and, on a GPU, peak CUDA memory.
+LoRA's adapter only), peak RSS (``getrusage``) and, on a GPU, peak CUDA memory; and the FLOP
+accounting of ``parity.flops``: per step the FLOPs the side executed (its backbone calls, recorded
+by hooks, and its head rule) and the necessary ones of its pairs, the dtype its matmuls ran in,
+and the matmul peak measured in this process after training (same threads, float32 and bf16).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 
 STARTED = time.perf_counter()  # setup time counts from here (imports included)
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
@@ -30,6 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+
+from parity import flops  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,12 @@ class Meter:
         self.step_seconds: list[float] = []
         self.step_cpu_seconds: list[float] = []  # CPU time of all threads: robust to other load
         self.step_tokens: list[int] = []
+        self.recorder = flops.PassRecorder()  # backbone calls, recorded inside steps only
+        self.step_passes: list[list[flops.Pass]] = []
+        self.step_pairs: list[list[flops.PairTokens]] = []  # per micro-batch
+        self.shape: flops.DecoderShape | None = None  # the policy's, set when training starts
+        self.head_rule: flops.HeadRule | None = None
+        self.compute_dtype: str = "float32"
         self.setup_seconds: float | None = None
         self.rss_at_start_mb: float | None = None
         self.threads: int | None = None
@@ -125,6 +137,7 @@ class Meter:
         if len(self.step_seconds) == self.profile_step:
             self._profiler = torch.profiler.profile()
             self._profiler.__enter__()
+        self.recorder.start()
         self._start = now
         self._cpu_start = time.process_time()
 
@@ -132,6 +145,7 @@ class Meter:
         self._sync()
         self.step_seconds.append(time.perf_counter() - self._start)
         self.step_cpu_seconds.append(time.process_time() - self._cpu_start)
+        self.step_passes.append(self.recorder.stop())
         if self._profiler is not None:
             self._profiler.__exit__(None, None, None)
             self.profile = top_ops(self._profiler)
@@ -170,17 +184,57 @@ def _lightning_meter(meter: Meter):
     class LightningMeter(L.Callback):
         """Step boundaries from Lightning: the first micro-batch's start to the last one's end."""
 
+        def on_fit_start(self, trainer, pl_module) -> None:
+            _watch_ours(meter, pl_module, trainer.precision)
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if batch_idx % trainer.accumulate_grad_batches == 0:
                 meter.begin()
                 meter.step_tokens.append(0)
+                meter.step_pairs.append([])
             meter.step_tokens[-1] += int(batch.completion_mask.sum())
+            meter.step_pairs[-1].append(
+                flops.pair_tokens(batch.attention_mask, batch.completion_mask)
+            )
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
                 meter.end()
 
     return LightningMeter()
+
+
+def _precision_dtype(precision: str, model: torch.nn.Module) -> str:
+    """The dtype the matmuls run in: a 16-bit Lightning precision's, else the weights'."""
+    for key, dtype in (("bf16", "bfloat16"), ("16", "float16")):
+        if precision.startswith(key):
+            return dtype
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _watch_ours(meter: Meter, pl_module, precision: str) -> None:
+    """Hook ours' policy and live reference model (None when precomputed) for the FLOP count;
+    read the head options it trains with (``flops.ours_head_matmuls``)."""
+    from dpo_core.model_parts import model_parts
+
+    policy = pl_module.model
+    meter.recorder.attach(policy)
+    meter.recorder.attach(getattr(pl_module.reference, "model", None))
+    meter.shape = flops.decoder_shape(policy)
+    meter.compute_dtype = _precision_dtype(str(precision), policy)
+    parts = model_parts(policy)
+    linear = (
+        type(parts.head) is torch.nn.Linear
+        and parts.head.weight.dtype == torch.float32
+        and parts.logit_transform is None
+    )
+    settings = pl_module.settings
+    meter.head_rule = flops.HeadRule(
+        "ours",
+        keep_probs_bytes=settings.keep_probs_bytes,
+        chunk_size=settings.chunk_size,
+        linear_kernel=linear,
+    )
 
 
 def _our_defaults() -> dict:
@@ -229,15 +283,34 @@ def _trl_meter(meter: Meter):
     return TrlMeter()
 
 
-def _counting_collator(collator, counts: list[int]):
-    """``collator`` that also records each batch's completion tokens, in batch order."""
+def _counting_collator(collator, counts: list[int], pairs: list[flops.PairTokens]):
+    """``collator`` that also records each batch's completion tokens and ``PairTokens``, in
+    batch order."""
 
     def collate(examples):
         batch = collator(examples)
         counts.append(int(batch["completion_mask"].sum()))
+        pairs.append(flops.pair_tokens(batch["attention_mask"], batch["completion_mask"]))
         return batch
 
     return collate
+
+
+def _watch_trl(meter: Meter, trainer) -> None:
+    """Hook trl's policy and reference model for the FLOP count; trl's head scores completion
+    positions only where its Triton kernels run (``compact``), every position elsewhere."""
+    try:
+        from trl.kernels.chunked_logprob import _use_triton
+    except ImportError:  # another trl: assume the CPU path
+        _use_triton = lambda device: False  # noqa: E731
+    policy = trainer.model
+    meter.recorder.attach(policy)
+    meter.recorder.attach(trainer.ref_model)
+    meter.shape = flops.decoder_shape(policy)
+    args = trainer.args
+    meter.compute_dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    device = next(policy.parameters()).device
+    meter.head_rule = flops.HeadRule("trl", compact=bool(_use_triton(device)))
 
 
 def run_trl(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path):
@@ -252,12 +325,15 @@ def run_trl(spec: dict, side: Side, meter: Meter, out_dir: pathlib.Path):
         overrides["use_cpu"] = False
     trainer, _ = build_trainer(case, spec["workspace"], out_dir / "run", **overrides)
     trainer.add_callback(_trl_meter(meter))
+    _watch_trl(meter, trainer)
     counts: list[int] = []
-    trainer.data_collator = _counting_collator(trainer.data_collator, counts)
+    pairs: list[flops.PairTokens] = []
+    trainer.data_collator = _counting_collator(trainer.data_collator, counts, pairs)
     trainer.train()
-    per_step = case.grad_accum
-    meter.step_tokens = [sum(counts[i : i + per_step]) for i in range(0, len(counts), per_step)]
-    meter.step_tokens = meter.step_tokens[: len(meter.step_seconds)]
+    per_step, steps = case.grad_accum, len(meter.step_seconds)
+    starts = range(0, per_step * steps, per_step)
+    meter.step_tokens = [sum(counts[i : i + per_step]) for i in starts]
+    meter.step_pairs = [pairs[i : i + per_step] for i in starts]
     losses = [step["loss"] for step in step_metrics(trainer.state.log_history, case.steps)]
     return losses, trainer.accelerator.unwrap_model(trainer.model)
 
@@ -271,6 +347,31 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {
         "parameters": sum(p.numel() for p in params),
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+    }
+
+
+def flop_counts(meter: Meter, device: str) -> dict:
+    """Per step, the FLOPs executed (by part) and the necessary ones (``parity.flops``), and the
+    matmul peak of this process (after training, on the same threads) per dtype."""
+    shape, rule = meter.shape, meter.head_rule
+    if shape is None:  # training never started
+        return {}
+    executed = [
+        flops.executed_work(shape, rule, passes, pairs).as_dict()
+        for passes, pairs in zip(meter.step_passes, meter.step_pairs, strict=True)
+    ]
+    necessary = [
+        sum((flops.necessary_work(shape, b) for b in pairs), flops.Work()).total
+        for pairs in meter.step_pairs
+    ]
+    dtypes = dict.fromkeys(("float32", "bfloat16", meter.compute_dtype))
+    peaks = {d: flops.peak_matmul_flops(getattr(torch, d), device) for d in dtypes}
+    return {
+        "step_flops": executed,
+        "step_model_flops": necessary,
+        "compute_dtype": meter.compute_dtype,
+        "matmul_peak_flops_per_s": peaks,
+        "decoder_shape": dataclasses.asdict(shape),
     }
 
 
@@ -301,7 +402,8 @@ def run_side(spec: dict, side_name: str) -> dict:
         "threads": meter.threads,
         "profile": meter.profile,
         **parameter_counts(model),
-        **_peak_memory(cuda),
+        **_peak_memory(cuda),  # read before the peak matmuls allocate their operands
+        **flop_counts(meter, "cuda" if cuda else "cpu"),
     }
 
 

@@ -7,7 +7,16 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from parity.bench import bench_table, build_parser, loss_check, main, resolve_preset, summarize
+from parity.bench import (
+    bench_table,
+    build_parser,
+    loss_check,
+    main,
+    matmul_peaks,
+    resolve_preset,
+    summarize,
+    with_utilisation,
+)
 from parity.bench_presets import (
     MODEL_SOURCES,
     PRESETS,
@@ -26,10 +35,14 @@ SIDE_KEYS = {
     "step_completion_tokens", "setup_seconds", "rss_at_start_mb", "threads", "peak_rss_mb",
     "peak_cuda_mb", "seconds_per_step", "completion_tokens_per_second", "parameters",
     "trainable_parameters",
+    # FLOP accounting (parity.flops)
+    "step_flops", "step_model_flops", "compute_dtype", "matmul_peak_flops_per_s",
+    "decoder_shape", "flops_per_step", "flops_breakdown", "model_flops_per_step", "flops_per_s",
+    "model_flops_per_s", "peak_dtype", "peak_flops_per_s", "mfu", "hfu",
 }  # fmt: skip
 REPORT_KEYS = {
     "ours", "trl", "trl_defaults", "speedup", "peak_memory_ratio", "speedup_vs_trl_defaults",
-    "variants", "loss_check", "config",
+    "variants", "peak_flops_per_s", "peak_flops_per_s_by_dtype", "loss_check", "config",
 }  # fmt: skip
 
 
@@ -84,6 +97,46 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert report["config"]["preset"] == "tiny" and report["variants"] == {}
     assert report["config"]["lora"] is None
     assert report["config"]["training"] == "full fine-tuning"
+    check_flops(report, tmp_path / "work" / "assets" / "model")
+
+
+def check_flops(report: dict, model_dir) -> None:
+    """The FLOP columns of the tiny run: trl's executed count is the hand formula of its batch
+    (4 rows of 24 tokens, no padding: causal attention, the head on all 4 x 23 positions, the
+    reference live), trl_defaults adds one forward of the policy (gradient checkpointing); the
+    necessary work is the same for every side and never above what a side executes; MFU and HFU
+    are those rates over the run's best matmul peak of the side's dtype."""
+    from parity import flops
+    from parity.flops import Pass
+
+    shape = flops.decoder_shape(AutoModelForCausalLM.from_pretrained(model_dir))
+    preset = PRESETS["tiny"]
+    rows, length = 2 * preset.batch_size, preset.prompt_tokens + preset.completion_tokens
+    policy, reference = Pass(rows, length, False, True), Pass(rows, length, False, False)
+    trl = flops.pass_work(shape, policy) + flops.pass_work(shape, reference)
+    trl.head = flops.head_flops(shape, rows * (length - 1), 4 + 1)
+    assert report["trl"]["flops_per_step"] == pytest.approx(trl.total, rel=1e-12)
+    recompute = flops.pass_work(shape, Pass(rows, length, False, False)).total
+    assert report["trl_defaults"]["flops_breakdown"]["recompute"] == pytest.approx(recompute)
+    assert report["trl_defaults"]["peak_dtype"] == "bfloat16"
+    peaks = report["peak_flops_per_s_by_dtype"]
+    assert report["peak_flops_per_s"] == peaks["float32"] > 0 and peaks["bfloat16"] > 0
+    necessary = {report[n]["model_flops_per_step"] for n in ("ours", "trl", "trl_defaults")}
+    assert len(necessary) == 1
+    for name in ("ours", "trl", "trl_defaults"):
+        side = report[name]
+        assert side["peak_flops_per_s"] == peaks[side["peak_dtype"]]
+        assert side["peak_flops_per_s"] == max(
+            report[n]["matmul_peak_flops_per_s"][side["peak_dtype"]]
+            for n in ("ours", "trl", "trl_defaults")
+        )
+        assert side["model_flops_per_step"] <= side["flops_per_step"]
+        timed = slice(preset.warmup, -1)  # the last step ran under the profiler
+        executed = sum(s["total"] for s in side["step_flops"][timed])
+        assert side["flops_per_s"] == pytest.approx(executed / sum(side["step_seconds"][timed]))
+        assert side["hfu"] == pytest.approx(side["flops_per_s"] / side["peak_flops_per_s"])
+        assert 0 < side["mfu"] <= side["hfu"] < 1.0  # a tiny model: far below the peak
+    assert "matmul peak GFLOP/s" in bench_table(report)
 
 
 @pytest.mark.slow
@@ -105,6 +158,10 @@ def test_lora_reaches_both_sides(tmp_path):
     for name in ("ours", "trl"):
         assert report[name]["trainable_parameters"] == adapter  # the adapter, and only it
         assert report[name]["parameters"] == base + adapter
+        # the FLOP count's view: the adapters' multiply-adds per token are their weights
+        shape = report[name]["decoder_shape"]
+        assert shape["trainable_weights"] == shape["adapter_weights"] == adapter
+        assert not shape["head_trainable"]
     assert report["loss_check"]["ok"]
     config = report["config"]
     assert config["lora"] == {"r": 8, "alpha": 16, "target_modules": "all-linear"}
@@ -186,6 +243,29 @@ def test_summary_leaves_out_a_profiled_step():
     s = summarize(raw, warmup=1)
     assert s["seconds_per_step"] == 2.0
     assert s["completion_tokens_per_second"] == pytest.approx(200 / 4.0)
+
+
+def test_flop_rates_over_the_timed_steps():
+    """Mean FLOPs per timed step, rates Σ FLOPs / Σ seconds, utilisation against the best peak
+    of the side's dtype over all runs."""
+    work = [
+        {"linear": 6.0, "attention": 1.0, "recompute": 0.0, "head": 3.0, "total": 10.0},
+        {"linear": 12.0, "attention": 2.0, "recompute": 0.0, "head": 6.0, "total": 20.0},
+        {"linear": 24.0, "attention": 4.0, "recompute": 0.0, "head": 12.0, "total": 40.0},
+    ]
+    raw = {"step_seconds": [9.0, 1.0, 4.0], "step_completion_tokens": [1] * 3, "step_flops": work,
+           "step_model_flops": [5.0, 10.0, 30.0], "compute_dtype": "float32"}  # fmt: skip
+    s = summarize(raw, warmup=1)
+    assert s["flops_per_step"] == 30.0 and s["flops_breakdown"]["head"] == 9.0
+    assert s["model_flops_per_step"] == 20.0
+    assert s["flops_per_s"] == 60.0 / 5.0 and s["model_flops_per_s"] == 40.0 / 5.0
+    peaks = matmul_peaks([{"matmul_peak_flops_per_s": {"float32": 20.0, "bfloat16": 50.0}},
+                          {"matmul_peak_flops_per_s": {"float32": 24.0, "bfloat16": 40.0}}])  # fmt: skip
+    assert peaks == {"float32": 24.0, "bfloat16": 50.0}
+    rated = with_utilisation(s, peaks)
+    assert rated["peak_dtype"] == "float32" and rated["peak_flops_per_s"] == 24.0
+    assert rated["hfu"] == pytest.approx(12.0 / 24.0) and rated["mfu"] == pytest.approx(8.0 / 24.0)
+    assert "mfu" not in with_utilisation(side([0.7], [1.0]), peaks)  # nothing counted
 
 
 def test_disagreeing_losses_fail_loudly():
