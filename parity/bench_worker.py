@@ -20,7 +20,6 @@ import time
 
 STARTED = time.perf_counter()  # setup time counts from here (imports included)
 
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
@@ -35,7 +34,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from parity import flops  # noqa: E402
+from parity import flop_meters, flops  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ class Meter:
         self.step_seconds: list[float] = []
         self.step_cpu_seconds: list[float] = []  # CPU time of all threads: robust to other load
         self.step_tokens: list[int] = []
-        self.recorder = flops.PassRecorder()  # backbone calls, recorded inside steps only
+        self.recorder = flop_meters.PassRecorder()  # backbone calls, recorded inside steps only
         self.step_passes: list[list[flops.Pass]] = []
         self.step_pairs: list[list[flops.PairTokens]] = []  # per micro-batch
         self.shape: flops.DecoderShape | None = None  # the policy's, set when training starts
@@ -350,31 +349,6 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
-def flop_counts(meter: Meter, device: str) -> dict:
-    """Per step, the FLOPs executed (by part) and the necessary ones (``parity.flops``), and the
-    matmul peak of this process (after training, on the same threads) per dtype."""
-    shape, rule = meter.shape, meter.head_rule
-    if shape is None:  # training never started
-        return {}
-    executed = [
-        flops.executed_work(shape, rule, passes, pairs).as_dict()
-        for passes, pairs in zip(meter.step_passes, meter.step_pairs, strict=True)
-    ]
-    necessary = [
-        sum((flops.necessary_work(shape, b) for b in pairs), flops.Work()).total
-        for pairs in meter.step_pairs
-    ]
-    dtypes = dict.fromkeys(("float32", "bfloat16", meter.compute_dtype))
-    peaks = {d: flops.peak_matmul_flops(getattr(torch, d), device) for d in dtypes}
-    return {
-        "step_flops": executed,
-        "step_model_flops": necessary,
-        "compute_dtype": meter.compute_dtype,
-        "matmul_peak_flops_per_s": peaks,
-        "decoder_shape": dataclasses.asdict(shape),
-    }
-
-
 def run_side(spec: dict, side_name: str) -> dict:
     """Train one side and return its measurements (see the module docstring)."""
     side = SIDES[side_name]
@@ -403,7 +377,7 @@ def run_side(spec: dict, side_name: str) -> dict:
         "profile": meter.profile,
         **parameter_counts(model),
         **_peak_memory(cuda),  # read before the peak matmuls allocate their operands
-        **flop_counts(meter, "cuda" if cuda else "cpu"),
+        **flop_meters.flop_counts(meter, "cuda" if cuda else "cpu"),
     }
 
 

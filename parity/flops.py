@@ -27,8 +27,9 @@ unpadded rows) computes ``n (n + 1) / 2`` pairs of a row of n; a kernel given a 
 Two counts per optimizer step (``Work``: linear, attention, recompute, head):
 
 - executed (``flops_per_step``, ``hfu``): what the side runs, from its actual backbone calls
-  (``PassRecorder``: rows x length, padding included, each call of the policy and of a live
-  reference) and its head rule (``trl_head_positions``, ``ours_head_matmuls``).
+  (``parity.flop_meters.PassRecorder``: rows x length, padding included, each call of the
+  policy and of a live reference) and its head rule (``trl_head_positions``,
+  ``ours_head_matmuls``).
 - necessary (``model_flops_per_step``, ``mfu``): the least an exact DPO step computes on the
   step's pairs (``necessary_work``): the policy's forward and backward over each real token
   once (the prompt once per pair, then chosen and rejected), causal attention over each
@@ -45,7 +46,6 @@ Not covered: mixture-of-experts layers (all experts are counted), sliding-window
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, astuple, dataclass
 
 import torch
@@ -333,91 +333,3 @@ def _policy_head_matmuls(shape: DecoderShape, rule: HeadRule, batch: PairTokens)
         linear_kernel=rule.linear_kernel,
         chunk_size=rule.chunk_size,
     )
-
-
-# --------------------------------------------------------------------- recording calls
-
-
-class PassRecorder:
-    """Records every backbone call (a ``Pass``) of the models it is attached to, between
-    ``start`` and ``stop`` (one optimizer step)."""
-
-    def __init__(self) -> None:
-        self.passes: list[Pass] | None = None  # None: not inside a step
-        self._seen: set[int] = set()
-
-    def attach(self, model: nn.Module | None) -> None:
-        """Hook ``model``'s backbone (once, however many times it is attached)."""
-        if model is None:
-            return
-        backbone = model_parts(model).backbone
-        if id(backbone) in self._seen:
-            return
-        self._seen.add(id(backbone))
-        attention = getattr(unwrap_peft(model).config, "_attn_implementation", None) or "sdpa"
-        # transformers marks each checkpointed layer (and the backbone) ``gradient_checkpointing``
-        # when training starts; read the flags at each call
-        layers = [m for m in backbone.modules() if hasattr(m, "gradient_checkpointing")]
-        layers = [m for m in layers if m is not backbone] or layers
-
-        def hook(module, args, kwargs):
-            if self.passes is None:
-                return
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is None:
-                ids = kwargs["inputs_embeds"]
-            grad = torch.is_grad_enabled()
-            square = attention_is_square(kwargs.get("attention_mask"), attention)
-            rows, length = ids.shape[:2]
-            rerun = sum(bool(m.gradient_checkpointing) for m in layers) / max(1, len(layers))
-            recompute = rerun if grad and module.training else 0.0
-            self.passes.append(Pass(rows, length, square, grad, recompute))
-
-        backbone.register_forward_pre_hook(hook, with_kwargs=True)
-
-    def start(self) -> None:
-        self.passes = []
-
-    def stop(self) -> list[Pass]:
-        passes, self.passes = self.passes or [], None
-        return passes
-
-
-def attention_is_square(mask: torch.Tensor | None, implementation: str) -> bool:
-    """Whether a call's attention computes every (query, key) pair of its rows: eager always;
-    SDPA when a mask tensor reaches the kernel (transformers drops an all-ones 2D mask and uses
-    ``is_causal``); flash-attention kernels run causal on the real tokens."""
-    if implementation == "eager":
-        return True
-    if implementation.startswith("flash") or mask is None:
-        return False
-    return not (mask.dim() == 2 and bool(mask.all()))
-
-
-# ------------------------------------------------------------------------ matmul peak
-
-
-def peak_matmul_flops(
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    n: int | None = None,
-    repeats: int = 5,
-) -> float:
-    """The best FLOP/s of ``repeats`` square (n x n) @ (n x n) matmuls after one warm-up, on
-    the calling thread's torch threads (``torch.set_num_threads``): 2 n³ / fastest time.
-    n defaults to 2048 on CPU (where fp32 and bf16 GEMMs plateau), 8192 on CUDA."""
-    n = n or (8192 if device.startswith("cuda") else 2048)
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, generator=generator, device=device).to(dtype)
-    b = torch.randn(n, n, generator=generator, device=device).to(dtype)
-    out = torch.empty(n, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    best = float("inf")
-    for i in range(repeats + 1):
-        sync()
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync()
-        if i:  # the first is the warm-up
-            best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best

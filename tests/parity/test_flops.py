@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from parity import flops
+from parity import flop_meters, flops
 from parity.flops import DecoderShape, HeadRule, PairTokens, Pass
 
 torch.set_num_threads(1)
@@ -163,17 +163,17 @@ def test_ours_head_keeps_or_recomputes_the_softmax():
 
 def test_attention_is_square():
     ones, padded = torch.ones(2, 5), torch.tensor([[1, 1, 1, 0, 0]])
-    assert not flops.attention_is_square(None, "sdpa")
-    assert not flops.attention_is_square(ones, "sdpa")
-    assert flops.attention_is_square(padded, "sdpa")
-    assert flops.attention_is_square(torch.ones(2, 1, 5, 5, dtype=torch.bool), "sdpa")
-    assert flops.attention_is_square(None, "eager")
-    assert not flops.attention_is_square(padded, "flash_attention_2")
+    assert not flop_meters.attention_is_square(None, "sdpa")
+    assert not flop_meters.attention_is_square(ones, "sdpa")
+    assert flop_meters.attention_is_square(padded, "sdpa")
+    assert flop_meters.attention_is_square(torch.ones(2, 1, 5, 5, dtype=torch.bool), "sdpa")
+    assert flop_meters.attention_is_square(None, "eager")
+    assert not flop_meters.attention_is_square(padded, "flash_attention_2")
 
 
 def test_recorder_sees_each_call_inside_steps_only():
     model = llama()
-    recorder = flops.PassRecorder()
+    recorder = flop_meters.PassRecorder()
     recorder.attach(model)
     recorder.attach(model)  # once only
     ids = torch.randint(0, 100, (2, 7))
@@ -237,7 +237,7 @@ def test_lora_matches_torch_flop_counter():
 
 def test_peak_matmul_flops_is_a_positive_rate():
     for dtype in (torch.float32, torch.bfloat16):
-        peak = flops.peak_matmul_flops(dtype, n=128, repeats=2)
+        peak = flop_meters.peak_matmul_flops(dtype, n=128, repeats=2)
         assert math.isfinite(peak) and peak > 0
 
 
