@@ -4,8 +4,8 @@ The reference (a frozen copy of the starting policy, ``--ref-model``, or the LoR
 adapters off) runs once over the train and held-out rows; the values ride along with each row
 into the batches (``ref_chosen_logps`` / ``ref_rejected_logps``), so a training step needs no
 reference forward. Each cache file is named by its key, a hash of the weights, tokenizer, tokens,
-truncation, dtype, ld_alpha and precision (``dpo_core.reference.reference_cache_key``): a run with anything
-changed computes a new file, and a stale file is never read.
+truncation, dtype, ld_alpha and precision (``dpo_core.reference.reference_cache_key``): a run
+with anything changed computes a new file, and a stale file is never read.
 """
 
 from __future__ import annotations
@@ -96,7 +96,13 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
     return chosen, rejected
 
 
-AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# Lightning's precision names (and their short aliases) that run the forwards under autocast.
+AUTOCAST_DTYPES = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16": torch.float16,
+}
 
 
 def _autocast(precision: str, device: torch.device):

@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from dpo_core.step import DPOSettings, StepOutput, dpo_step
 from training.inputs.four_bit import check_not_packed
+from training.inputs.precompute import AUTOCAST_DTYPES
 from training.run.config import FitConfig
 from training.run.nan_stop import NonFiniteStop
 
@@ -194,9 +195,8 @@ class DPOModule(L.LightningModule):
         o = self.cfg.optim
         # fp16 (16-mixed) scales the loss; a fused AdamW would unscale inside its step, after
         # clipping has seen the scaled gradients, so it is used everywhere else only.
-        fused = self.cfg.trainer.precision not in ("16-mixed", "16") and all(
-            p.device.type in ("cpu", "cuda") for p in self.model.parameters()
-        )
+        fp16 = AUTOCAST_DTYPES.get(self.cfg.trainer.precision) is torch.float16
+        fused = not fp16 and all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay),
             lr=o.learning_rate,
