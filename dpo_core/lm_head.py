@@ -214,12 +214,13 @@ def _checkpointed_chunk(head, hidden, targets, transform, stats: bool, wpo: bool
     return logps, (computed[0] if computed else None)
 
 
-def _uses_linear_kernel(head: nn.Module, hidden: torch.Tensor, transform) -> bool:
-    """The custom Function covers a plain float32 nn.Linear with no logit transform."""
+def uses_linear_kernel(head: nn.Module, hidden_dtype: torch.dtype, transform) -> bool:
+    """Whether the custom Function runs: a plain float32 nn.Linear head on float32 hidden
+    states, with no logit transform (else plain autograd, chunk by chunk)."""
     return (
         type(head) is nn.Linear
         and transform is None
-        and hidden.dtype == head.weight.dtype == torch.float32
+        and hidden_dtype == head.weight.dtype == torch.float32
     )
 
 
@@ -251,7 +252,7 @@ def selected_logps(
         keep_probs_bytes: keep the (T, V) softmax for backward up to this many bytes (plain
             float32 Linear head only); 0 always recomputes.
     """
-    if torch.is_grad_enabled() and _uses_linear_kernel(head, hidden, transform):
+    if torch.is_grad_enabled() and uses_linear_kernel(head, hidden.dtype, transform):
         keep = hidden.shape[0] * head.weight.shape[0] * 4 <= keep_probs_bytes
         compute = _autocast_dtype(hidden.device)
         logps, *rest = _LinearHeadLogps.apply(

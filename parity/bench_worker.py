@@ -204,16 +204,18 @@ def _lightning_meter(meter: Meter):
 
 
 def _precision_dtype(precision: str, model: torch.nn.Module) -> str:
-    """The dtype the matmuls run in: a 16-bit Lightning precision's, else the weights'."""
-    for key, dtype in (("bf16", "bfloat16"), ("16", "float16")):
-        if precision.startswith(key):
-            return dtype
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
+    """The dtype the matmuls run in: the autocast dtype of a mixed Lightning precision, else
+    the weights'."""
+    from training.inputs.precompute import AUTOCAST_DTYPES
+
+    dtype = AUTOCAST_DTYPES.get(precision) or next(model.parameters()).dtype
+    return str(dtype).removeprefix("torch.")
 
 
 def _watch_ours(meter: Meter, pl_module, precision: str) -> None:
     """Hook ours' policy and live reference model (None when precomputed) for the FLOP count;
     read the head options it trains with (``flops.ours_head_matmuls``)."""
+    from dpo_core.lm_head import uses_linear_kernel
     from dpo_core.model_parts import model_parts
 
     policy = pl_module.model
@@ -222,11 +224,8 @@ def _watch_ours(meter: Meter, pl_module, precision: str) -> None:
     meter.shape = flops.decoder_shape(policy)
     meter.compute_dtype = _precision_dtype(str(precision), policy)
     parts = model_parts(policy)
-    linear = (
-        type(parts.head) is torch.nn.Linear
-        and parts.head.weight.dtype == torch.float32
-        and parts.logit_transform is None
-    )
+    # the backbone's hidden states come out in the head's dtype
+    linear = uses_linear_kernel(parts.head, parts.head.weight.dtype, parts.logit_transform)
     settings = pl_module.settings
     meter.head_rule = flops.HeadRule(
         "ours",

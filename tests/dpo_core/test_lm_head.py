@@ -108,18 +108,22 @@ def test_no_tokens():
     assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
 
 
-def float64_mirror(h, targets, head, grad_logps):
-    """The bf16-autocast head in float64, rounding where trl's kernel rounds (kern:352-358, 297):
-    ``z = bf16(h_bf16 W_bf16ᵀ)``, the log-softmax in float64, ``∂L/∂z = g (onehot - p)`` rounded
-    to bf16, then the gradient products of the rounded operands in float64.
-    Returns (logps (T,), grad_h (T, H), grad_W (V, H))."""
-    hb, wb = h.detach().bfloat16(), head.weight.detach().bfloat16()
-    z = (hb @ wb.t()).double()  # the product rounded to bf16 once, as both heads take it
-    logp = z.log_softmax(-1)
-    onehot = torch.nn.functional.one_hot(targets, z.shape[-1]).double()
-    dz = (grad_logps.double().unsqueeze(-1) * (onehot - logp.exp())).bfloat16().double()
-    logps = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logps, dz @ wb.double(), dz.t() @ hb.double()
+def float64_head(h, targets, head, weights, bf16: bool):
+    """Log-probs, the gradients of ``Σ weights · logps`` in float64 on the CPU (closed form,
+    module docstring of ``dpo_core.lm_head``). ``bf16``: the roundings trl's kernel makes under
+    autocast: operands and the product ``h Wᵀ`` to bf16, the bias added in bf16, ∂L/∂z to bf16.
+    Also returns the largest |logit|."""
+
+    def r(x):  # round to bf16 where autocast does
+        return x.to(torch.bfloat16).double() if bf16 else x.double()
+
+    h64, w64, b64 = r(h), r(head.weight.detach()), r(head.bias.detach())
+    z = r(r(h64 @ w64.T) + b64)  # (T, V)
+    log_p = z.log_softmax(-1)
+    logps = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    onehot = torch.nn.functional.one_hot(targets, z.shape[1]).double()
+    dz = r(weights.double().unsqueeze(-1) * (onehot - log_p.exp()))
+    return logps, (dz @ w64, dz.T @ h64, dz.sum(0)), z.abs().max().item()
 
 
 @pytest.mark.parametrize("keep_probs_bytes", [0, lm_head.KEEP_PROBS_BYTES])
@@ -129,16 +133,16 @@ def test_under_bf16_autocast_the_head_rounds_where_trl_does(keep_probs_bytes):
     autograd does, moves grad_h by ~2^-9 relative: trl's step-1 grad_norm then differs 1e-4).
     Against a float64 twin of those roundings: values within float32 log-softmax rounding;
     gradients within float32 sums of T or V terms (relative T·eps at worst)."""
-    h, targets, head = problem(bias=False)
+    h, targets, head = problem()
     g = torch.rand(h.shape[0], generator=torch.Generator().manual_seed(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logps, _ = selected_logps(h, targets, head, chunk_size=5, keep_probs_bytes=keep_probs_bytes)
-    grad_h, grad_w = torch.autograd.grad((logps * g).sum(), [h, head.weight])
-    want_logps, want_h, want_w = float64_mirror(h, targets, head, g)
-    assert logps.dtype == grad_h.dtype == grad_w.dtype == torch.float32
+    grads = torch.autograd.grad((logps * g).sum(), [h, head.weight, head.bias])
+    want_logps, want_grads, _ = float64_head(h.detach(), targets, head, g, bf16=True)
+    assert logps.dtype == torch.float32 and all(x.dtype == torch.float32 for x in grads)
     torch.testing.assert_close(logps.double(), want_logps, **VALUE_TOL)
-    torch.testing.assert_close(grad_h.double(), want_h, **GRAD_TOL)
-    torch.testing.assert_close(grad_w.double(), want_w, **GRAD_TOL)
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, **GRAD_TOL)
 
 
 def test_under_bf16_autocast_the_head_equals_trls_kernel():

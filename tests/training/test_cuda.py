@@ -22,6 +22,7 @@ from torch import nn
 
 from dpo_core.lm_head import selected_logps
 from dpo_core.logps import model_token_logps, sequence_logps
+from tests.dpo_core.test_lm_head import float64_head
 from tests.training.conftest import STEP_KEYS, assert_steps_close, base_args, fit, fixed_batch
 
 pytestmark = pytest.mark.gpu
@@ -64,24 +65,6 @@ def head_problem(tokens: int = 300, hidden: int = 64, vocab: int = 5000):
     targets = torch.randint(0, vocab, (tokens,), generator=g)
     weights = torch.rand(tokens, generator=g)
     return h, targets, head, weights
-
-
-def float64_head(h, targets, head, weights, bf16: bool):
-    """Log-probs, the gradients of ``Σ weights · logps`` in float64 on the CPU (closed form,
-    module docstring of ``dpo_core.lm_head``). ``bf16``: the roundings trl's kernel makes under
-    autocast: operands and the product ``h Wᵀ`` to bf16, the bias added in bf16, ∂L/∂z to bf16.
-    Also returns the largest |logit|."""
-
-    def r(x):  # round to bf16 where autocast does
-        return x.to(torch.bfloat16).double() if bf16 else x.double()
-
-    h64, w64, b64 = r(h), r(head.weight.detach()), r(head.bias.detach())
-    z = r(r(h64 @ w64.T) + b64)  # (T, V)
-    log_p = z.log_softmax(-1)
-    logps = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    onehot = torch.nn.functional.one_hot(targets, z.shape[1]).double()
-    dz = r(weights.double().unsqueeze(-1) * (onehot - log_p.exp()))
-    return logps, (dz @ w64, dz.T @ h64, dz.sum(0)), z.abs().max().item()
 
 
 def bf16_ulp(x: float) -> float:
