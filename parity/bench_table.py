@@ -6,7 +6,8 @@ from __future__ import annotations
 HEADLINE = ("ours", "trl", "trl_defaults")
 
 
-def _fmt(value, spec: str) -> str:
+def fmt(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` when there is none."""
     return "-" if value is None else format(value, spec)
 
 
@@ -48,18 +49,18 @@ def bench_table(report: dict) -> str:
     trl = sides.get("trl")
     diffs = report["loss_check"]["max_diff"]
     for name, s in sides.items():
-        diff = "reference" if name == "trl" else _fmt(diffs.get(name), ".1e")
+        diff = "reference" if name == "trl" else fmt(diffs.get(name), ".1e")
         if name in diffs and not s["exact"]:
             diff += " (not exact)"
         speed = trl["seconds_per_step"] / s["seconds_per_step"] if trl else None
         memory = s["peak_rss_mb"] / trl["peak_rss_mb"] if trl else None
         rows.append(
-            f"| {name} | {s['seconds_per_step']:.3f} | {_fmt(speed, '.2f')} "
+            f"| {name} | {s['seconds_per_step']:.3f} | {fmt(speed, '.2f')} "
             f"| {s['cpu_seconds_per_step']:.2f} "
             f"| {s['completion_tokens_per_second']:.0f} | {_giga(s.get('flops_per_step'))} "
-            f"| {_giga(s.get('flops_per_s'))} | {_fmt(s.get('hfu'), '.2f')} "
-            f"| {_fmt(s.get('mfu'), '.2f')} | {s['peak_rss_mb']:.0f} "
-            f"| {_fmt(memory, '.2f')} | {_fmt(s['peak_cuda_mb'], '.0f')} "
+            f"| {_giga(s.get('flops_per_s'))} | {fmt(s.get('hfu'), '.2f')} "
+            f"| {fmt(s.get('mfu'), '.2f')} | {s['peak_rss_mb']:.0f} "
+            f"| {fmt(memory, '.2f')} | {fmt(s['peak_cuda_mb'], '.0f')} "
             f"| {s['setup_seconds']:.1f} | {diff} |"
         )
     lines = ["\n".join(rows), ""]

@@ -51,6 +51,8 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from parity.bench_table import HEADLINE, fmt
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 460.0
 MIN_STAGE_S = 10.0  # a stage that would get less than this is not started
@@ -177,24 +179,20 @@ def judge(kind: str, returncode: int | None, result: dict | None) -> tuple[bool,
     return ok, str(result.get("summary", ""))
 
 
-def _num(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def bench_summary(report: dict) -> str:
     """Seconds per step of each headline side, ours' speed-ups and memory, the loss verdict."""
-    sides = {k: report.get(k) for k in ("ours", "trl", "trl_defaults")}
+    sides = {k: report.get(k) for k in HEADLINE}
     sides["ours_plain"] = (report.get("variants") or {}).get("ours_plain")
     steps = ", ".join(
-        f"{name} {_num(side.get('seconds_per_step'), '.3f')} s"
+        f"{name} {fmt(side.get('seconds_per_step'), '.3f')} s"
         for name, side in sides.items()
         if side
     )
     check = report.get("loss_check") or {}
     return (
-        f"{steps}; trl/ours x{_num(report.get('speedup'), '.2f')}, "
-        f"trl_defaults/ours x{_num(report.get('speedup_vs_trl_defaults'), '.2f')}, "
-        f"peak CUDA ours/trl {_num(report.get('peak_cuda_memory_ratio'), '.2f')}; "
+        f"{steps}; trl/ours x{fmt(report.get('speedup'), '.2f')}, "
+        f"trl_defaults/ours x{fmt(report.get('speedup_vs_trl_defaults'), '.2f')}, "
+        f"peak CUDA ours/trl {fmt(report.get('peak_cuda_memory_ratio'), '.2f')}; "
         f"losses {'agree' if check.get('ok') else 'DISAGREE'}"
     )
 
