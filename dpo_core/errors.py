@@ -37,8 +37,8 @@ class DataError(ValueError):
         reason: a short code (``missing_field``, ``wrong_type``, ...) to count rejected rows by.
         index: the 0-based row index, or None for file-level problems.
         field: the offending field, or None.
-        line: the 1-based line of the file, for problems found while reading.
-        row: the 1-based data row of the file (CSV, parquet, JSON array), or None.
+        place: where in the file (``Place``); ``line`` (1-based, for problems found while
+            reading) and ``row`` (1-based data row: CSV, parquet, JSON array) read it, or None.
         detail: the message without its location.
     """
 
@@ -50,15 +50,15 @@ class DataError(ValueError):
         reason: str,
         index: int | None = None,
         field: str | None = None,
-        line: int | None = None,
-        row: int | None = None,
+        place: Place | None = None,
     ) -> None:
         self.source, self.reason, self.index, self.field = source, reason, index, field
-        self.line, self.row, self.detail = line, row, detail
+        self.place, self.detail = place or Place(), detail
+        self.line, self.row = self.place.line, self.place.row
         where = [str(source)]
-        if line is not None or row is not None:
-            where.append(str(Place(line=line, row=row)))
-        if index is not None and row is None:
+        if self.line is not None or self.row is not None:
+            where.append(str(self.place))
+        if index is not None and self.row is None:
             where.append(f"row {index}")
         if field is not None:
             where.append(f"field '{field}'")
@@ -71,8 +71,7 @@ class DataError(ValueError):
             source=self.source,
             reason=self.reason,
             field=self.field,
-            line=place.line,
-            row=place.row,
+            place=place,
         )
 
 

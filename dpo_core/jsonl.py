@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_core.errors import BAD_GZIP, BAD_JSON, NOT_OBJECT, NOT_UTF8, DataError
+from dpo_core.errors import BAD_GZIP, BAD_JSON, NOT_OBJECT, NOT_UTF8, DataError, Place
 
 
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> None:
@@ -113,7 +113,7 @@ def _parse_line(raw: bytes, *, source: str, line: int) -> dict[str, Any] | None:
         raise DataError(
             f"bytes {bad!r} at byte {e.start} are not valid UTF-8",
             source=source,
-            line=line,
+            place=Place(line=line),
             reason=NOT_UTF8,
         ) from e
     if not text.strip():
@@ -122,12 +122,12 @@ def _parse_line(raw: bytes, *, source: str, line: int) -> dict[str, Any] | None:
         row = json.loads(text.rstrip("\r\n"))  # a column past the end is on this line
     except json.JSONDecodeError as e:
         detail = f"malformed JSON at column {e.colno}: {e.msg}"
-        raise DataError(detail, source=source, line=line, reason=BAD_JSON) from e
+        raise DataError(detail, source=source, place=Place(line=line), reason=BAD_JSON) from e
     if not isinstance(row, dict):
         raise DataError(
             f"expected a JSON object, got {type(row).__name__}",
             source=source,
-            line=line,
+            place=Place(line=line),
             reason=NOT_OBJECT,
         )
     return row

@@ -37,25 +37,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpo_core.logp_types import NO_STATS, LogpOptions, TokenStats
 from dpo_core.model_parts import LogitTransform
 
-# Keep the (T, V) float32 softmax from forward to backward up to this size (then 3 matmuls
-# instead of 4). 512 MiB holds e.g. 4,096 tokens x a 32,000-token vocabulary.
-KEEP_PROBS_BYTES = 512 * 2**20
-# Completion tokens projected to the vocabulary at a time: one (CHUNK_SIZE, V) block of logits.
-CHUNK_SIZE = 1024
 
+class _KernelPlan(NamedTuple):
+    """The non-tensor arguments of ``_LinearHeadLogps``: chunking, statistics, whether to keep
+    the (T, V) softmax for backward, and the autocast dtype (None: float32 throughout)."""
 
-class HeadStats(NamedTuple):
-    """No-grad statistics of the selected tokens, each (T,) or None when not requested."""
-
-    entropy: torch.Tensor | None
-    mean_logits: torch.Tensor | None
-    is_top1: torch.Tensor | None
-    log_sum_sq_probs: torch.Tensor | None
-
-
-NO_STATS = HeadStats(None, None, None, None)
+    chunk_size: int
+    stats: bool
+    wpo: bool
+    keep_probs: bool
+    compute: torch.dtype | None
 
 
 def _softmax_parts(logits: torch.Tensor, out: torch.Tensor | None = None):
@@ -72,7 +66,7 @@ def _softmax_parts(logits: torch.Tensor, out: torch.Tensor | None = None):
 
 
 @torch.no_grad()
-def _stats_from_parts(logits, e, s, log_z, targets, wpo: bool) -> HeadStats:
+def _stats_from_parts(logits, e, s, log_z, targets, wpo: bool) -> TokenStats:
     """Entropy, mean logit, top-1 and (if ``wpo``) ``log Σ p²`` from ``_softmax_parts``.
 
     ``H = log Z - Σ e·z / s``, ``mean = Σ z / V``, ``log Σ p² = log Σ e² - 2 log s``.
@@ -82,7 +76,7 @@ def _stats_from_parts(logits, e, s, log_z, targets, wpo: bool) -> HeadStats:
     entropy = log_z - (e * logits).sum(dim=-1) / s
     log_sum_sq = torch.log((e * e).sum(dim=-1)) - 2 * torch.log(s) if wpo else None
     mean_logits = logits.sum(dim=-1) / logits.shape[-1]
-    return HeadStats(entropy, mean_logits, logits.argmax(dim=-1) == targets, log_sum_sq)
+    return TokenStats(entropy, mean_logits, logits.argmax(dim=-1) == targets, log_sum_sq)
 
 
 def _target_logp(logits: torch.Tensor, targets: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
@@ -90,16 +84,16 @@ def _target_logp(logits: torch.Tensor, targets: torch.Tensor, log_z: torch.Tenso
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
 
 
-def logit_stats(logits: torch.Tensor, targets: torch.Tensor, wpo: bool) -> HeadStats:
+def logit_stats(logits: torch.Tensor, targets: torch.Tensor, wpo: bool) -> TokenStats:
     """The no-grad statistics of logits (n, V) float32 with targets (n,), as trl's kernel."""
     with torch.no_grad():
         e, s, log_z = _softmax_parts(logits)
         return _stats_from_parts(logits, e, s, log_z, targets, wpo)
 
 
-def _concat_stats(chunks: list[HeadStats]) -> HeadStats:
+def _concat_stats(chunks: list[TokenStats]) -> TokenStats:
     """Join per-chunk statistics along the token dimension."""
-    return HeadStats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
+    return TokenStats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
 
 
 def _chunks(num_rows: int, chunk_size: int) -> list[slice]:
@@ -115,7 +109,8 @@ class _LinearHeadLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, stats, wpo, keep_probs, compute):
+    def forward(ctx, hidden, weight, bias, targets, plan: _KernelPlan):
+        chunk_size, stats, wpo, keep_probs, compute = plan
         probs = hidden.new_empty(hidden.shape[0], weight.shape[0]) if keep_probs else None
         logps, log_zs, chunk_stats = [], [], []
         w, b = _rounded(weight, compute), _rounded(bias, compute)
@@ -140,7 +135,7 @@ class _LinearHeadLogps(torch.autograd.Function):
         hidden, weight, bias, targets, log_z, probs = ctx.saved_tensors
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         if grad_logps is None:
-            return (None,) * 9
+            return (None,) * 5
         compute = ctx.compute
         w, b = _rounded(weight, compute), _rounded(bias, compute)
         w32 = w if compute is None else w.float()  # the rounded weight, products in float32
@@ -164,7 +159,7 @@ class _LinearHeadLogps(torch.autograd.Function):
                 grad_w.addmm_(grad_logits.t(), h)
             if grad_b is not None:
                 grad_b.add_(grad_logits.sum(dim=0))
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None
 
 
 def _rounded(t: torch.Tensor | None, compute: torch.dtype | None) -> torch.Tensor | None:
@@ -202,7 +197,7 @@ def _plain_chunk(head, hidden, targets, transform, stats: bool, wpo: bool):
 
 def _checkpointed_chunk(head, hidden, targets, transform, stats: bool, wpo: bool):
     """One chunk through any head under activation checkpointing: backward reruns the head."""
-    computed: list[HeadStats] = []
+    computed: list[TokenStats] = []
 
     def run(h: torch.Tensor) -> torch.Tensor:
         logps, chunk_stats = _plain_chunk(head, h, targets, transform, stats and not computed, wpo)
@@ -233,13 +228,9 @@ def selected_logps(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     head: nn.Module,
-    *,
-    transform: LogitTransform | None = None,
-    chunk_size: int = CHUNK_SIZE,
-    stats: bool = False,
-    wpo: bool = False,
-    keep_probs_bytes: int = KEEP_PROBS_BYTES,
-) -> tuple[torch.Tensor, HeadStats | None]:
+    transform: LogitTransform | None,
+    options: LogpOptions,
+) -> tuple[torch.Tensor, TokenStats | None]:
     """Log-probs (T,) and statistics of T selected hidden states (T, H) with targets (T,).
 
     Args:
@@ -247,18 +238,16 @@ def selected_logps(
         targets: (T,) long.
         head: any module (n, H) -> (n, V).
         transform: the model's logit scaling / softcap, or None.
-        chunk_size: tokens projected at a time (bounds each float32 [chunk, V] block).
-        stats: also return the no-grad statistics (``HeadStats``); ``wpo`` adds ``log Σ p²``.
-        keep_probs_bytes: keep the (T, V) softmax for backward up to this many bytes (plain
-            float32 Linear head only); 0 always recomputes.
+        options: ``chunk_size`` (bounds each float32 [chunk, V] block), ``stats`` / ``wpo`` (the
+            no-grad ``TokenStats``; ``wpo`` adds ``log Σ p²``), ``keep_probs_bytes`` (keep the
+            (T, V) softmax for backward up to this size; plain float32 Linear head only).
     """
+    chunk_size, stats, wpo = options.chunk_size, options.any_stats, options.wpo
     if torch.is_grad_enabled() and uses_linear_kernel(head, hidden.dtype, transform):
-        keep = hidden.shape[0] * head.weight.shape[0] * 4 <= keep_probs_bytes
-        compute = _autocast_dtype(hidden.device)
-        logps, *rest = _LinearHeadLogps.apply(
-            hidden, head.weight, head.bias, targets, chunk_size, stats, wpo, keep, compute
-        )
-        return logps, (HeadStats(*rest) if stats else None)
+        keep = hidden.shape[0] * head.weight.shape[0] * 4 <= options.keep_probs_bytes
+        plan = _KernelPlan(chunk_size, stats, wpo, keep, _autocast_dtype(hidden.device))
+        logps, *rest = _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, plan)
+        return logps, (TokenStats(*rest) if stats else None)
     chunked = torch.is_grad_enabled() and hidden.shape[0] > chunk_size
     run = _checkpointed_chunk if chunked else _plain_chunk  # one chunk, or no graph to keep
     logps, chunk_stats = [], []

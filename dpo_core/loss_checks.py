@@ -84,7 +84,9 @@ def check_pair_shapes(pairs: dict[str, Tensor | None]) -> None:
     expected = pairs["policy_chosen_logps"].shape
     for name, value in pairs.items():
         if value is None:
-            raise ValueError(f"dpo_loss: {name} is None; pass it, or reference_free=True")
+            raise ValueError(
+                f"dpo_loss: {name} is None; pass a (B,) tensor (reference-free: SequenceLogps.zeros)"
+            )
         if value.ndim != 1 or value.shape != expected:
             raise ValueError(
                 f"dpo_loss: {name} has shape {tuple(value.shape)}; expected (B,) = "
@@ -98,7 +100,10 @@ def check_needs(loss_types: Sequence[str], opts: dict[str, Tensor | None], batch
     for name in loss_types:
         for key in LOSS_REGISTRY[name].needs:
             if opts[key] is None:
-                raise ValueError(f"dpo_loss: loss_type {name!r} needs the keyword {key!r}")
+                raise ValueError(
+                    f"dpo_loss: loss_type {name!r} needs {key!r}: give the policy's SequenceLogps "
+                    "its lengths and per-token values (as dpo_core.logps.sequence_logps does)"
+                )
     for key in ("chosen_lengths", "rejected_lengths"):
         if opts[key] is not None and tuple(opts[key].shape) != (batch_size,):
             raise ValueError(

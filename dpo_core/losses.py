@@ -7,8 +7,8 @@ documented differences (and one trl failure):
   ``-(1-eps) logsigma(beta D) - eps logsigma(-beta D)``, as the DPO paper's reference code and
   earlier trl releases do. trl 1.16's ``sigmoid`` ignores ``label_smoothing`` (it reads it only for
   ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired``). With ``eps = 0`` the two agree exactly.
-* **Reference-free.** ``reference_free=True`` takes the reference log-probs as 0; trl 1.16 has
-  no such option.
+* **Reference-free.** Training against ``NoReference`` (``reference_free=True``) takes the
+  reference log-probs as 0; trl 1.16 has no such option.
 * **WPO with ``sft`` or ``hinge``.** trl multiplies the weights in place, which raises for
   ``sft`` (B > 1) and breaks ``hinge``'s backward; we multiply out of place.
 
@@ -16,13 +16,17 @@ documented differences (and one trl failure):
 thing, for the parity suite. The per-pair formulas live in ``dpo_core.loss_functions`` (one small
 function each, looked up in ``LOSS_REGISTRY``), the f-DPO score map in ``dpo_core.divergences``.
 
-Both take the objective as one ``dpo_core.settings.LossSettings`` (trl's names and defaults) and
-the tensors a loss type may need as keyword arguments. Rewards are ``beta * (policy -
-reference)`` log-ratios, detached: trl logs the raw log-ratios, not the f-divergence scores.
+Both take the policy's and the reference's ``SequenceLogps`` (the typed pair the log-prob entry
+returns: (B,) chosen and rejected sums, plus the lengths and per-token values a loss type may
+read) and the objective as one ``dpo_core.settings.LossSettings`` (trl's names and defaults).
+Rewards are ``beta * (policy - reference)`` log-ratios, detached: trl logs the raw log-ratios,
+not the f-divergence scores.
 
-Example: ``losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c, ref_r)``;
-``combined_dpo_loss(..., LossSettings(loss_type=["sigmoid", "sft"]), chosen_token_logps=...,
-chosen_token_mask=...).loss``.
+Example, on four log-prob tensors (B,)::
+
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        SequenceLogps(pi_c, pi_r), SequenceLogps(ref_c, ref_r), LossSettings(beta=0.1)
+    )
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_core.divergences import f_divergence_scores
+from dpo_core.logp_types import SequenceLogps, split_pairs
 from dpo_core.loss_checks import (  # noqa: F401 (the two type sets are re-exported)
     F_DIVERGENCE_LOSS_TYPES,
     LOSS_TYPES,
@@ -60,80 +65,54 @@ class LossOutput:
     Attributes:
         loss: scalar, ``sum_k w_k * mean_i(l_k,i * pair_weight_i)``; the tensor to backpropagate.
         per_type: loss type -> scalar ``mean_i(l_k,i * pair_weight_i)``, before its weight ``w_k``.
+        per_pair: loss type -> (B,) ``l_k,i``, before any weight.
         chosen_rewards: (B,) ``beta * (pi_c - ref_c)``, detached.
         rejected_rewards: (B,) ``beta * (pi_r - ref_r)``, detached.
     """
 
     loss: Tensor
     per_type: dict[str, Tensor]
+    per_pair: dict[str, Tensor]
     chosen_rewards: Tensor
     rejected_rewards: Tensor
 
 
 def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    settings: LossSettings | None = None,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    chosen_token_logps: Tensor | None = None,
-    chosen_token_mask: Tensor | None = None,
+    policy: SequenceLogps, reference: SequenceLogps, settings: LossSettings | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair loss of one loss type and the detached implicit rewards.
 
     Args:
-        policy_chosen_logps: (B,) summed completion log-probs of the chosen answers, policy.
-        policy_rejected_logps: (B,) the same for the rejected answers.
-        ref_chosen_logps: (B,) the same under the reference; ignored (may be None) if reference-free.
-        ref_rejected_logps: (B,) likewise.
+        policy: the policy's summed completion log-probs, ``chosen`` and ``rejected`` (B,) each;
+            ``ipo`` and ``sigmoid_norm`` read its ``chosen_lengths`` / ``rejected_lengths``,
+            ``sft`` its per-token ``token`` values.
+        reference: the reference's (B,) each (``SequenceLogps.zeros`` when reference-free).
         settings: the objective, with exactly one ``loss_type``; default ``LossSettings()``
             (sigmoid). Reads ``beta``, ``label_smoothing`` (see the module docstring for
-            ``sigmoid``), ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau`` and
-            ``reference_free``; the weights belong to ``combined_dpo_loss``.
-        chosen_lengths, rejected_lengths: (B,) unshifted completion token counts; ``ipo`` and
-            ``sigmoid_norm`` need them.
-        chosen_token_logps, chosen_token_mask: (B, T) per-token policy log-probs of the chosen
-            rows and their shifted completion mask; ``sft`` needs them.
+            ``sigmoid``), ``f_divergence_type``, ``f_alpha_divergence_coef`` and
+            ``discopop_tau``; the weights belong to ``combined_dpo_loss``.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each (B,); the rewards are
         ``beta * log-ratio``, detached. ``aot``/``aot_unpaired`` losses are in sorted order.
+
+    Example: ``dpo_loss(SequenceLogps(pi_c, pi_r), SequenceLogps(ref_c, ref_r))``.
     """
     settings = settings or LossSettings()
     if len(settings.loss_type) != 1:
         raise ValueError(
             f"dpo_loss: one loss type, got {settings.loss_type}; use combined_dpo_loss for several"
         )
-    inputs = make_loss_inputs(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        settings,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        chosen_token_logps=chosen_token_logps,
-        chosen_token_mask=chosen_token_mask,
-    )
-    chosen_rewards, rejected_rewards = implicit_rewards(inputs)
-    return LOSS_REGISTRY[settings.loss_type[0]].fn(inputs), chosen_rewards, rejected_rewards
+    out = combined_dpo_loss(policy, reference, settings)
+    return out.per_pair[settings.loss_type[0]], out.chosen_rewards, out.rejected_rewards
 
 
 def combined_dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
+    policy: SequenceLogps,
+    reference: SequenceLogps,
     settings: LossSettings | None = None,
     *,
     pair_weights: Tensor | None = None,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    chosen_token_logps: Tensor | None = None,
-    chosen_token_mask: Tensor | None = None,
 ) -> LossOutput:
     """trl's total loss ``sum_k w_k * mean_i(l_k,i * pair_weight_i)`` (dpo_trainer.py:1385-1528).
 
@@ -141,43 +120,47 @@ def combined_dpo_loss(
         settings: any number of loss types (MPO, for example, is ``loss_type=["sigmoid",
             "bco_pair", "sft"]`` with ``loss_weights=[0.8, 0.2, 1.0]``); a type listed twice
             counts twice in ``loss`` (as in trl) and once in ``per_type``.
-        pair_weights: (B,) WPO weights ``w_chosen * w_rejected`` (see ``wpo_weights``), multiplied
-            into every loss type's per-pair loss, ``sft`` included, before the mean; given if and
-            only if ``settings.use_weighting``.
+        pair_weights: (B,) WPO weights ``w_chosen * w_rejected``, multiplied into every loss
+            type's per-pair loss, ``sft`` included, before the mean. With ``use_weighting`` they
+            default to ``wpo_pair_weights(policy)``; without it they must not be given.
 
     Raises:
-        ValueError: ``pair_weights`` given without ``use_weighting``, or missing with it.
-        NotImplementedError: ``pair_weights`` with ``aot``/``aot_unpaired``, which sort the pairs.
+        ValueError: ``pair_weights`` given without ``use_weighting``.
+        NotImplementedError: WPO with ``aot``/``aot_unpaired``, which sort the pairs.
     """
     settings = settings or LossSettings()
-    if settings.use_weighting != (pair_weights is not None):
+    if pair_weights is not None and not settings.use_weighting:
         raise ValueError(
-            f"combined_dpo_loss: use_weighting={settings.use_weighting} but pair_weights "
-            f"{'missing' if pair_weights is None else 'given'}; pass them exactly with WPO"
+            "combined_dpo_loss: pair_weights given but use_weighting=False; WPO weights only "
+            "with use_weighting"
         )
-    if pair_weights is not None:
-        check_pair_weights(pair_weights, settings.loss_type, policy_chosen_logps.shape)
-    inputs = make_loss_inputs(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        settings,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        chosen_token_logps=chosen_token_logps,
-        chosen_token_mask=chosen_token_mask,
-    )
+    if settings.use_weighting:
+        pair_weights = wpo_pair_weights(policy) if pair_weights is None else pair_weights
+        check_pair_weights(pair_weights, settings.loss_type, policy.chosen.shape)
+    inputs = make_loss_inputs(policy, reference, settings)
     loss: Tensor | float = 0.0
     per_type: dict[str, Tensor] = {}
+    per_pair: dict[str, Tensor] = {}
     for name, weight in zip(settings.loss_type, settings.weights, strict=True):
-        per_pair = LOSS_REGISTRY[name].fn(inputs)
-        if pair_weights is not None:
-            per_pair = per_pair * pair_weights
-        per_type[name] = per_pair.mean()
+        per_pair[name] = LOSS_REGISTRY[name].fn(inputs)
+        weighted = per_pair[name] if pair_weights is None else per_pair[name] * pair_weights
+        per_type[name] = weighted.mean()
         loss = loss + per_type[name] * weight  # trl: loss += mean * weight, from 0.0
     chosen_rewards, rejected_rewards = implicit_rewards(inputs)
-    return LossOutput(loss, per_type, chosen_rewards, rejected_rewards)
+    return LossOutput(loss, per_type, per_pair, chosen_rewards, rejected_rewards)
+
+
+def wpo_pair_weights(policy: SequenceLogps) -> Tensor:
+    """WPO weight of each pair, ``w_chosen * w_rejected`` (B,), without gradient, from the
+    policy's per-token log-probs and ``log Σ p²`` (``LogpOptions.wpo``)."""
+    token = policy.token
+    if token is None or token.stats is None or token.stats.log_sum_sq_probs is None:
+        raise ValueError(
+            "combined_dpo_loss: use_weighting needs the policy's per-token log_sum_sq_probs; "
+            "compute its log-probs with LogpOptions(wpo=True)"
+        )
+    w_c, w_r = split_pairs(wpo_weights(token.logps, token.stats.log_sum_sq_probs, token.mask))
+    return w_c * w_r
 
 
 def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, mask: Tensor) -> Tensor:
@@ -245,18 +228,10 @@ def implicit_rewards(inputs: LossInputs) -> tuple[Tensor, Tensor]:
 
 
 def make_loss_inputs(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    settings: LossSettings,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    chosen_token_logps: Tensor | None = None,
-    chosen_token_mask: Tensor | None = None,
+    policy: SequenceLogps, reference: SequenceLogps, settings: LossSettings
 ) -> LossInputs:
-    """Check everything ``settings.loss_type`` needs and derive log-ratios and f-DPO scores once.
+    """Check everything ``settings.loss_type`` needs and derive log-ratios and f-DPO scores once:
+    ``lr = policy - reference`` for each half, the heart of DPO's implicit reward (Eq. 5).
 
     Raises ``ValueError`` naming the argument for: shape mismatches, a loss missing an input it
     needs, ``exo_pair`` with eps = 0, and a non-default ``f_divergence_type`` with a loss outside
@@ -265,25 +240,23 @@ def make_loss_inputs(
     """
     s = settings
     check_loss_combination(s.loss_type, s.label_smoothing, s.f_divergence_type)
-    if s.reference_free:
-        ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
-        ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
     pairs = {
-        "policy_chosen_logps": policy_chosen_logps,
-        "policy_rejected_logps": policy_rejected_logps,
-        "ref_chosen_logps": ref_chosen_logps,
-        "ref_rejected_logps": ref_rejected_logps,
+        "policy_chosen_logps": policy.chosen,
+        "policy_rejected_logps": policy.rejected,
+        "ref_chosen_logps": reference.chosen,
+        "ref_rejected_logps": reference.rejected,
     }
     check_pair_shapes(pairs)
+    token = policy.token
     optional = {
-        "chosen_lengths": chosen_lengths,
-        "rejected_lengths": rejected_lengths,
-        "chosen_token_logps": chosen_token_logps,
-        "chosen_token_mask": chosen_token_mask,
+        "chosen_lengths": policy.chosen_lengths,
+        "rejected_lengths": policy.rejected_lengths,
+        "chosen_token_logps": None if token is None else split_pairs(token.logps)[0],
+        "chosen_token_mask": None if token is None else split_pairs(token.mask)[0],
     }
-    check_needs(s.loss_type, optional, batch_size=policy_chosen_logps.shape[0])
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    check_needs(s.loss_type, optional, batch_size=policy.chosen.shape[0])
+    chosen_logratios = policy.chosen - reference.chosen
+    rejected_logratios = policy.rejected - reference.rejected
     f_type, alpha = s.f_divergence_type, s.f_alpha_divergence_coef
     return LossInputs(
         **pairs,
@@ -294,9 +267,13 @@ def make_loss_inputs(
         beta=s.beta,
         label_smoothing=s.label_smoothing,
         discopop_tau=s.discopop_tau,
-        # Float, as trl's completion_mask.sum(dim=1).clamp(min=1.0).
-        chosen_lengths=None if chosen_lengths is None else chosen_lengths.clamp(min=1.0),
-        rejected_lengths=None if rejected_lengths is None else rejected_lengths.clamp(min=1.0),
-        chosen_token_logps=chosen_token_logps,
-        chosen_token_mask=chosen_token_mask,
+        chosen_lengths=_at_least_one(policy.chosen_lengths),
+        rejected_lengths=_at_least_one(policy.rejected_lengths),
+        chosen_token_logps=optional["chosen_token_logps"],
+        chosen_token_mask=optional["chosen_token_mask"],
     )
+
+
+def _at_least_one(lengths: Tensor | None) -> Tensor | None:
+    """Completion lengths clamped to >= 1, as trl's ``completion_mask.sum(dim=1).clamp(min=1.0)``."""
+    return None if lengths is None else lengths.clamp(min=1.0)

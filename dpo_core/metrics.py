@@ -33,7 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from dpo_core.logps import TokenLogps, split_pairs
+from dpo_core.logp_types import SequenceLogps, TokenLogps, split_pairs
+from dpo_core.losses import LossOutput
 
 PAIR_METRICS = (
     "rewards/chosen",
@@ -56,11 +57,12 @@ class MetricSums(NamedTuple):
     counts: dict[str, torch.Tensor]
 
 
-def _token_stat(token: TokenLogps, field: str) -> torch.Tensor:
-    value = getattr(token, field)
+def _token_stat(token: TokenLogps | None, field: str) -> torch.Tensor:
+    value = None if token is None or token.stats is None else getattr(token.stats, field)
     if value is None:
         raise ValueError(
-            f"metrics: TokenLogps.{field} is None; compute the policy log-probs with with_stats=True"
+            f"metrics: the policy's TokenStats.{field} is None; compute its log-probs with "
+            "LogpOptions(stats=True)"
         )
     return value.detach()
 
@@ -83,11 +85,12 @@ def _pair_sums(
     }
 
 
-def _token_sums(token: TokenLogps) -> MetricSums:
+def _token_sums(token: TokenLogps | None) -> MetricSums:
     """Sums and counts over completion tokens, with trl's expressions (dpo:1537-1579)."""
+    mean_logits = _token_stat(token, "mean_logits")  # raises when there are no statistics
     mask = token.mask
     chosen_mask, rejected_mask = split_pairs(mask)
-    chosen_mean_logits, rejected_mean_logits = split_pairs(_token_stat(token, "mean_logits"))
+    chosen_mean_logits, rejected_mean_logits = split_pairs(mean_logits)
     chosen_is_top1, _ = split_pairs(_token_stat(token, "is_top1"))
     sums = {
         "logits/chosen": chosen_mean_logits[chosen_mask].sum(),
@@ -104,36 +107,29 @@ def _token_sums(token: TokenLogps) -> MetricSums:
     return MetricSums(sums, counts)
 
 
-def metric_sums(
-    *,
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    token: TokenLogps,
-) -> MetricSums:
+def metric_sums(policy: SequenceLogps, out: LossOutput) -> MetricSums:
     """Sums and counts behind every metric of one micro-batch (see the module table).
 
     Args:
-        chosen_rewards, rejected_rewards: (B,) ``β (π - ρ)`` of each pair (log-ratios, not the
-            f-divergence scores).
-        policy_chosen_logps, policy_rejected_logps: (B,) the policy's summed completion log-probs
-            (LD-weighted when ld_alpha is set, as trl logs them).
-        token: the policy's ``TokenLogps`` with statistics (``with_stats=True``).
+        policy: the policy's log-probs: (B,) sums (LD-weighted when ld_alpha is set, as trl logs
+            them) and the per-token values with statistics (``LogpOptions(stats=True)``).
+        out: the loss's output; its (B,) rewards ``β (π - ρ)`` are log-ratios, not the
+            f-divergence scores.
     """
-    num_pairs = chosen_rewards.shape[0]
+    num_pairs = out.chosen_rewards.shape[0]
     for name, t in (
-        ("rejected_rewards", rejected_rewards),
-        ("policy_chosen_logps", policy_chosen_logps),
-        ("policy_rejected_logps", policy_rejected_logps),
+        ("rejected_rewards", out.rejected_rewards),
+        ("policy.chosen", policy.chosen),
+        ("policy.rejected", policy.rejected),
     ):
         if tuple(t.shape) != (num_pairs,):
             raise ValueError(f"metrics: {name} has shape {tuple(t.shape)}, need ({num_pairs},)")
-    tokens = _token_sums(token)
-    pairs = _pair_sums(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    tokens = _token_sums(policy.token)
+    pairs = _pair_sums(out.chosen_rewards, out.rejected_rewards, policy.chosen, policy.rejected)
     sums = pairs | tokens.sums
     # one tensor per key: a caller may all-reduce each count in place
-    counts = {name: torch.tensor(num_pairs, device=chosen_rewards.device) for name in PAIR_METRICS}
+    device = out.chosen_rewards.device
+    counts = {name: torch.tensor(num_pairs, device=device) for name in PAIR_METRICS}
     counts.update(tokens.counts)
     return MetricSums(sums, counts)
 
@@ -149,25 +145,12 @@ def metrics_from_sums(
 
 
 def dpo_metrics(
-    *,
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    token: TokenLogps,
-    attention_mask: torch.Tensor,
+    policy: SequenceLogps, out: LossOutput, attention_mask: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """trl's metrics of one micro-batch on one process, plus ``num_tokens`` (Σ attention_mask).
 
     For several processes, reduce ``metric_sums`` first and call ``metrics_from_sums``.
     """
-    sums, counts = metric_sums(
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        token=token,
-    )
-    metrics = metrics_from_sums(sums, counts)
+    metrics = metrics_from_sums(*metric_sums(policy, out))
     metrics["num_tokens"] = attention_mask.sum()
     return metrics

@@ -41,7 +41,7 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 @dataclass
 class ModelParts:
-    """What ``logps.model_token_logps`` calls.
+    """What ``dpo_core.logps`` calls.
 
     Attributes:
         backbone: the decoder; ``backbone(input_ids=..., attention_mask=...)`` returns

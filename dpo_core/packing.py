@@ -10,7 +10,7 @@ each row through the backbone at its own length (rows of equal fill in one call)
 each segment has its own row and the rows go through padded, in one call. Each hidden state
 equals its plain counterpart up to float32 rounding (the attention sums run over a differently
 shaped, masked matrix). The scored hidden states are gathered from the packed rows in the plain
-(2B, L-1) grid order and go through the same head (``logps.score_selected``): padding-free, no
+(2B, L-1) grid order and go through the same head (``logps.score_states``): padding-free, no
 padding position goes through the backbone or the head.
 
 This needs a model whose attention takes a ready 4D mask and explicit ``position_ids``: the
@@ -41,9 +41,8 @@ import torch
 from torch import nn
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.lm_head import CHUNK_SIZE, KEEP_PROBS_BYTES
-from dpo_core.logps import TokenLogps, model_token_logps, score_selected
-from dpo_core.model_parts import model_parts, unwrap_peft
+from dpo_core.logp_types import ScoredStates
+from dpo_core.model_parts import ModelParts, unwrap_peft
 from dpo_core.pair_layout import (
     Layout,
     choose_layout,
@@ -161,54 +160,16 @@ def packed_layout(model: nn.Module, batch: PreferenceBatch, padding_free: bool) 
     return layout if layout_cost(layout, hidden_size) < plain_cost(batch, hidden_size) else None
 
 
-def shared_prompt_token_logps(
-    model: nn.Module,
-    batch: PreferenceBatch,
-    *,
-    padding_free: bool = True,
-    chunk_size: int = CHUNK_SIZE,
-    with_stats: bool = False,
-    with_wpo: bool = False,
-    keep_probs_bytes: int = KEEP_PROBS_BYTES,
-) -> TokenLogps:
-    """``logps.model_token_logps`` with each prompt forwarded once per pair, several pairs per
-    row when ``padding_free``: the same (2B, L-1) ``TokenLogps``, equal up to float32 rounding.
-    Falls back to the plain forward (``packed_layout``) when packing cannot run or costs more."""
-    head_options = dict(
-        chunk_size=chunk_size,
-        with_stats=with_stats,
-        with_wpo=with_wpo,
-        keep_probs_bytes=keep_probs_bytes,
-    )
+def packed_states(
+    model: nn.Module, parts: ModelParts, batch: PreferenceBatch, padding_free: bool = True
+) -> ScoredStates | None:
+    """The scored hidden states of ``batch`` from packed rows, each prompt forwarded once per pair
+    (several pairs per row when ``padding_free``): the same ``ScoredStates`` as the plain forward
+    (``logps.plain_states``), equal up to float32 rounding. None when the plain forward should
+    run instead (``packed_layout``: packing cannot run, or costs more)."""
     layout = packed_layout(model, batch, padding_free)
     if layout is None:
-        return model_token_logps(model, batch, **head_options)
+        return None
     packed = pack_pairs(batch, layout)
-    parts = model_parts(model)
-    head_device = next(parts.head.parameters()).device
-    selected = _scored_states(parts.backbone, model, packed, layout).to(head_device)
-    return score_selected(
-        selected,
-        packed.targets.to(head_device),
-        packed.mask.to(head_device),
-        parts.head,
-        logit_transform=parts.logit_transform,
-        **head_options,
-    )
-
-
-def token_logps(
-    model: nn.Module,
-    batch: PreferenceBatch,
-    *,
-    prompt_sharing: bool,
-    padding_free: bool = True,
-    **head_options,
-) -> TokenLogps:
-    """The model's per-token completion log-probs: ``shared_prompt_token_logps`` when
-    ``prompt_sharing`` (padding-free unless told not to), else ``model_token_logps``;
-    ``head_options`` are their keyword arguments (chunk_size, with_stats, with_wpo,
-    keep_probs_bytes)."""
-    if prompt_sharing:
-        return shared_prompt_token_logps(model, batch, padding_free=padding_free, **head_options)
-    return model_token_logps(model, batch, **head_options)
+    hidden = _scored_states(parts.backbone, model, packed, layout)
+    return ScoredStates(hidden, packed.targets, packed.mask)

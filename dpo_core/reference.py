@@ -1,8 +1,10 @@
-"""Where the reference log-probs ``log π_ref(y | x)`` come from, behind one interface.
+"""Where the reference log-probs ``log π_ref(y | x)`` come from: interchangeable sources.
 
 DPO's implicit reward is ``β (log π_θ(y|x) - log π_ref(y|x))`` (Rafailov et al. 2023, Eq. 5);
-π_ref must stay fixed while π_θ trains. Three sources, each ``source(batch) -> (chosen (B,),
-rejected (B,))`` summed completion log-probs, as trl computes them (dpo:1318-1347):
+π_ref must stay fixed while π_θ trains. Every source is ``source(batch, options) ->
+SequenceLogps``, the same type the policy's forward gives, computed as trl does (dpo:1318-1347).
+A source has no options of its own: ``options`` (``LogpOptions``, from the run's settings) says how
+the log-probs are computed, so the reference is scored exactly as the policy is.
 
 - ``FrozenCopyReference``: a separate copy of the model, eval mode, no gradients.
 - ``AdapterDisabledReference``: the policy's own ``PeftModel`` inside ``disable_adapter()``; the
@@ -11,6 +13,7 @@ rejected (B,))`` summed completion log-probs, as trl computes them (dpo:1318-134
 - ``PrecomputedReference``: values computed once before training (``precompute_reference_logps``),
   read from the batch or looked up by row index; a batch without them is an error, never a
   silent fallback (in trl #1962 ignored precomputed values left the loss stuck at log 2).
+- ``NoReference``: ``log π_ref = 0`` for every completion: reference-free training.
 
 The on-disk cache of precomputed values is keyed by everything that determines them
 (``reference_cache_key``) and a stale or mismatched cache is refused, never used.
@@ -20,50 +23,50 @@ The on-disk cache of precomputed values is keyed by everything that determines t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.lm_head import CHUNK_SIZE
-from dpo_core.logps import ld_sequence_logps, sequence_logps, split_pairs
-from dpo_core.packing import token_logps
+from dpo_core.logp_types import LogpOptions, SequenceLogps
+from dpo_core.logps import sequence_logps
 
 CACHE_FORMAT = "dpo-reference-logps-v1"
 
 
 class ReferenceSource(ABC):
-    """``source(batch) -> (ref_chosen_logps (B,), ref_rejected_logps (B,))``, float32, no grad."""
+    """``source(batch, options) -> SequenceLogps`` of the reference, float32, no grad."""
 
     name: str
 
     @abstractmethod
-    def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(self, batch: PreferenceBatch, options: LogpOptions) -> SequenceLogps: ...
 
 
-def _model_reference_logps(source, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed (or LD-weighted) completion log-probs of ``source.model`` on ``batch``, without
-    grad, with the source's options (chunk_size, ld_alpha, prompt_sharing, padding_free)."""
-    with torch.no_grad():
-        token = token_logps(
-            source.model,
-            batch,
-            prompt_sharing=source.prompt_sharing,
-            padding_free=source.padding_free,
-            chunk_size=source.chunk_size,
-        )
-    if source.ld_alpha is not None:
-        return ld_sequence_logps(token, source.ld_alpha)
-    return split_pairs(sequence_logps(token))
+class _ModelReference(ReferenceSource):
+    """A reference that is a model: its log-probs through the policy's own path, without grad,
+    inside ``_view()`` (the adapters switched off, for ``AdapterDisabledReference``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _view(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def __call__(self, batch: PreferenceBatch, options: LogpOptions) -> SequenceLogps:
+        with torch.no_grad(), self._view():
+            return sequence_logps(self.model, batch, options)
 
 
-class FrozenCopyReference(ReferenceSource):
+class FrozenCopyReference(_ModelReference):
     """A separate reference model: put in eval mode with ``requires_grad=False`` on construction.
 
     Pass ``policy`` to have ``check_reference_is_not_policy`` refuse a reference that is, or
@@ -72,28 +75,13 @@ class FrozenCopyReference(ReferenceSource):
 
     name = "frozen_copy"
 
-    def __init__(
-        self,
-        ref_model: nn.Module,
-        *,
-        chunk_size: int = CHUNK_SIZE,
-        ld_alpha: float | None = None,
-        policy: nn.Module | None = None,
-        prompt_sharing: bool = True,
-        padding_free: bool = True,
-    ) -> None:
+    def __init__(self, ref_model: nn.Module, *, policy: nn.Module | None = None) -> None:
         if policy is not None:
             check_reference_is_not_policy(policy, ref_model)
-        self.model = ref_model.eval().requires_grad_(False)
-        self.chunk_size = chunk_size
-        self.ld_alpha = ld_alpha
-        self.prompt_sharing, self.padding_free = prompt_sharing, padding_free
-
-    def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return _model_reference_logps(self, batch)
+        super().__init__(ref_model.eval().requires_grad_(False))
 
 
-class AdapterDisabledReference(ReferenceSource):
+class AdapterDisabledReference(_ModelReference):
     """The policy ``PeftModel`` itself with every adapter switched off (``disable_adapter()``).
 
     The model keeps its train/eval mode, as in trl, so the base layers take the same code path as
@@ -102,28 +90,25 @@ class AdapterDisabledReference(ReferenceSource):
 
     name = "adapters_disabled"
 
-    def __init__(
-        self,
-        peft_model: nn.Module,
-        *,
-        chunk_size: int = CHUNK_SIZE,
-        ld_alpha: float | None = None,
-        prompt_sharing: bool = True,
-        padding_free: bool = True,
-    ) -> None:
+    def __init__(self, peft_model: nn.Module) -> None:
         if not callable(getattr(peft_model, "disable_adapter", None)):
             raise TypeError(
                 f"AdapterDisabledReference needs a peft PeftModel (with disable_adapter()), "
                 f"got {type(peft_model).__name__}; use FrozenCopyReference for a full model."
             )
-        self.model = peft_model
-        self.chunk_size = chunk_size
-        self.ld_alpha = ld_alpha
-        self.prompt_sharing, self.padding_free = prompt_sharing, padding_free
+        super().__init__(peft_model)
 
-    def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.model.disable_adapter():
-            return _model_reference_logps(self, batch)
+    def _view(self) -> contextlib.AbstractContextManager:
+        return self.model.disable_adapter()
+
+
+class NoReference(ReferenceSource):
+    """Reference-free training: ``log π_ref = 0``, so the reward is ``β log π_θ``."""
+
+    name = "none"
+
+    def __call__(self, batch: PreferenceBatch, options: LogpOptions) -> SequenceLogps:
+        return SequenceLogps.zeros(batch.num_pairs, batch.input_ids.device)
 
 
 class PrecomputedReference(ReferenceSource):
@@ -132,7 +117,8 @@ class PrecomputedReference(ReferenceSource):
     Without tables, reads ``batch.ref_chosen_logps`` / ``batch.ref_rejected_logps``. With
     ``chosen`` / ``rejected`` tables (N,) (from ``load_reference_cache``), looks rows up by
     ``batch.index``. A batch without them is an error: a silent fallback (0, or the policy
-    itself) would train against the wrong reference (trl #1962).
+    itself) would train against the wrong reference (trl #1962). ``options`` were fixed when the
+    values were computed (the cache key holds ``ld_alpha``).
     """
 
     name = "precomputed"
@@ -149,9 +135,9 @@ class PrecomputedReference(ReferenceSource):
             )
         self.chosen, self.rejected = chosen, rejected
 
-    def __call__(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: PreferenceBatch, options: LogpOptions) -> SequenceLogps:
         if self.chosen is not None:
-            return self._lookup(batch)
+            return SequenceLogps(*self._lookup(batch))
         missing = [
             f for f in ("ref_chosen_logps", "ref_rejected_logps") if getattr(batch, f) is None
         ]
@@ -169,7 +155,7 @@ class PrecomputedReference(ReferenceSource):
                 raise ValueError(
                     f"PrecomputedReference: batch.{f} has shape {shape}, need {expected}"
                 )
-        return batch.ref_chosen_logps, batch.ref_rejected_logps
+        return SequenceLogps(batch.ref_chosen_logps, batch.ref_rejected_logps)
 
     def _lookup(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.index is None:
@@ -248,16 +234,22 @@ def _tokenizer_identity(tokenizer) -> str:
     return json.dumps(identity, sort_keys=True, default=str)
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """The run's settings that change the reference log-probs (besides weights, tokenizer, data).
+
+    ``precision`` is Lightning's name: ``bf16-mixed`` log-probs differ from float32 ones.
+    """
+
+    max_length: int | None
+    truncation_mode: str
+    dtype: str
+    ld_alpha: float | None
+    precision: str = "32-true"
+
+
 def reference_cache_key(
-    model: nn.Module,
-    *,
-    tokenizer,
-    data_fingerprint: str,
-    max_length: int | None,
-    truncation_mode: str,
-    dtype: torch.dtype | str,
-    ld_alpha: float | None,
-    precision: str = "32-true",
+    model: nn.Module, *, tokenizer, data_fingerprint: str, settings: CacheSettings
 ) -> str:
     """sha256 hex digest of everything the precomputed reference log-probs depend on.
 
@@ -265,19 +257,12 @@ def reference_cache_key(
     are switched off: its state_dict, adapters included, is hashed; compute the key before
     training). ``data_fingerprint`` identifies the rows (e.g. a datasets fingerprint or a hash of
     the file). Like trl's cache key (dpo:979-982, 1174-1183: dataset fingerprint + weight hash),
-    plus the tokenizer, truncation, dtype, ld_alpha and the autocast ``precision`` (Lightning's
-    name: ``bf16-mixed`` log-probs differ from float32 ones).
+    plus the tokenizer and ``settings``.
     """
     h = hashlib.sha256(CACHE_FORMAT.encode())
-    settings = {
-        "data_fingerprint": data_fingerprint,
-        "max_length": max_length,
-        "truncation_mode": truncation_mode,
-        "dtype": str(dtype),
-        "ld_alpha": ld_alpha,
-        "precision": precision,
-    }
-    h.update(json.dumps(settings, sort_keys=True).encode())
+    fields = {"data_fingerprint": data_fingerprint, **asdict(settings)}
+    fields["dtype"] = str(fields["dtype"])
+    h.update(json.dumps(fields, sort_keys=True).encode())
     h.update(_tokenizer_identity(tokenizer).encode())
     _update_with_weights(h, model)
     return h.hexdigest()
@@ -302,20 +287,22 @@ def _check_rows_once(index: torch.Tensor, num_rows: int, source: str) -> None:
 def precompute_reference_logps(
     reference: ReferenceSource,
     batches: Iterable[PreferenceBatch],
+    options: LogpOptions,
     *,
     num_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``reference`` over every batch once: (chosen (N,), rejected (N,)) float32 on CPU,
     position i holding data-set row i (from ``batch.index``). Every row must appear exactly once;
     ``num_rows`` defaults to ``max(index) + 1``. trl does this at init (dpo:1168-1283).
+    ``options``: as training scores the reference (``DPOSettings.reference_options``).
     """
     chosen, rejected, index = [], [], []
     for i, batch in enumerate(batches):
         if batch.index is None:
             raise ValueError(f"precompute_reference_logps: batch {i} has no index (row numbers)")
-        c, r = reference(batch)
-        chosen.append(c.detach().float().cpu())
-        rejected.append(r.detach().float().cpu())
+        c, r = reference(batch, options).detached()
+        chosen.append(c)
+        rejected.append(r)
         index.append(batch.index.cpu().long())
     if not index:
         raise ValueError("precompute_reference_logps: no batches")

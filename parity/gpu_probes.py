@@ -241,16 +241,15 @@ def probe_run(model, batch, *, path: str, backend: str, precision: str, device: 
     forward + backward over ``reps`` after one warm-up and the peak CUDA memory, and the
     sequence log-probs; or a record of the error and torch's reasons when the backend refuses,
     and None."""
-    from dpo_core.logps import sequence_logps
-    from dpo_core.packing import token_logps
+    from dpo_core.logp_types import LogpOptions
+    from dpo_core.logps import token_logps
+
+    options = LogpOptions(prompt_sharing=path != "plain", padding_free=path == "shared")
 
     def step(backward: bool = True) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         with _backend(backend), torch.autocast(device, torch.bfloat16, precision == "bf16"):
-            token = token_logps(
-                model, batch, prompt_sharing=path != "plain", padding_free=path == "shared"
-            )
-            logps = sequence_logps(token)
+            logps = token_logps(model, batch, options).row_sums()
             if backward:
                 logps.sum().backward()
         return logps.detach().float().cpu()

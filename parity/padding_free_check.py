@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.logps import sequence_logps
-from dpo_core.packing import packed_layout, token_logps
+from dpo_core.logp_types import LogpOptions
+from dpo_core.logps import token_logps
+from dpo_core.packing import packed_layout
 from training.inputs.four_bit import linear4bit_layers
 
 MAX_BATCHES = 4
@@ -67,9 +68,9 @@ def float64_twin(model: torch.nn.Module) -> torch.nn.Module | str:
     return copy.deepcopy(model).double()
 
 
-def _sums(model, batch: PreferenceBatch, **options) -> torch.Tensor:
+def _sums(model, batch: PreferenceBatch, options: LogpOptions) -> torch.Tensor:
     with torch.no_grad():
-        return sequence_logps(token_logps(model, batch, **options)).double()
+        return token_logps(model, batch, options).row_sums().double()
 
 
 def float64_sums(twin: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
@@ -95,8 +96,8 @@ def measure(model: torch.nn.Module, batches: list[PreferenceBatch]) -> PaddingFr
         return PaddingFreeCheck(skipped=twin)
     check = PaddingFreeCheck()
     for batch in batches[:MAX_BATCHES]:
-        plain = _sums(model, batch, prompt_sharing=False)
-        packed = _sums(model, batch, prompt_sharing=True, padding_free=True)
+        plain = _sums(model, batch, LogpOptions(prompt_sharing=False))
+        packed = _sums(model, batch, LogpOptions(prompt_sharing=True, padding_free=True))
         exact = float64_sums(twin, batch)
         layout = packed_layout(model, batch, padding_free=True)
         if layout is not None:

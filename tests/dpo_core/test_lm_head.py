@@ -8,6 +8,7 @@ from torch import nn
 
 import dpo_core.lm_head as lm_head
 from dpo_core.lm_head import selected_logps
+from dpo_core.logp_types import KEEP_PROBS_BYTES, LogpOptions
 
 torch.set_num_threads(1)
 
@@ -34,13 +35,17 @@ def value_and_grads(logps, tensors):
     return logps.detach(), torch.autograd.grad((logps * w).sum(), tensors)
 
 
-@pytest.mark.parametrize("keep_probs_bytes", [0, lm_head.KEEP_PROBS_BYTES])
+@pytest.mark.parametrize("keep_probs_bytes", [0, KEEP_PROBS_BYTES])
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])
 def test_kept_and_recomputed_probabilities_equal_the_textbook(keep_probs_bytes, chunk_size):
     h, targets, head = problem()
     tensors = [h, *head.parameters()]
     got = selected_logps(
-        h, targets, head, chunk_size=chunk_size, stats=True, keep_probs_bytes=keep_probs_bytes
+        h,
+        targets,
+        head,
+        None,
+        LogpOptions(chunk_size=chunk_size, stats=True, keep_probs_bytes=keep_probs_bytes),
     )[0]
     (got_value, got_grads), (want_value, want_grads) = (
         value_and_grads(got, tensors),
@@ -72,7 +77,9 @@ def test_backward_recomputes_logits_only_when_probabilities_are_not_kept(
     the (T, V) probabilities were not kept (3 matmuls in all per chunk instead of 4)."""
     h, targets, head = problem()
     calls = count_projections(monkeypatch)
-    logps, _ = selected_logps(h, targets, head, chunk_size=10, keep_probs_bytes=keep_probs_bytes)
+    logps, _ = selected_logps(
+        h, targets, head, None, LogpOptions(chunk_size=10, keep_probs_bytes=keep_probs_bytes)
+    )
     forward = len(calls)
     logps.sum().backward()
     assert forward == 3
@@ -84,25 +91,31 @@ def test_probabilities_kept_up_to_the_budget(monkeypatch):
     h, targets, head = problem()
     for budget, recomputed in ((4600, 0), (4599, 3)):
         calls = count_projections(monkeypatch)
-        selected_logps(h, targets, head, chunk_size=10, keep_probs_bytes=budget)[0].sum().backward()
+        selected_logps(h, targets, head, None, LogpOptions(chunk_size=10, keep_probs_bytes=budget))[
+            0
+        ].sum().backward()
         assert len(calls) - 3 == recomputed
         monkeypatch.undo()
 
 
 def test_statistics_carry_no_gradient_and_need_no_graph():
     h, targets, head = problem()
-    _, stats = selected_logps(h, targets, head, chunk_size=7, stats=True, wpo=True)
+    _, stats = selected_logps(
+        h, targets, head, None, LogpOptions(chunk_size=7, stats=True, wpo=True)
+    )
     for value in stats:
         assert value is not None and not value.requires_grad
     with torch.no_grad():  # the plain path (no graph): same statistics
-        _, plain = selected_logps(h, targets, head, chunk_size=7, stats=True, wpo=True)
+        _, plain = selected_logps(
+            h, targets, head, None, LogpOptions(chunk_size=7, stats=True, wpo=True)
+        )
     for a, b in zip(stats, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0.0, atol=4e-6)
 
 
 def test_no_tokens():
     h, targets, head = problem(tokens=0)
-    logps, stats = selected_logps(h, targets, head, stats=True)
+    logps, stats = selected_logps(h, targets, head, None, LogpOptions(stats=True))
     assert logps.shape == (0,) and stats.entropy.shape == (0,)
     logps.sum().backward()
     assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
@@ -126,7 +139,7 @@ def float64_head(h, targets, head, weights, bf16: bool):
     return logps, (dz @ w64, dz.T @ h64, dz.sum(0)), z.abs().max().item()
 
 
-@pytest.mark.parametrize("keep_probs_bytes", [0, lm_head.KEEP_PROBS_BYTES])
+@pytest.mark.parametrize("keep_probs_bytes", [0, KEEP_PROBS_BYTES])
 def test_under_bf16_autocast_the_head_rounds_where_trl_does(keep_probs_bytes):
     """Under bf16 autocast the head takes the bf16 product, widens it, and keeps every gradient
     product in float32 from bf16-rounded operands (rounding each product to bf16, as plain
@@ -136,7 +149,9 @@ def test_under_bf16_autocast_the_head_rounds_where_trl_does(keep_probs_bytes):
     h, targets, head = problem()
     g = torch.rand(h.shape[0], generator=torch.Generator().manual_seed(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logps, _ = selected_logps(h, targets, head, chunk_size=5, keep_probs_bytes=keep_probs_bytes)
+        logps, _ = selected_logps(
+            h, targets, head, None, LogpOptions(chunk_size=5, keep_probs_bytes=keep_probs_bytes)
+        )
     grads = torch.autograd.grad((logps * g).sum(), [h, head.weight, head.bias])
     want_logps, want_grads, _ = float64_head(h.detach(), targets, head, g, bf16=True)
     assert logps.dtype == torch.float32 and all(x.dtype == torch.float32 for x in grads)
@@ -154,7 +169,7 @@ def test_under_bf16_autocast_the_head_equals_trls_kernel():
     h, targets, head = problem(bias=False)
     g = torch.rand(h.shape[0], generator=torch.Generator().manual_seed(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, _ = selected_logps(h, targets, head, chunk_size=5)
+        ours, _ = selected_logps(h, targets, head, None, LogpOptions(chunk_size=5))
         theirs = ChunkedLogProbFunction.apply(h, head.weight, None, targets, 1.0, 16)[0]
     got = torch.autograd.grad((ours * g).sum(), [h, head.weight])
     want = torch.autograd.grad((theirs * g).sum(), [h, head.weight])

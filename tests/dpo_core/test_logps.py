@@ -11,13 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpo_core.logps import (
-    TokenLogps,
-    completion_token_logps,
-    model_token_logps,
-    token_logps_from_logits,
-)
+from dpo_core.logp_types import TokenLogps
 from dpo_core.model_parts import model_parts
+from tests.dpo_core.oracle import plain_token_logps, score_hidden, token_logps_from_logits
 from tests.dpo_core.tiny import (
     GRAD_TOL,
     SPANS,
@@ -29,6 +25,7 @@ from tests.dpo_core.tiny import (
     tiny_gemma2,
     tiny_gpt2,
     tiny_llama,
+    value_tol,
 )
 
 torch.set_num_threads(1)
@@ -44,7 +41,7 @@ def full_reference(head, hidden, batch, transform=None):
     """token_logps_from_logits on the full (N, L, V) logits of ``head(hidden)``."""
     logits = head(hidden).float()
     logits = logits if transform is None else transform(logits)
-    return token_logps_from_logits(logits, batch.input_ids, batch.completion_mask, with_stats=True)
+    return token_logps_from_logits(logits, batch.input_ids, batch.completion_mask, stats=True)
 
 
 def grads(out: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -67,12 +64,12 @@ def test_chunked_equals_full_logits_values_and_grads(kind, chunk_size):
     hidden.requires_grad_(True)
     params = [p for p in head.parameters() if p.requires_grad]
 
-    ours = completion_token_logps(
+    ours = score_hidden(
         hidden, head, batch.input_ids, batch.completion_mask,
-        chunk_size=chunk_size, with_stats=True, with_wpo=True, logit_transform=transform,
+        chunk_size=chunk_size, stats=True, wpo=True, logit_transform=transform,
     )  # fmt: skip
     expected = full_reference(head, hidden, batch, transform)
-    torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
+    torch.testing.assert_close(ours.logps, expected.logps, **value_tol(head(hidden)))
     assert torch.equal(ours.mask, batch.completion_mask[:, 1:].bool())
     for got, want in zip(
         grads(ours.logps, [hidden, *params]), grads(expected.logps, [hidden, *params])
@@ -109,9 +106,7 @@ def test_bnb_4bit_head_with_lora_matches_its_own_full_logits(chunk_size):
     params = [p for p in head.parameters() if p.requires_grad]
     assert len(params) == 2  # lora_A, lora_B
 
-    ours = completion_token_logps(
-        hidden, head, batch.input_ids, batch.completion_mask, chunk_size=chunk_size
-    )
+    ours = score_hidden(hidden, head, batch.input_ids, batch.completion_mask, chunk_size=chunk_size)
     expected = full_reference(head, hidden, batch)
     torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
     for got, want in zip(
@@ -135,19 +130,21 @@ def test_statistics_equal_textbook_formulas(kind):
         argmax_next = logits.argmax(-1)[:, :-1]
         batch.input_ids[:, 1:][:, ::2] = argmax_next[:, ::2]  # every other target is the argmax
 
-    ours = completion_token_logps(
+    ours = score_hidden(
         hidden, head, batch.input_ids, batch.completion_mask,
-        chunk_size=5, with_stats=True, with_wpo=True, logit_transform=transform,
+        chunk_size=5, stats=True, wpo=True, logit_transform=transform,
     )  # fmt: skip
     expected = token_logps_from_logits(
-        logits, batch.input_ids, batch.completion_mask, with_stats=True, with_wpo=True
+        logits, batch.input_ids, batch.completion_mask, stats=True, wpo=True
     )
     for field in ("entropy", "mean_logits", "log_sum_sq_probs"):
-        torch.testing.assert_close(getattr(ours, field), getattr(expected, field), **VALUE_TOL)
-    assert torch.equal(ours.is_top1, expected.is_top1)
-    assert 0 < ours.is_top1.sum() < ours.mask.sum()
+        torch.testing.assert_close(
+            getattr(ours.stats, field), getattr(expected.stats, field), **VALUE_TOL
+        )
+    assert torch.equal(ours.stats.is_top1, expected.stats.is_top1)
+    assert 0 < ours.stats.is_top1.sum() < ours.mask.sum()
     for field in STAT_FIELDS:  # zero off the completion
-        assert not getattr(ours, field)[~ours.mask].any()
+        assert not getattr(ours.stats, field)[~ours.mask].any()
 
 
 def test_is_top1_tie_rule():
@@ -164,10 +161,10 @@ def test_is_top1_tie_rule():
     for head in (nn.Identity(), nn.Linear(4, 4, bias=False)):
         if isinstance(head, nn.Linear):
             nn.init.eye_(head.weight)
-        ours = completion_token_logps(logits, head, input_ids, completion_mask, with_stats=True)
-        assert torch.equal(ours.is_top1, expected)
-    full = token_logps_from_logits(logits, input_ids, completion_mask, with_stats=True)
-    assert torch.equal(full.is_top1, expected)
+        ours = score_hidden(logits, head, input_ids, completion_mask, stats=True)
+        assert torch.equal(ours.stats.is_top1, expected)
+    full = token_logps_from_logits(logits, input_ids, completion_mask, stats=True)
+    assert torch.equal(full.stats.is_top1, expected)
 
 
 def test_matches_trl_chunked_logprob_kernel():
@@ -185,18 +182,19 @@ def test_matches_trl_chunked_logprob_kernel():
         hidden[:, :-1][mask], head.weight, head.bias, batch.input_ids[:, 1:][mask],
         1.0, 32768, None, 1.0, outputs,
     )  # fmt: skip
-    ours = completion_token_logps(
+    ours = score_hidden(
         hidden, head, batch.input_ids, batch.completion_mask,
-        chunk_size=4, with_stats=True, with_wpo=True,
+        chunk_size=4, stats=True, wpo=True,
     )  # fmt: skip
     trl_by_name = dict(
         zip(("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), trl_out)
     )
-    for field in ("logps", "entropy", "mean_logits", "log_sum_sq_probs"):
+    torch.testing.assert_close(ours.logps[mask], trl_by_name["logps"].detach(), **VALUE_TOL)
+    for field in ("entropy", "mean_logits", "log_sum_sq_probs"):
         torch.testing.assert_close(
-            getattr(ours, field)[mask], trl_by_name[field].detach(), **VALUE_TOL
+            getattr(ours.stats, field)[mask], trl_by_name[field].detach(), **VALUE_TOL
         )
-    assert torch.equal(ours.is_top1[mask], trl_by_name["is_top1"])
+    assert torch.equal(ours.stats.is_top1[mask], trl_by_name["is_top1"])
     (trl_grad,) = grads(trl_by_name["logps"], [hidden])
     (our_grad,) = grads(ours.logps[mask], [hidden])
     torch.testing.assert_close(our_grad, trl_grad, **GRAD_TOL)
@@ -211,16 +209,16 @@ def _model_logits_reference(model, batch, **kw) -> TokenLogps:
 
 
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2, tiny_gemma2])
-def test_model_token_logps_equals_model_logits(builder):
-    """model_token_logps (backbone + chunked head) == log_softmax(model(...).logits) gathered,
+def test_token_logps_equals_model_logits(builder):
+    """token_logps (backbone + chunked head) == log_softmax(model(...).logits) gathered,
     values and gradients w.r.t. all parameters."""
     model = builder()
     batch = make_batch(SPANS, length=10, vocab=128)
     params = [p for p in model.parameters()]
-    ours = model_token_logps(model, batch, chunk_size=5, with_stats=True)
-    expected = _model_logits_reference(model, batch, with_stats=True)
+    ours = plain_token_logps(model, batch, chunk_size=5, stats=True)
+    expected = _model_logits_reference(model, batch, stats=True)
     torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
-    torch.testing.assert_close(ours.entropy, expected.entropy, **VALUE_TOL)
+    torch.testing.assert_close(ours.stats.entropy, expected.stats.entropy, **VALUE_TOL)
     for got, want in zip(grads(ours.logps, params), grads(expected.logps, params)):
         torch.testing.assert_close(got, want, **GRAD_TOL)
 
@@ -246,11 +244,11 @@ def test_matches_trl_fused_lm_head(builder):
     outputs = ("log_probs", *STAT_FIELDS)
     with torch.no_grad():
         theirs = _trl_fused(model, batch, outputs)
-        ours = model_token_logps(model, batch, chunk_size=5, with_stats=True, with_wpo=True)
+        ours = plain_token_logps(model, batch, chunk_size=5, stats=True, wpo=True)
     torch.testing.assert_close(ours.logps, theirs.log_probs, **VALUE_TOL)
     for field in ("entropy", "mean_logits", "log_sum_sq_probs"):
-        torch.testing.assert_close(getattr(ours, field), getattr(theirs, field), **VALUE_TOL)
-    assert torch.equal(ours.is_top1, theirs.is_top1)
+        torch.testing.assert_close(getattr(ours.stats, field), getattr(theirs, field), **VALUE_TOL)
+    assert torch.equal(ours.stats.is_top1, theirs.is_top1)
 
 
 def test_softcap_bends_the_logps():
@@ -261,8 +259,8 @@ def test_softcap_bends_the_logps():
     with torch.no_grad():
         hidden = parts.backbone(input_ids=batch.input_ids).last_hidden_state
         args = (hidden, parts.head, batch.input_ids, batch.completion_mask)
-        capped = completion_token_logps(*args, logit_transform=parts.logit_transform)
-        uncapped = completion_token_logps(*args)
+        capped = score_hidden(*args, logit_transform=parts.logit_transform)
+        uncapped = score_hidden(*args)
     assert (capped.logps - uncapped.logps).abs().max() > 1e-2
 
 
@@ -271,13 +269,13 @@ def test_peft_model_with_lora_on_backbone_and_head():
     model = lora_model(tiny_llama())
     batch = make_batch(SPANS, length=10, vocab=128)
     params = [p for p in model.parameters() if p.requires_grad]
-    ours = model_token_logps(model, batch, chunk_size=5)
+    ours = plain_token_logps(model, batch, chunk_size=5)
     expected = _model_logits_reference(model, batch)
     torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
     for got, want in zip(grads(ours.logps, params), grads(expected.logps, params)):
         torch.testing.assert_close(got, want, **GRAD_TOL)
     with torch.no_grad(), model.disable_adapter():
-        base = model_token_logps(model, batch)
+        base = plain_token_logps(model, batch)
     assert (base.logps - ours.logps).abs().max() > 1e-3  # the adapters were really on
 
 
@@ -296,7 +294,7 @@ def test_4bit_model_with_lora(tmp_path):
     model.train()  # the policy's mode: bitsandbytes' CPU eval path repacks weights
     batch = make_batch(SPANS, length=10, vocab=128)
     params = [p for p in model.parameters() if p.requires_grad]
-    ours = model_token_logps(model, batch, chunk_size=5)
+    ours = plain_token_logps(model, batch, chunk_size=5)
     expected = _model_logits_reference(model, batch)
     torch.testing.assert_close(ours.logps, expected.logps, **VALUE_TOL)
     for got, want in zip(grads(ours.logps, params), grads(expected.logps, params)):

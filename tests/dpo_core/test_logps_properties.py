@@ -10,14 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dpo_core.logps import (
-    completion_token_logps,
-    ld_sequence_logps,
-    model_token_logps,
-    sequence_logps,
-    split_pairs,
-    token_logps_from_logits,
-)
+from dpo_core.logp_types import split_pairs
+from dpo_core.logps import ld_sums
+from tests.dpo_core.oracle import plain_token_logps, score_hidden, token_logps_from_logits
 from tests.dpo_core.tiny import GRAD_TOL, VALUE_TOL, make_batch, softcap, tiny_llama
 
 torch.set_num_threads(1)
@@ -51,16 +46,16 @@ def problems(draw):
 def test_chunked_equals_full_for_any_shape_and_mask(problem):
     batch, hidden, head, chunk_size, transform = problem
     hidden.requires_grad_(True)
-    ours = completion_token_logps(
+    ours = score_hidden(
         hidden, head, batch.input_ids, batch.completion_mask,
-        chunk_size=chunk_size, with_stats=True, logit_transform=transform,
+        chunk_size=chunk_size, stats=True, logit_transform=transform,
     )  # fmt: skip
     logits = head(hidden)
     logits = logits if transform is None else transform(logits)
-    full = token_logps_from_logits(logits, batch.input_ids, batch.completion_mask, with_stats=True)
+    full = token_logps_from_logits(logits, batch.input_ids, batch.completion_mask, stats=True)
     torch.testing.assert_close(ours.logps, full.logps, **VALUE_TOL)
-    torch.testing.assert_close(ours.entropy, full.entropy, **VALUE_TOL)
-    assert torch.equal(ours.is_top1, full.is_top1)
+    torch.testing.assert_close(ours.stats.entropy, full.stats.entropy, **VALUE_TOL)
+    assert torch.equal(ours.stats.is_top1, full.stats.is_top1)
     assert (ours.logps <= 0).all() and not ours.logps[~ours.mask].any()
     w = torch.linspace(0.5, 1.5, ours.logps.numel()).view_as(ours.logps)
     (g_ours,) = torch.autograd.grad((ours.logps * w).sum(), hidden)
@@ -75,10 +70,8 @@ def test_row_permutation_permutes_logps(problem, data):
     perm = torch.tensor(data.draw(st.permutations(range(hidden.shape[0]))))
     kwargs = dict(chunk_size=chunk_size, logit_transform=transform)
     with torch.no_grad():
-        ours = completion_token_logps(
-            hidden, head, batch.input_ids, batch.completion_mask, **kwargs
-        )
-        permuted = completion_token_logps(
+        ours = score_hidden(hidden, head, batch.input_ids, batch.completion_mask, **kwargs)
+        permuted = score_hidden(
             hidden[perm], head, batch.input_ids[perm], batch.completion_mask[perm], **kwargs
         )
     torch.testing.assert_close(permuted.logps, ours.logps[perm], **VALUE_TOL)
@@ -90,9 +83,9 @@ def test_ld_sums_are_linear_in_alpha(problem, alpha):
     """``ld(α) = ld(0) + α (ld(1) - ld(0))`` and ``ld(1)`` is the plain sum."""
     batch, hidden, head, chunk_size, _ = problem
     with torch.no_grad():
-        token = completion_token_logps(hidden, head, batch.input_ids, batch.completion_mask)
-    plain = split_pairs(sequence_logps(token))
-    at0, at1, at_alpha = (ld_sequence_logps(token, a) for a in (0.0, 1.0, alpha))
+        token = score_hidden(hidden, head, batch.input_ids, batch.completion_mask)
+    plain = split_pairs(token.row_sums())
+    at0, at1, at_alpha = (ld_sums(token, a) for a in (0.0, 1.0, alpha))
     for k in range(2):
         torch.testing.assert_close(at1[k], plain[k], **VALUE_TOL)
         torch.testing.assert_close(at_alpha[k], at0[k] + alpha * (at1[k] - at0[k]), **VALUE_TOL)
@@ -124,8 +117,8 @@ def test_logps_do_not_depend_on_right_padding(spans, extra, seed):
         completion_mask=torch.cat([batch.completion_mask, pad], 1),
     )
     with torch.no_grad():
-        tight = model_token_logps(_model(), batch, chunk_size=3)
-        loose = model_token_logps(_model(), padded, chunk_size=3)
+        tight = plain_token_logps(_model(), batch, chunk_size=3)
+        loose = plain_token_logps(_model(), padded, chunk_size=3)
     # the backbone runs other matrix shapes, so attention sums round differently: a few ulp
     torch.testing.assert_close(loose.logps[:, : length - 1], tight.logps, **VALUE_TOL)
     assert not loose.logps[:, length - 1 :].any()

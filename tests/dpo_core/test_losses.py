@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from dpo_core.divergences import f_divergence_scores
+from dpo_core.logp_types import SequenceLogps, TokenLogps
 from dpo_core.losses import (
     combined_dpo_loss,
     dpo_loss,
@@ -50,6 +51,21 @@ def sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+def sides(pairs: tuple[torch.Tensor, ...], **policy_extra) -> tuple[SequenceLogps, SequenceLogps]:
+    """``(pi_c, pi_r, ref_c, ref_r)`` as (policy, reference); ``policy_extra`` are the policy's
+    optional fields (``chosen_lengths``, ``rejected_lengths``, ``token``)."""
+    pi_c, pi_r, ref_c, ref_r = pairs
+    return SequenceLogps(pi_c, pi_r, **policy_extra), SequenceLogps(ref_c, ref_r)
+
+
+def chosen_tokens(logps: torch.Tensor, mask: torch.Tensor) -> TokenLogps:
+    """Per-token values over all 2B rows from the chosen half (B, T); the rejected half is zeros."""
+    return TokenLogps(
+        logps=torch.cat([logps, torch.zeros_like(logps)]),
+        mask=torch.cat([mask, torch.zeros_like(mask)]).bool(),
+    )
+
+
 PAIRS = (t(-4, -6, -8), t(-9, -3, -8), t(-5, -5, -8), t(-5, -5, -8))
 Z = (1.0, -0.6, 0.0)  # beta * D
 ZC = (0.2, -0.2, 0.0)  # beta * lr_c
@@ -68,8 +84,9 @@ def settings(loss_type: str = "sigmoid", beta: float = BETA, **kwargs) -> LossSe
 def losses_of(
     loss_type: str, pairs=PAIRS, beta: float = BETA, inputs: dict | None = None, **kwargs
 ) -> torch.Tensor:
-    """Per-pair losses of ``loss_type``; ``inputs`` are the optional tensors (lengths, tokens)."""
-    losses, _, _ = dpo_loss(*pairs, settings(loss_type, beta, **kwargs), **(inputs or {}))
+    """Per-pair losses of ``loss_type``; ``inputs`` are the policy's optional fields (lengths,
+    per-token values)."""
+    losses, _, _ = dpo_loss(*sides(pairs, **(inputs or {})), settings(loss_type, beta, **kwargs))
     return losses
 
 
@@ -175,7 +192,7 @@ def test_sft_is_one_token_mean_over_the_batch():
     """Masked tokens (-100) are ignored: -(-1 - 2 - 3 - 0.5 - 0.5 - 1 - 1) / 7 = 9/7 for every pair."""
     logps = t(-1, -2, -100, -100, -3, -100, -100, -100, -0.5, -0.5, -1, -1).reshape(3, 4)
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    sft = losses_of("sft", inputs={"chosen_token_logps": logps, "chosen_token_mask": mask})
+    sft = losses_of("sft", inputs={"token": chosen_tokens(logps, mask)})
     check(sft, [9 / 7] * 3)
 
 
@@ -191,7 +208,7 @@ def test_rewards_are_beta_logratios_detached():
     """chosen 0.2 * [1, -1, 0], rejected 0.2 * [-4, 2, 0], whatever the loss or f-divergence."""
     pi_c = PAIRS[0].clone().requires_grad_(True)
     pairs = (pi_c, *PAIRS[1:])
-    losses, chosen, rejected = dpo_loss(*pairs, settings(f_divergence_type="forward_kl"))
+    losses, chosen, rejected = dpo_loss(*sides(pairs), settings(f_divergence_type="forward_kl"))
     check(chosen, [0.2, -0.2, 0.0])
     check(rejected, [-0.8, 0.4, 0.0])
     assert losses.requires_grad
@@ -199,8 +216,10 @@ def test_rewards_are_beta_logratios_detached():
 
 
 def test_reference_free_ignores_the_reference():
-    """Reference-free: D = pi_c - pi_r = [5, -3, 0], the same beta D as PAIRS by construction."""
-    losses, chosen, _ = dpo_loss(PAIRS[0], PAIRS[1], None, None, settings(reference_free=True))
+    """Reference-free (the reference ``SequenceLogps.zeros``, what ``NoReference`` yields):
+    D = pi_c - pi_r = [5, -3, 0], the same beta D as PAIRS by construction."""
+    policy = SequenceLogps(PAIRS[0], PAIRS[1])
+    losses, chosen, _ = dpo_loss(policy, SequenceLogps.zeros(3), settings())
     check(losses, [sp(-z) for z in Z])
     check(chosen, [0.2 * -4, 0.2 * -6, 0.2 * -8])
 
@@ -244,7 +263,7 @@ def test_f_divergence_feeds_scores_into_the_loss():
 
 def test_f_divergence_is_not_applied_to_raw_logratio_losses():
     with pytest.raises(ValueError, match=r"f_divergence_type='js_divergence'.*\['bco_pair'\]"):
-        dpo_loss(*PAIRS, settings("bco_pair", f_divergence_type="js_divergence"))
+        dpo_loss(*sides(PAIRS), settings("bco_pair", f_divergence_type="js_divergence"))
     with pytest.raises(ValueError, match="f_divergence_type 'kl' unknown"):
         settings(f_divergence_type="kl")
 
@@ -258,7 +277,7 @@ def test_combined_loss_weights_and_pair_weights():
     wpo = LossSettings(
         beta=BETA, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.5], use_weighting=True
     )
-    out = combined_dpo_loss(*PAIRS, wpo, pair_weights=t(1, 0, 2))
+    out = combined_dpo_loss(*sides(PAIRS), wpo, pair_weights=t(1, 0, 2))
     sigmoid_mean = (sp(-1) + 2 * LOG2) / 3
     hinge_mean = 2 / 3
     check(out.per_type["sigmoid"], sigmoid_mean)
@@ -268,8 +287,9 @@ def test_combined_loss_weights_and_pair_weights():
 
 
 def test_combined_single_type_is_the_mean_of_dpo_loss():
-    out = combined_dpo_loss(*PAIRS, settings())
+    out = combined_dpo_loss(*sides(PAIRS), settings())
     check(out.loss, sum(sp(-z) for z in Z) / 3)
+    check(out.per_pair["sigmoid"], [sp(-z) for z in Z])
 
 
 def test_wpo_weights():
@@ -309,8 +329,8 @@ def test_trl_defines():
     ],
 )
 def test_missing_extra_names_the_loss_and_key(loss_type, missing):
-    with pytest.raises(ValueError, match=f"loss_type '{loss_type}' needs the keyword '{missing}'"):
-        dpo_loss(*PAIRS, settings(loss_type))
+    with pytest.raises(ValueError, match=f"loss_type '{loss_type}' needs '{missing}'"):
+        dpo_loss(*sides(PAIRS), settings(loss_type))
 
 
 def test_unknown_loss_type_and_keyword():
@@ -321,55 +341,58 @@ def test_unknown_loss_type_and_keyword():
     with pytest.raises(ValueError, match="loss_type is empty"):
         LossSettings(loss_type=[])
     with pytest.raises(TypeError, match="discopop_temperature"):
-        dpo_loss(*PAIRS, settings("discopop"), discopop_temperature=0.1)
+        dpo_loss(*sides(PAIRS), settings("discopop"), discopop_temperature=0.1)
     with pytest.raises(TypeError, match="discopop_temperature"):
         settings("discopop", discopop_temperature=0.1)
 
 
 def test_exo_pair_needs_label_smoothing():
     with pytest.raises(ValueError, match="'exo_pair' needs label_smoothing > 0"):
-        dpo_loss(*PAIRS, settings("exo_pair"))
+        dpo_loss(*sides(PAIRS), settings("exo_pair"))
 
 
 def test_robust_warns_outside_its_range():
     with pytest.warns(UserWarning, match=r"'robust' expects label_smoothing in \[0, 0.5\)"):
-        dpo_loss(*PAIRS, settings("robust", label_smoothing=0.6))
+        dpo_loss(*sides(PAIRS), settings("robust", label_smoothing=0.6))
 
 
 def test_wpo_with_sorting_losses_is_not_implemented():
     with pytest.raises(NotImplementedError, match=r"\['aot'\]"):
         wpo = LossSettings(loss_type=["sigmoid", "aot"], use_weighting=True)
-        combined_dpo_loss(*PAIRS, wpo, pair_weights=t(1, 1, 1))
+        combined_dpo_loss(*sides(PAIRS), wpo, pair_weights=t(1, 1, 1))
 
 
 def test_pair_weights_come_exactly_with_use_weighting():
-    with pytest.raises(ValueError, match="use_weighting=True but pair_weights missing"):
-        combined_dpo_loss(*PAIRS, settings(use_weighting=True))
-    with pytest.raises(ValueError, match="use_weighting=False but pair_weights given"):
-        combined_dpo_loss(*PAIRS, settings(), pair_weights=t(1, 1, 1))
+    """With use_weighting the weights default to the policy's WPO weights, so a policy without
+    per-token log_sum_sq_probs is an error; without use_weighting, weights must not be given."""
+    with pytest.raises(ValueError, match="use_weighting needs the policy's per-token log_sum_sq"):
+        combined_dpo_loss(*sides(PAIRS), settings(use_weighting=True))
+    with pytest.raises(ValueError, match="pair_weights given but use_weighting=False"):
+        combined_dpo_loss(*sides(PAIRS), settings(), pair_weights=t(1, 1, 1))
 
 
 def test_dpo_loss_takes_one_loss_type():
     with pytest.raises(ValueError, match="use combined_dpo_loss"):
-        dpo_loss(*PAIRS, LossSettings(loss_type=["sigmoid", "hinge"]))
+        dpo_loss(*sides(PAIRS), LossSettings(loss_type=["sigmoid", "hinge"]))
 
 
 def test_bad_shapes_and_weights():
     with pytest.raises(
         ValueError, match=r"ref_rejected_logps has shape \(2,\); expected \(B,\) = \(3,\)"
     ):
-        dpo_loss(*PAIRS[:3], t(1, 2))
-    with pytest.raises(ValueError, match="ref_chosen_logps is None"):
-        dpo_loss(PAIRS[0], PAIRS[1], None, None)
+        dpo_loss(*sides((*PAIRS[:3], t(1, 2))))
+    with pytest.raises(
+        ValueError, match=r"ref_chosen_logps has shape \(3, 1\); expected \(B,\) = \(3,\)"
+    ):
+        dpo_loss(*sides((*PAIRS[:2], PAIRS[2][:, None], PAIRS[3])))
     with pytest.raises(ValueError, match="loss_weights has 1 values for 2 loss types"):
         LossSettings(loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
     with pytest.raises(ValueError, match=r"chosen_lengths has shape \(2,\)"):
-        dpo_loss(
-            *PAIRS, settings("ipo"), chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(3)
-        )
+        lengths = {"chosen_lengths": torch.ones(2), "rejected_lengths": torch.ones(3)}
+        dpo_loss(*sides(PAIRS, **lengths), settings("ipo"))
     with pytest.raises(ValueError, match="chosen_token_mask has no completion token"):
         zeros = torch.zeros(3, 2)
-        dpo_loss(*PAIRS, settings("sft"), chosen_token_logps=zeros, chosen_token_mask=zeros)
+        dpo_loss(*sides(PAIRS, token=chosen_tokens(zeros, zeros)), settings("sft"))
     with pytest.raises(ValueError, match="beta must be > 0"):
         settings(beta=0.0)
     with pytest.raises(ValueError, match="discopop_tau must be > 0"):

@@ -13,7 +13,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpo_core.batch import PreferenceBatch
+from dpo_core.logp_types import LogpOptions, SequenceLogps, TokenLogps
 from dpo_core.losses import LOSS_TYPES, dpo_loss
+from dpo_core.reference import NoReference
 from dpo_core.settings import LossSettings
 
 REL, ABS = 1e-6, 1e-5
@@ -33,12 +36,35 @@ def one(loss_type: str, beta: float, **kw) -> LossSettings:
     return LossSettings(beta=beta, loss_type=[loss_type], **kw)
 
 
+def pair(chosen: torch.Tensor, rejected: torch.Tensor, extra: dict | None = None) -> SequenceLogps:
+    """(B,) chosen and rejected log-probs; ``extra`` holds the optional (B,) ``chosen_lengths``,
+    ``rejected_lengths`` and the chosen half's (B, T) ``chosen_token_logps`` /
+    ``chosen_token_mask`` (the rejected half of ``token`` is then zeros, unscored)."""
+    extra = extra or {}
+    token = None
+    if "chosen_token_logps" in extra:
+        logps, mask = extra["chosen_token_logps"], extra["chosen_token_mask"]
+        token = TokenLogps(
+            logps=torch.cat([logps, torch.zeros_like(logps)]),
+            mask=torch.cat([mask, torch.zeros_like(mask)]).bool(),
+        )
+    return SequenceLogps(
+        chosen, rejected, extra.get("chosen_lengths"), extra.get("rejected_lengths"), token
+    )
+
+
+def loss_of(pairs, settings: LossSettings, extra: dict | None = None) -> torch.Tensor:
+    """Per-pair losses of ``(pi_c, pi_r, ref_c, ref_r)``; ``extra`` as in ``pair`` (policy's)."""
+    pc, pr, rc, rr = pairs
+    return dpo_loss(pair(pc, pr, extra), pair(rc, rr), settings)[0]
+
+
 def margin_loss(
     loss_type: str, d: torch.Tensor, beta: float, inputs: dict | None = None, **kw
 ) -> torch.Tensor:
     """Loss at margin D = d exactly: policy chosen d, everything else 0."""
     zeros = torch.zeros_like(d)
-    return dpo_loss(d, zeros, zeros, zeros, one(loss_type, beta, **kw), **(inputs or {}))[0]
+    return loss_of((d, zeros, zeros, zeros), one(loss_type, beta, **kw), inputs)
 
 
 @st.composite
@@ -70,7 +96,7 @@ def smoothing_for(loss_type: str) -> float:
 @given(a=logps, b=logps, beta=betas)
 def test_sigmoid_at_zero_margin_is_log_2(a, b, beta):
     """pi_c = pi_r and ref_c = ref_r give D = 0 exactly, so the loss is -logsigma(0) = log 2."""
-    loss = dpo_loss(t([a]), t([a]), t([b]), t([b]), one("sigmoid", beta))[0]
+    loss = loss_of((t([a]), t([a]), t([b]), t([b])), one("sigmoid", beta))
     torch.testing.assert_close(loss, t([math.log(2)]), rtol=1.2e-7, atol=0)  # one float32 ulp
 
 
@@ -101,8 +127,8 @@ def test_swapping_chosen_and_rejected_negates_the_margin(batch, beta):
     """Swapping gives l(-D); and the logistic identity -logsigma(x) + logsigma(-x) = -x gives
     l(D) - l(-D) = -beta D."""
     pc, pr, rc, rr = batch["pairs"]
-    loss = dpo_loss(pc, pr, rc, rr, one("sigmoid", beta))[0]
-    swapped = dpo_loss(pr, pc, rr, rc, one("sigmoid", beta))[0]
+    loss = loss_of((pc, pr, rc, rr), one("sigmoid", beta))
+    swapped = loss_of((pr, pc, rr, rc), one("sigmoid", beta))
     d = (pc - rc) - (pr - rr)
     torch.testing.assert_close(swapped, margin_loss("sigmoid", -d, beta), rtol=0, atol=0)
     torch.testing.assert_close(loss - swapped, -beta * d, rtol=REL, atol=ABS)
@@ -146,9 +172,9 @@ def test_ipo_minimum_sits_at_normalised_margin_half_over_beta(beta, n_c, n_r, re
     lengths = {"chosen_lengths": torch.tensor([n_c]), "rejected_lengths": torch.tensor([n_r])}
     zero = torch.zeros(1)
     pc, pr = t([(rejected + target + offset) * n_c]), t([rejected * n_r])
-    at = dpo_loss(pc, pr, zero, zero, one("ipo", beta), **lengths)[0]
+    at = loss_of((pc, pr, zero, zero), one("ipo", beta), lengths)
     pc_min = t([(rejected + target) * n_c])
-    at_min = dpo_loss(pc_min, pr, zero, zero, one("ipo", beta), **lengths)[0]
+    at_min = loss_of((pc_min, pr, zero, zero), one("ipo", beta), lengths)
     # The normalised margin carries float32 rounding of values <= 400 (ulp 3e-5) divided by n.
     assert at_min.item() <= (3e-5) ** 2
     torch.testing.assert_close(at, t([offset**2]), rtol=1e-4, atol=1e-4)
@@ -158,14 +184,19 @@ def test_ipo_minimum_sits_at_normalised_margin_half_over_beta(beta, n_c, n_r, re
 @FEW
 @given(batch=pair_batches(), beta=betas)
 def test_reference_free_equals_zero_reference(batch, beta):
+    """Reference-free training (the ``NoReference`` source, settings with reference_free=True)
+    gives exactly the losses and rewards of an explicit all-zero reference."""
     pc, pr, _, _ = batch["pairs"]
     zeros = torch.zeros_like(pc)
+    policy = pair(pc, pr, batch["extra"])
+    ids = torch.zeros(2 * len(pc), 5, dtype=torch.long)
+    no_reference = NoReference()(PreferenceBatch(ids, ids, ids), LogpOptions())
     for loss_type in LOSS_TYPES:
         eps = smoothing_for(loss_type)
         free_settings = one(loss_type, beta, label_smoothing=eps, reference_free=True)
-        free = dpo_loss(pc, pr, None, None, free_settings, **batch["extra"])
+        free = dpo_loss(policy, no_reference, free_settings)
         explicit_settings = one(loss_type, beta, label_smoothing=eps)
-        explicit = dpo_loss(pc, pr, zeros, zeros, explicit_settings, **batch["extra"])
+        explicit = dpo_loss(policy, SequenceLogps(zeros, zeros), explicit_settings)
         for a, b in zip(free, explicit):  # equal_nan: see the discopop note in the next test
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
@@ -189,8 +220,8 @@ def test_per_pair_losses_follow_their_pair_under_permutation(batch, beta, seed):
     permuted_extra = {k: v[perm] for k, v in batch["extra"].items()}
     for loss_type in LOSS_TYPES:
         s = one(loss_type, beta, label_smoothing=smoothing_for(loss_type))
-        losses = dpo_loss(*batch["pairs"], s, **batch["extra"])[0]
-        permuted = dpo_loss(*(p[perm] for p in batch["pairs"]), s, **permuted_extra)[0]
+        losses = loss_of(batch["pairs"], s, batch["extra"])
+        permuted = loss_of([p[perm] for p in batch["pairs"]], s, permuted_extra)
         if loss_type in {"aot", "aot_unpaired"}:
             assert torch.equal(permuted, losses), loss_type
         elif loss_type == "sft":

@@ -25,12 +25,12 @@ import torch
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 
+from dpo_core.logp_types import SequenceLogps, TokenLogps, TokenStats  # noqa: E402
 from dpo_core.losses import (  # noqa: E402
     F_DIVERGENCE_LOSS_TYPES,
     LOSS_TYPES,
     combined_dpo_loss,
     trl_defines,
-    wpo_weights,
 )
 from dpo_core.settings import LossSettings  # noqa: E402
 
@@ -117,27 +117,22 @@ def trl_loss(batch, *, loss_type, loss_weights=None, beta=0.1, label_smoothing=0
 
 def our_loss(batch, *, loss_type, loss_weights=None, beta=0.1, label_smoothing=0.0,
              f_divergence_type="reverse_kl", alpha=0.5, tau=0.05, wpo=False):  # fmt: skip
-    """``combined_dpo_loss`` on the same batch; returns (LossOutput, grad of the token logps)."""
+    """``combined_dpo_loss`` on the same batch; returns (LossOutput, grad of the token logps).
+    With ``wpo`` the pair weights are the default ones, from the policy's ``log_sum_sq_probs``."""
     token_logps = batch["token_logps"].clone().requires_grad_(True)
     mask = batch["completion_mask"]
-    shifted = mask[:, 1:]
-    pi_c, pi_r = token_logps.sum(dim=1).chunk(2)
+    stats = TokenStats(None, None, None, batch["log_sum_sq_probs"]) if wpo else None
+    token = TokenLogps(logps=token_logps, mask=mask[:, 1:].bool(), stats=stats)
+    pi_c, pi_r = token.row_sums().chunk(2)
     ref_c, ref_r = batch["ref_logps"].chunk(2)
     n_c, n_r = mask.sum(dim=1).chunk(2)
-    pair_weights = None
-    if wpo:
-        w_c, w_r = wpo_weights(token_logps, batch["log_sum_sq_probs"], shifted).chunk(2)
-        pair_weights = w_c * w_r
+    policy = SequenceLogps(pi_c, pi_r, chosen_lengths=n_c, rejected_lengths=n_r, token=token)
     settings = LossSettings(
         beta=beta, loss_type=list(loss_type), loss_weights=loss_weights,
         label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=alpha, use_weighting=wpo, discopop_tau=tau,
     )  # fmt: skip
-    out = combined_dpo_loss(
-        pi_c, pi_r, ref_c, ref_r, settings, pair_weights=pair_weights,
-        chosen_lengths=n_c, rejected_lengths=n_r,
-        chosen_token_logps=token_logps.chunk(2)[0], chosen_token_mask=shifted.chunk(2)[0],
-    )  # fmt: skip
+    out = combined_dpo_loss(policy, SequenceLogps(ref_c, ref_r), settings)
     out.loss.backward()
     return out, token_logps.grad
 

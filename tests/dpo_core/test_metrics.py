@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_core.logps import TokenLogps
+from dpo_core.logp_types import SequenceLogps, TokenLogps, TokenStats
+from dpo_core.losses import LossOutput
 from dpo_core.metrics import (
     PAIR_METRICS,
     TOKEN_METRICS,
@@ -13,6 +14,21 @@ from dpo_core.metrics import (
     metric_sums,
     metrics_from_sums,
 )
+
+
+def example_of(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps,
+               token, attention_mask) -> dict:  # fmt: skip
+    """The keyword arguments of ``dpo_metrics``: the policy's log-probs (with its per-token values
+    and statistics), a loss output carrying the rewards, and the attention mask."""
+    out = LossOutput(
+        loss=torch.zeros(()),
+        per_type={},
+        per_pair={},
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+    )
+    policy = SequenceLogps(policy_chosen_logps, policy_rejected_logps, token=token)
+    return dict(policy=policy, out=out, attention_mask=attention_mask)
 
 
 def hand_example() -> dict:
@@ -30,16 +46,13 @@ def hand_example() -> dict:
     mean_logits = torch.tensor([[1.0, 3, 0], [0, 2, 4], [-1, 0, 0], [0, 3, 6]])
     entropy = torch.tensor([[0.5, 1, 0], [0, 1.5, 2], [0.25, 0, 0], [0.25, 0.5, 1]])
     is_top1 = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    token = TokenLogps(
-        logps=torch.zeros(4, 3),
-        mask=mask,
-        entropy=entropy,
-        mean_logits=mean_logits,
-        is_top1=is_top1,
+    stats = TokenStats(
+        entropy=entropy, mean_logits=mean_logits, is_top1=is_top1, log_sum_sq_probs=None
     )
+    token = TokenLogps(logps=torch.zeros(4, 3), mask=mask, stats=stats)
     attention_mask = torch.ones(4, 4, dtype=torch.long)
     attention_mask[0, 3] = attention_mask[2, 2:] = 0
-    return dict(
+    return example_of(
         chosen_rewards=torch.tensor([0.75, -0.25]),
         rejected_rewards=torch.tensor([0.25, -0.25]),
         policy_chosen_logps=torch.tensor([-10.0, -20.0]),
@@ -74,13 +87,13 @@ def test_hand_worked_values():
 def test_accuracy_is_strict_at_ties():
     """Equal rewards (as at step 1 with reference == policy) give accuracy 0, not 0.5 or 1."""
     example = hand_example()
-    example["rejected_rewards"] = example["chosen_rewards"].clone()
+    example["out"].rejected_rewards = example["out"].chosen_rewards.clone()
     assert dpo_metrics(**example)["rewards/accuracies"].item() == 0.0
 
 
 def test_no_completion_tokens_gives_zero_like_trl():
     example = hand_example()
-    token = example["token"]
+    token = example["policy"].token
     token.mask = torch.zeros_like(token.mask)
     metrics = dpo_metrics(**example)
     for name in TOKEN_METRICS:
@@ -90,15 +103,15 @@ def test_no_completion_tokens_gives_zero_like_trl():
 def random_example(seed: int, num_pairs: int = 3, length: int = 7) -> dict:
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(2 * num_pairs, length, generator=g) < 0.6
-    token = TokenLogps(
-        logps=torch.zeros(2 * num_pairs, length),
-        mask=mask,
+    stats = TokenStats(
         entropy=torch.rand(2 * num_pairs, length, generator=g) * mask,
         mean_logits=torch.randn(2 * num_pairs, length, generator=g) * mask,
         is_top1=(torch.rand(2 * num_pairs, length, generator=g) < 0.5) & mask,
+        log_sum_sq_probs=None,
     )
+    token = TokenLogps(logps=torch.zeros(2 * num_pairs, length), mask=mask, stats=stats)
     rewards = torch.randn(4, num_pairs, generator=g)
-    return dict(
+    return example_of(
         chosen_rewards=rewards[0],
         rejected_rewards=rewards[1],
         policy_chosen_logps=rewards[2] * 30,
@@ -108,23 +121,19 @@ def random_example(seed: int, num_pairs: int = 3, length: int = 7) -> dict:
     )
 
 
-def trl_metrics(
-    chosen_rewards,
-    rejected_rewards,
-    policy_chosen_logps,
-    policy_rejected_logps,
-    token,
-    attention_mask,
-):
+def trl_metrics(policy, out, attention_mask):
     """trl 1.16's metric code (dpo:1535-1601) on one process: gather is the identity."""
+    chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
+    policy_chosen_logps, policy_rejected_logps = policy.chosen, policy.rejected
+    token = policy.token
     shift_completion_mask = token.mask
-    per_token_entropy = token.entropy
+    per_token_entropy = token.stats.entropy
     mask = shift_completion_mask
     entropy_sum = (per_token_entropy * mask).sum()
     total_tokens = mask.sum()
     out = {"entropy": (entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0}
     out["num_tokens"] = attention_mask.sum().item()
-    chosen_mean_logits, rejected_mean_logits = token.mean_logits.chunk(2, dim=0)
+    chosen_mean_logits, rejected_mean_logits = token.stats.mean_logits.chunk(2, dim=0)
     chosen_mask, rejected_mask = shift_completion_mask.chunk(2, dim=0)
     out["logits/chosen"] = (
         chosen_mean_logits[chosen_mask.bool()].sum().item() / chosen_mask.sum().item()
@@ -132,7 +141,7 @@ def trl_metrics(
     out["logits/rejected"] = (
         rejected_mean_logits[rejected_mask.bool()].sum().item() / rejected_mask.sum().item()
     )
-    chosen_is_top1, _ = token.is_top1.chunk(2, dim=0)
+    chosen_is_top1, _ = token.stats.is_top1.chunk(2, dim=0)
     correct = (chosen_is_top1 & chosen_mask.bool()).sum()
     out["mean_token_accuracy"] = (correct / chosen_mask.sum()).item()
     out["rewards/chosen"] = chosen_rewards.mean().item()
@@ -157,6 +166,10 @@ def test_equals_trl_expressions(seed):
         assert ours[name] == pytest.approx(theirs[name], rel=4 * 2**-23, abs=1e-7), name
 
 
+REWARDS = ("chosen_rewards", "rejected_rewards")  # LossOutput fields
+LOGPS = ("chosen", "rejected")  # SequenceLogps fields
+
+
 def concat_pairs(a: dict, b: dict) -> dict:
     """The two micro-batches as one batch: rows [chosen_a, chosen_b, rejected_a, rejected_b]."""
 
@@ -164,11 +177,19 @@ def concat_pairs(a: dict, b: dict) -> dict:
         (ca, ra), (cb, rb) = t_a.chunk(2), t_b.chunk(2)
         return torch.cat([ca, cb, ra, rb])
 
-    fields = ("logps", "mask", "entropy", "mean_logits", "is_top1")
-    token = TokenLogps(**{f: rows(getattr(a["token"], f), getattr(b["token"], f)) for f in fields})
-    pairs = {k: torch.cat([a[k], b[k]]) for k in a if k not in ("token", "attention_mask")}
-    return dict(
-        pairs, token=token, attention_mask=torch.cat([a["attention_mask"], b["attention_mask"]])
+    token_a, token_b = a["policy"].token, b["policy"].token
+    stats = TokenStats(
+        *(
+            None if x is None else rows(x, y)
+            for x, y in zip(token_a.stats, token_b.stats, strict=True)
+        )
+    )
+    token = TokenLogps(rows(token_a.logps, token_b.logps), rows(token_a.mask, token_b.mask), stats)
+    return example_of(
+        *(torch.cat([getattr(a["out"], k), getattr(b["out"], k)]) for k in REWARDS),
+        *(torch.cat([getattr(a["policy"], k), getattr(b["policy"], k)]) for k in LOGPS),
+        token=token,
+        attention_mask=torch.cat([a["attention_mask"], b["attention_mask"]]),
     )
 
 
@@ -197,10 +218,11 @@ def test_counts_are_separate_tensors():
 
 def test_bad_input_is_refused():
     example = hand_example()
-    example["token"].mean_logits = None
+    token = example["policy"].token
+    token.stats = token.stats._replace(mean_logits=None)
     with pytest.raises(ValueError, match="mean_logits is None"):
         dpo_metrics(**example)
     example = hand_example()
-    example["policy_rejected_logps"] = torch.zeros(3)
-    with pytest.raises(ValueError, match="policy_rejected_logps has shape"):
+    example["policy"].rejected = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"policy.rejected has shape \(3,\), need \(2,\)"):
         dpo_metrics(**example)

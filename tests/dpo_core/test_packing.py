@@ -11,11 +11,12 @@ import torch
 
 import dpo_core.packing
 from dpo_core.collate import PreferenceCollator
-from dpo_core.logps import model_token_logps
-from dpo_core.packing import batch_blocker, packed_layout, shared_prompt_token_logps, token_logps
+from dpo_core.logp_types import LogpOptions
+from dpo_core.packing import batch_blocker, packed_layout
 from dpo_core.pair_layout import layout_cost, one_pair_per_row, pack_pairs, plain_cost
 from dpo_core.reference import AdapterDisabledReference, FrozenCopyReference
 from dpo_core.step import DPOSettings, dpo_step
+from tests.dpo_core.oracle import plain_token_logps, shared_token_logps
 from tests.dpo_core.tiny import lora_model, tiny_gpt2, tiny_llama
 
 torch.set_num_threads(1)
@@ -74,10 +75,10 @@ def both_ways(model, batch, padding_free=True, **kw):
     layout = packed_layout(model, batch, padding_free)
     assert layout is not None
     assert (layout.num_rows < batch.num_pairs) == padding_free
-    plain = model_token_logps(model, batch, **kw)
+    plain = plain_token_logps(model, batch, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        packed = shared_prompt_token_logps(model, batch, padding_free=padding_free, **kw)
+        packed = shared_token_logps(model, batch, padding_free=padding_free, **kw)
     return plain, packed
 
 
@@ -117,12 +118,14 @@ def test_packed_equals_plain_values_and_gradients(builder, attention, padding_fr
     model = with_attention(builder(), attention)
     batch = pair_batch()
     params = list(model.parameters())
-    plain, packed = both_ways(model, batch, padding_free, with_stats=True, with_wpo=True)
+    plain, packed = both_ways(model, batch, padding_free, stats=True, wpo=True)
     torch.testing.assert_close(packed.logps, plain.logps, **VALUE_TOL)
     assert torch.equal(packed.mask, plain.mask)
-    assert torch.equal(packed.is_top1, plain.is_top1)
+    assert torch.equal(packed.stats.is_top1, plain.stats.is_top1)
     for name in STATS:
-        torch.testing.assert_close(getattr(packed, name), getattr(plain, name), **VALUE_TOL)
+        torch.testing.assert_close(
+            getattr(packed.stats, name), getattr(plain.stats, name), **VALUE_TOL
+        )
     for got, want in zip(
         weighted_grads(packed.logps, params), weighted_grads(plain.logps, params), strict=True
     ):
@@ -140,10 +143,11 @@ def test_packed_equals_plain_under_lora_and_for_its_reference():
         weighted_grads(packed.logps, params), weighted_grads(plain.logps, params), strict=True
     ):
         torch.testing.assert_close(got, want, **GRAD_TOL)
-    separate = AdapterDisabledReference(model, prompt_sharing=False)(batch)
+    reference = AdapterDisabledReference(model)
+    separate = reference(batch, LogpOptions(prompt_sharing=False))
     for padding_free in (True, False):
-        shared = AdapterDisabledReference(model, padding_free=padding_free)(batch)
-        for a, b in zip(shared, separate, strict=True):
+        shared = reference(batch, LogpOptions(padding_free=padding_free))
+        for a, b in ((shared.chosen, separate.chosen), (shared.rejected, separate.rejected)):
             torch.testing.assert_close(a, b, rtol=0.0, atol=3e-5)  # sums of ~10 tokens of O(5)
 
 
@@ -192,8 +196,8 @@ def test_sharing_is_used_only_where_it_saves_work():
     short = pair_batch([(0, 40, 40)] * 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a silent choice, not a fallback
-        shared = shared_prompt_token_logps(model, short)
-    assert torch.equal(shared.logps, model_token_logps(model, short).logps)
+        shared = shared_token_logps(model, short)
+    assert torch.equal(shared.logps, plain_token_logps(model, short).logps)
 
 
 def test_unsupported_model_falls_back_with_a_warning():
@@ -204,8 +208,8 @@ def test_unsupported_model_falls_back_with_a_warning():
     batch = pair_batch()
     assert "gemma2" in batch_blocker(model, batch)
     with pytest.warns(UserWarning, match="prompt sharing off"):
-        packed = shared_prompt_token_logps(model, batch)
-    assert torch.equal(packed.logps, model_token_logps(model, batch).logps)
+        packed = shared_token_logps(model, batch)
+    assert torch.equal(packed.logps, plain_token_logps(model, batch).logps)
 
 
 def test_unshared_prompts_fall_back():
@@ -214,8 +218,8 @@ def test_unshared_prompts_fall_back():
     batch = pair_batch(max_length=6, truncation_mode="keep_end")
     assert "same prompt" in batch_blocker(model, batch)
     with pytest.warns(UserWarning, match="same prompt"):
-        packed = token_logps(model, batch, prompt_sharing=True)
-    torch.testing.assert_close(packed.logps, model_token_logps(model, batch).logps)
+        packed = shared_token_logps(model, batch)
+    torch.testing.assert_close(packed.logps, plain_token_logps(model, batch).logps)
 
 
 def test_sliding_window_shorter_than_rows_falls_back():

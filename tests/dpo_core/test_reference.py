@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.logps import ld_sequence_logps, model_token_logps, sequence_logps, split_pairs
+from dpo_core.logp_types import LogpOptions, split_pairs
+from dpo_core.logps import ld_sums
 from dpo_core.reference import (
     AdapterDisabledReference,
+    CacheSettings,
     FrozenCopyReference,
     PrecomputedReference,
     check_reference_is_not_policy,
@@ -21,12 +23,20 @@ from dpo_core.reference import (
     reference_cache_key,
     save_reference_cache,
 )
+from tests.dpo_core.oracle import plain_token_logps
 from tests.dpo_core.tiny import SPANS, VALUE_TOL, lora_model, make_batch, tiny_llama
 
 torch.set_num_threads(1)
 
 # Summed log-probs of ~10 tokens are O(50); float32's ulp there is ~4e-6.
 SUM_TOL = dict(rtol=0.0, atol=3e-5)
+OPTIONS = LogpOptions()  # how training scores a reference by default
+
+
+def logps_of(source, batch, options=OPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (B,), rejected (B,)) of a reference source on ``batch``."""
+    out = source(batch, options)
+    return out.chosen, out.rejected
 
 
 def batches(num_batches: int = 2) -> list[PreferenceBatch]:
@@ -51,26 +61,26 @@ def base_and_peft():
 def test_frozen_copy_equals_adapters_off(base_and_peft):
     frozen, peft = base_and_peft
     batch = batches()[0]
-    from_copy = FrozenCopyReference(frozen, chunk_size=4)(batch)
-    from_peft = AdapterDisabledReference(peft, chunk_size=4)(batch)
+    from_copy = logps_of(FrozenCopyReference(frozen), batch, LogpOptions(chunk_size=4))
+    from_peft = logps_of(AdapterDisabledReference(peft), batch, LogpOptions(chunk_size=4))
     for a, b in zip(from_copy, from_peft):
         torch.testing.assert_close(a, b, **SUM_TOL)
         assert a.shape == (3,) and not a.requires_grad
     with torch.no_grad():
-        adapters_on = split_pairs(sequence_logps(model_token_logps(peft, batch)))
+        adapters_on = split_pairs(plain_token_logps(peft, batch).row_sums())
     assert (adapters_on[0] - from_peft[0]).abs().max() > 1e-2  # the adapters really were off
     assert (peft.base_model.model.lm_head.lora_B.default.weight != 0).any()
 
 
 def test_frozen_copy_is_frozen_and_ld_alpha_applies(base_and_peft):
     frozen, _ = base_and_peft
-    reference = FrozenCopyReference(frozen, ld_alpha=0.5)
+    reference = FrozenCopyReference(frozen)
     assert not reference.model.training
     assert not any(p.requires_grad for p in reference.model.parameters())
     batch = batches()[0]
     with torch.no_grad():
-        expected = ld_sequence_logps(model_token_logps(frozen, batch), 0.5)
-    for a, b in zip(reference(batch), expected):
+        expected = ld_sums(plain_token_logps(frozen, batch), 0.5)
+    for a, b in zip(logps_of(reference, batch, LogpOptions(ld_alpha=0.5)), expected):
         torch.testing.assert_close(a, b, **VALUE_TOL)
 
 
@@ -79,17 +89,19 @@ def test_precomputed_equals_live(base_and_peft):
     frozen, _ = base_and_peft
     live = FrozenCopyReference(frozen)
     data = batches()
-    chosen, rejected = precompute_reference_logps(live, data)
+    chosen, rejected = precompute_reference_logps(live, data, OPTIONS)
     assert chosen.shape == rejected.shape == (6,)
     lookup = PrecomputedReference(chosen, rejected)
     for batch in data:
-        want = live(batch)
-        for got, exp in zip(lookup(batch), want):
+        want = logps_of(live, batch)
+        for got, exp in zip(logps_of(lookup, batch), want):
             assert torch.equal(got, exp)  # the same computation on the same batch
         with_columns = dataclasses.replace(
             batch, ref_chosen_logps=want[0], ref_rejected_logps=want[1], index=None
         )
-        assert all(torch.equal(g, e) for g, e in zip(PrecomputedReference()(with_columns), want))
+        assert all(
+            torch.equal(g, e) for g, e in zip(logps_of(PrecomputedReference(), with_columns), want)
+        )
 
 
 def test_precompute_refuses_missing_or_repeated_rows(base_and_peft):
@@ -97,44 +109,46 @@ def test_precompute_refuses_missing_or_repeated_rows(base_and_peft):
     live = FrozenCopyReference(frozen)
     data = batches()
     with pytest.raises(ValueError, match="missing rows"):
-        precompute_reference_logps(live, data, num_rows=7)
+        precompute_reference_logps(live, data, OPTIONS, num_rows=7)
     with pytest.raises(ValueError, match="repeated rows"):
-        precompute_reference_logps(live, [data[0], data[0]])
+        precompute_reference_logps(live, [data[0], data[0]], OPTIONS)
     with pytest.raises(ValueError, match="batch 0 has no index"):
-        precompute_reference_logps(live, [dataclasses.replace(data[0], index=None)])
+        precompute_reference_logps(live, [dataclasses.replace(data[0], index=None)], OPTIONS)
 
 
 def test_missing_precomputed_values_are_refused():
     batch = batches()[0]
     with pytest.raises(ValueError, match="no ref_chosen_logps / ref_rejected_logps.*#1962"):
-        PrecomputedReference()(batch)
+        PrecomputedReference()(batch, OPTIONS)
     half = dataclasses.replace(batch, ref_chosen_logps=torch.zeros(3))
     with pytest.raises(ValueError, match="no ref_rejected_logps"):
-        PrecomputedReference()(half)
+        PrecomputedReference()(half, OPTIONS)
     wrong = dataclasses.replace(
         batch, ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(3)
     )
     with pytest.raises(ValueError, match="ref_chosen_logps has shape"):
-        PrecomputedReference()(wrong)
+        PrecomputedReference()(wrong, OPTIONS)
     table = PrecomputedReference(torch.zeros(4), torch.zeros(4))
     with pytest.raises(ValueError, match="outside the 4 precomputed rows"):
-        table(batch)  # rows go up to 5
+        table(batch, OPTIONS)  # rows go up to 5
     with pytest.raises(ValueError, match="no index"):
-        table(dataclasses.replace(batch, index=None))
+        table(dataclasses.replace(batch, index=None), OPTIONS)
 
 
 # ------------------------------------------------------------------------------- cache
 
 
 def key_for(model, tokenizer, **changes) -> str:
+    fingerprint = changes.pop("data_fingerprint", "hh-rlhf:abc123")
     settings = dict(
-        data_fingerprint="hh-rlhf:abc123",
-        max_length=1024,
-        truncation_mode="keep_start",
-        dtype=torch.float32,
-        ld_alpha=None,
+        max_length=1024, truncation_mode="keep_start", dtype=torch.float32, ld_alpha=None
     )
-    return reference_cache_key(model, tokenizer=tokenizer, **{**settings, **changes})
+    return reference_cache_key(
+        model,
+        tokenizer=tokenizer,
+        data_fingerprint=fingerprint,
+        settings=CacheSettings(**{**settings, **changes}),
+    )
 
 
 def test_cache_round_trip(tmp_path, base_and_peft, tiny_tokenizer):

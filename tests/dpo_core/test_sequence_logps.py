@@ -7,14 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpo_core.logps import (
-    TokenLogps,
-    completion_lengths,
-    completion_token_logps,
-    ld_sequence_logps,
-    sequence_logps,
-    split_pairs,
-)
+from dpo_core.logp_types import TokenLogps, split_pairs
+from dpo_core.logps import completion_lengths, ld_sums
+from tests.dpo_core.oracle import score_hidden
 from tests.dpo_core.tiny import SPANS, make_batch, make_head
 
 
@@ -32,26 +27,26 @@ def hand_token_logps() -> TokenLogps:
 
 def test_sequence_logps_and_split_pairs():
     """Sums: chosen_0 -1-2-3 = -6, chosen_1 -1, rejected_0 -1-2 = -3, rejected_1 -1-2-3-4 = -10."""
-    chosen, rejected = split_pairs(sequence_logps(hand_token_logps()))
+    chosen, rejected = split_pairs(hand_token_logps().row_sums())
     assert chosen.tolist() == [-6.0, -1.0] and rejected.tolist() == [-3.0, -10.0]
 
 
-def test_ld_sequence_logps_hand_worked():
+def test_ld_sums_hand_worked():
     """ld_alpha = 0.5. Pair 0: shared = min(3, 2) = 2 -> chosen -1-2 + 0.5·(-3) = -4.5,
     rejected -1-2 = -3. Pair 1: shared = min(1, 4) = 1 -> chosen -1,
     rejected -1 + 0.5·(-2-3-4) = -5.5. With ld_alpha = 1 it is the plain sum."""
     token = hand_token_logps()
-    chosen, rejected = ld_sequence_logps(token, 0.5)
+    chosen, rejected = ld_sums(token, 0.5)
     assert chosen.tolist() == [-4.5, -1.0] and rejected.tolist() == [-3.0, -5.5]
-    plain = split_pairs(sequence_logps(token))
-    for got, want in zip(ld_sequence_logps(token, 1.0), plain):
+    plain = split_pairs(token.row_sums())
+    for got, want in zip(ld_sums(token, 1.0), plain):
         assert torch.equal(got, want)
 
 
-def test_ld_sequence_logps_keeps_gradient():
+def test_ld_sums_keeps_gradient():
     token = hand_token_logps()
     token.logps.requires_grad_(True)
-    chosen, rejected = ld_sequence_logps(token, 0.25)
+    chosen, rejected = ld_sums(token, 0.25)
     (chosen.sum() + rejected.sum()).backward()
     # d/dlogp: 1 on the shared tokens, 0.25 on the tail, 0 off the mask (pair 0 chosen tail = k 3)
     assert token.logps.grad[0].tolist() == [0.0, 1.0, 1.0, 0.25, 0.0]
@@ -69,10 +64,8 @@ def test_no_completion_tokens_gives_zero_and_a_graph():
     batch = make_batch([(4, 0), (3, 0)], length=6, vocab=20)
     head = make_head("linear", hidden=8, vocab=20)
     hidden = torch.randn(2, 6, 8, requires_grad=True)
-    out = completion_token_logps(
-        hidden, head, batch.input_ids, batch.completion_mask, with_stats=True
-    )
-    assert not out.logps.any() and not out.is_top1.any()
+    out = score_hidden(hidden, head, batch.input_ids, batch.completion_mask, stats=True)
+    assert not out.logps.any() and not out.stats.is_top1.any()
     out.logps.sum().backward()
     assert not hidden.grad.any()
 
@@ -80,15 +73,11 @@ def test_no_completion_tokens_gives_zero_and_a_graph():
 def test_bad_shapes_are_refused():
     head = nn.Linear(4, 10)
     with pytest.raises(ValueError, match="completion_mask has shape"):
-        completion_token_logps(
-            torch.zeros(2, 5, 4), head, torch.zeros(2, 5).long(), torch.zeros(2, 6)
-        )
+        score_hidden(torch.zeros(2, 5, 4), head, torch.zeros(2, 5).long(), torch.zeros(2, 6))
     with pytest.raises(ValueError, match="hidden_states must be"):
-        completion_token_logps(
-            torch.zeros(10, 4), head, torch.zeros(2, 5).long(), torch.zeros(2, 5)
-        )
+        score_hidden(torch.zeros(10, 4), head, torch.zeros(2, 5).long(), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="chunk_size"):
-        completion_token_logps(
+        score_hidden(
             torch.zeros(2, 5, 4), head, torch.zeros(2, 5).long(), torch.zeros(2, 5), chunk_size=0
         )
     with pytest.raises(ValueError, match="even first dimension"):
@@ -109,13 +98,13 @@ def _trl_ld_logps(per_token_logps, shift_completion_mask, ld_alpha):
     return (shared_logps + ld_alpha * tail_logps).chunk(2, dim=0)
 
 
-def test_ld_sequence_logps_equals_trl_expression():
+def test_ld_sums_equals_trl_expression():
     batch = make_batch(SPANS, length=10, vocab=50)
     head = make_head("linear", hidden=12, vocab=50)
     hidden = torch.randn(6, 10, 12, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        token = completion_token_logps(hidden, head, batch.input_ids, batch.completion_mask)
+        token = score_hidden(hidden, head, batch.input_ids, batch.completion_mask)
     for alpha in (0.0, 0.3, 1.0):
         theirs = _trl_ld_logps(token.logps, batch.completion_mask[:, 1:], alpha)
-        for got, want in zip(ld_sequence_logps(token, alpha), theirs):
+        for got, want in zip(ld_sums(token, alpha), theirs):
             assert torch.equal(got, want)  # the same sums of the same float32 terms

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from dpo_core.lm_head import selected_logps
-from dpo_core.logps import model_token_logps, sequence_logps
+from dpo_core.logp_types import LogpOptions
+from tests.dpo_core.oracle import plain_token_logps
 from tests.dpo_core.test_lm_head import float64_head
 from tests.training.conftest import STEP_KEYS, assert_steps_close, base_args, fit, fixed_batch
 
@@ -89,7 +90,9 @@ def test_selected_logps_on_device_equal_a_float64_cpu_computation(device, bf16):
     dev_head = copy.deepcopy(head).to(device)
     dev_h = h.to(device).requires_grad_(True)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        logps, _ = selected_logps(dev_h, targets.to(device), dev_head, chunk_size=128)
+        logps, _ = selected_logps(
+            dev_h, targets.to(device), dev_head, None, LogpOptions(chunk_size=128)
+        )
     (logps * weights.to(device)).sum().backward()
     got_grads = (dev_h.grad, dev_head.weight.grad, dev_head.bias.grad)
 
@@ -168,7 +171,7 @@ def test_qlora_forward_backward_on_device(device, tiny_assets, tmp_path):
     model = qlora_policy(tiny_assets, tmp_path, device, "bfloat16")
     batch = fixed_batch(tiny_assets).to(device)
     with torch.autocast(device, dtype=torch.bfloat16):
-        logps = sequence_logps(model_token_logps(model, batch))
+        logps = plain_token_logps(model, batch).row_sums()
     assert torch.isfinite(logps).all()
     logps.sum().backward()
     lora_b = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
@@ -190,12 +193,12 @@ def test_qlora_on_device_equals_its_float_twin_on_cpu(device, tiny_assets, tmp_p
     model = qlora_policy(tiny_assets, tmp_path / "q", device, "float32")
     batch = fixed_batch(tiny_assets)
     with torch.no_grad():
-        got = sequence_logps(model_token_logps(model, batch.to(device))).cpu()
+        got = plain_token_logps(model, batch.to(device)).row_sums().cpu()
     twin_dir = tmp_path / "twin"
     save_float_twin(model, tiny_assets.model_dir, twin_dir)  # dequantizes on the device
     from transformers import AutoModelForCausalLM
 
     twin = AutoModelForCausalLM.from_pretrained(twin_dir, dtype=torch.float32)
     with torch.no_grad():
-        want = sequence_logps(model_token_logps(twin, batch))
+        want = plain_token_logps(twin, batch).row_sums()
     torch.testing.assert_close(got, want, rtol=TWIN_REL_TOL, atol=TWIN_REL_TOL)

@@ -30,7 +30,7 @@ BATCHES = 3
 def count_passes(monkeypatch):
     """Counts the evaluation's held-out forwards and Lightning validation steps."""
     calls = {"token_logps": 0, "validation_step": 0}
-    real = heldout.step_token_logps  # one call = one forward over a held-out batch
+    real = heldout.sequence_logps  # one call = one forward over a held-out batch
 
     def counted(*args, **kwargs):
         calls["token_logps"] += 1
@@ -39,7 +39,7 @@ def count_passes(monkeypatch):
     def validation_step(self, batch, batch_idx):
         calls["validation_step"] += 1
 
-    monkeypatch.setattr(heldout, "step_token_logps", counted)
+    monkeypatch.setattr(heldout, "sequence_logps", counted)
     monkeypatch.setattr(DPOModule, "validation_step", validation_step)
     return calls
 

@@ -1,12 +1,13 @@
 """Held-out pairs, scored once per model: the evaluation's pair metrics and trl's ``eval_*``
 metrics come from the same pass.
 
-Each model view runs over the held-out batches once (``dpo_core.step.step_token_logps``, with the
-statistics trl logs). One pass gives both
+Each model view runs over the held-out batches once, through the training step's own log-prob
+entry (``dpo_core.logps.sequence_logps`` with ``DPOSettings.policy_options()``: the statistics trl
+logs). One pass gives both
 
 - the summed completion log-probs that ``dpo_core.evaluation.preference_summary`` reads, and
 - trl's ``eval_*`` metrics of that model as the policy against the training's reference
-  (``dpo_core.step.step_from_token_logps``: the same arithmetic as a validation step).
+  (``dpo_core.step.step_from_logps``: the same arithmetic as a validation step).
 
 The reference is scored once as well. Before training the policy is the reference
 (``ModelView.same_as``: the LoRA model with its adapters off, or the frozen copy of the starting
@@ -23,14 +24,10 @@ import torch
 
 from dpo_core.batch import PreferenceBatch
 from dpo_core.collate import PreferenceCollator
-from dpo_core.logps import sequence_logps, split_pairs
-from dpo_core.step import (
-    DPOSettings,
-    StepOutput,
-    policy_sequence_logps,
-    step_from_token_logps,
-    step_token_logps,
-)
+from dpo_core.logp_types import SequenceLogps, split_pairs
+from dpo_core.logps import sequence_logps
+from dpo_core.reference import NoReference, PrecomputedReference
+from dpo_core.step import DPOSettings, StepOutput, step_from_logps
 from training.eval.scoring import ModelView, progress
 
 LogpPair = tuple[torch.Tensor, torch.Tensor]  # (chosen (B,), rejected (B,))
@@ -116,15 +113,15 @@ class HeldOutPairs:
             loss_logps=pairs,
         )
 
-    def _training_reference(self, batch: PreferenceBatch, live: LogpPair) -> LogpPair:
-        """The reference log-probs training used for ``batch``: none (reference-free),
-        precomputed (carried by the batch), or the live reference's (``live``)."""
+    def _training_reference(self, batch: PreferenceBatch, live: LogpPair) -> SequenceLogps:
+        """The reference log-probs training used for ``batch``, from the same sources: none
+        (reference-free), precomputed (carried by the batch), or the live reference's (``live``,
+        scored once by this evaluation)."""
         if self.settings.loss.reference_free:
-            zeros = torch.zeros(batch.num_pairs)
-            return zeros, zeros
+            return NoReference()(batch, self.settings.reference_options())
         if batch.ref_chosen_logps is not None:
-            return batch.ref_chosen_logps, batch.ref_rejected_logps
-        return live
+            return PrecomputedReference()(batch, self.settings.reference_options())
+        return SequenceLogps(*live)
 
     def _pass(
         self, view: ModelView, desc: str, reference: HeldOutScores | None = None
@@ -137,14 +134,13 @@ class HeldOutPairs:
         with view.active() as model, torch.no_grad(), bar:
             for i, batch in enumerate(self.batches):
                 batch = batch.to(view.device)
-                token = step_token_logps(model, batch, s)
-                sums.append(_cpu(split_pairs(sequence_logps(token))))
-                own = _cpu(policy_sequence_logps(token, s.loss.ld_alpha))
+                policy = sequence_logps(model, batch, s.policy_options())
+                sums.append(_cpu(split_pairs(policy.token.row_sums())))
+                own = policy.detached()
                 scores.loss_logps.append(own)
                 live = own if reference is None else reference.loss_logps[i]
-                ref_c, ref_r = (t.to(token.logps) for t in self._training_reference(batch, live))
-                step = step_from_token_logps(token, batch, ref_c, ref_r, s).detached()
-                scores.steps.append(step)
+                ref = self._training_reference(batch, live)
+                scores.steps.append(step_from_logps(policy, ref, batch, s).detached())
                 scores.sizes.append(batch.num_pairs)
                 bar.update(batch.num_pairs)
         scores.chosen = torch.cat([c for c, _ in sums])

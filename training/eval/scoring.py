@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from dpo_core.batch import PreferenceBatch
 from dpo_core.collate import pad_right
-from dpo_core.lm_head import CHUNK_SIZE
-from dpo_core.logps import model_token_logps, sequence_logps
+from dpo_core.logp_types import CHUNK_SIZE, LogpOptions
+from dpo_core.logps import token_logps
 
 
 @dataclass
@@ -108,8 +108,8 @@ def score_completions(
             batch = completion_batch(
                 [prompt_ids[i] for i in picked], [completion_ids[i] for i in picked], pad_id
             ).to(view.device)
-            token = model_token_logps(model, batch, chunk_size=chunk_size)
-            values[picked] = sequence_logps(token).float().cpu()
+            options = LogpOptions(chunk_size=chunk_size, prompt_sharing=False)  # rows, not pairs
+            values[picked] = token_logps(model, batch, options).row_sums().float().cpu()
             bar.update(len(rows))
     return values
 

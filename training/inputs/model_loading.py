@@ -163,20 +163,14 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_reference(policy: torch.nn.Module, cfg: FitConfig):
-    """A live reference source for ``policy`` following the module docstring's rule, or None.
-
-    Returns None for reference-free training and for precomputed references (those are attached
-    to the data by ``training.inputs.data_module``).
-    """
+    """The reference source for ``policy`` following the module docstring's rule:
+    ``NoReference`` for reference-free training, None for a precomputed reference (attached to
+    the data by ``training.inputs.precompute``), else a live model source."""
     from dpo_core import reference as ref
 
-    options = {
-        "chunk_size": cfg.dpo.logps_chunk_size,
-        "ld_alpha": cfg.dpo.ld_alpha,
-        "prompt_sharing": cfg.dpo.prompt_sharing,
-        "padding_free": cfg.dpo.padding_free,
-    }
-    if cfg.dpo.reference_free or cfg.dpo.precompute_ref_log_probs:
+    if cfg.dpo.reference_free:
+        return ref.NoReference()
+    if cfg.dpo.precompute_ref_log_probs:
         return None
     if cfg.model.ref_model:
         ref_model = load_causal_lm(
@@ -184,7 +178,7 @@ def build_reference(policy: torch.nn.Module, cfg: FitConfig):
         )
         ref_model = frozen(ref_model)
         disable_dropout(ref_model)
-        return ref.FrozenCopyReference(ref_model, **options)
+        return ref.FrozenCopyReference(ref_model)
     if cfg.lora.lora:
-        return ref.AdapterDisabledReference(policy, **options)
-    return ref.FrozenCopyReference(frozen(copy.deepcopy(policy)), **options)
+        return ref.AdapterDisabledReference(policy)
+    return ref.FrozenCopyReference(frozen(copy.deepcopy(policy)))

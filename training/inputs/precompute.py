@@ -70,15 +70,20 @@ def _live_reference(policy, cfg):
 def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name):
     """(chosen (N,), rejected (N,)) for ``features`` (whose ``index`` is 0..N-1), from the cache
     file for this exact key, computing and writing it when absent."""
-    key = ref.reference_cache_key(
-        key_model,
-        tokenizer=tokenizer,
-        data_fingerprint=features_fingerprint(features),
+    from training.run.module import dpo_settings  # TODO(merge): from the base layer
+
+    settings = ref.CacheSettings(
         max_length=cfg.data.max_length,
         truncation_mode=cfg.data.truncation_mode,
         dtype=cfg.model.dtype,
         ld_alpha=cfg.dpo.ld_alpha,
         precision=cfg.trainer.precision,
+    )
+    key = ref.reference_cache_key(
+        key_model,
+        tokenizer=tokenizer,
+        data_fingerprint=features_fingerprint(features),
+        settings=settings,
     )
     path = Path(cfg.trainer.output_dir) / "reference_logps" / f"{name}-{key[:16]}.pt"
     if path.exists():
@@ -89,7 +94,7 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
         batches = (batch.to(device) for batch in loader)
         with _autocast(cfg.trainer.precision, device):
             chosen, rejected = ref.precompute_reference_logps(
-                reference, batches, num_rows=len(features)
+                reference, batches, dpo_settings(cfg).reference_options(), num_rows=len(features)
             )
     ref.save_reference_cache(path, key, chosen, rejected, torch.arange(len(features)))
     log.info("reference log-probs (%s): computed for %d rows -> %s", name, len(features), path)

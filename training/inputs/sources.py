@@ -104,9 +104,9 @@ def _document_error(
         line = raw[: err.start].count(b"\n") + 1
         bad = raw[err.start : err.end]
         detail = f"bytes {bad!r} are not valid UTF-8 {note}"
-        return DataError(detail, source=source, line=line, reason=NOT_UTF8)
+        return DataError(detail, source=source, place=Place(line=line), reason=NOT_UTF8)
     detail = f"malformed JSON at column {err.colno}: {err.msg} {note}"
-    return DataError(detail, source=source, line=err.lineno, reason=BAD_JSON)
+    return DataError(detail, source=source, place=Place(line=err.lineno), reason=BAD_JSON)
 
 
 def _first_line_is_json(raw: bytes) -> bool:

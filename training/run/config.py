@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from dpo_core.lm_head import CHUNK_SIZE, KEEP_PROBS_BYTES
+from dpo_core.logp_types import CHUNK_SIZE, KEEP_PROBS_BYTES
 from dpo_core.settings import LossSettings
 
 

@@ -75,7 +75,8 @@ def as_logged(value: float) -> float:
 
 
 class DPOModule(L.LightningModule):
-    """Trains ``model`` with DPO against ``reference`` (None when reference-free).
+    """Trains ``model`` with DPO against ``reference``, a ``dpo_core.reference`` source
+    (``NoReference`` when reference-free, ``PrecomputedReference`` when precomputed).
 
     ``run_record``: the run's config and data fingerprint, saved in every checkpoint so that
     ``--resume`` can compare them (``training.run.resume``). ``resume_changes``: how many of them
