@@ -16,12 +16,14 @@ import logging
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from dpo_core import reference as ref
+from training.base.config import FitConfig
+from training.base.settings import reference_options
 from training.inputs.four_bit import disable_cpu_packing
 from training.inputs.gguf import as_model_dir
 from training.inputs.model_checks import check_model_source, loading_failure
-from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,6 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 
 def _quantization_config(cfg: FitConfig):
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.lora.bnb_4bit_quant_type,
@@ -98,6 +98,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def add_lora(model: PreTrainedModel, cfg: FitConfig) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (peft): fresh ones, or ``--adapter``'s, trainable; with
     4-bit weights, prepare the model for k-bit training first."""
+    # why: peft takes ~1.3 s to import (bitsandbytes with it); only adapter runs need it
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.lora.load_in_4bit:
@@ -168,14 +169,7 @@ def build_reference(policy: torch.nn.Module, cfg: FitConfig):
     Returns None for reference-free training and for precomputed references (those are attached
     to the data by ``training.inputs.data_module``).
     """
-    from dpo_core import reference as ref
-
-    options = {
-        "chunk_size": cfg.dpo.logps_chunk_size,
-        "ld_alpha": cfg.dpo.ld_alpha,
-        "prompt_sharing": cfg.dpo.prompt_sharing,
-        "padding_free": cfg.dpo.padding_free,
-    }
+    options = reference_options(cfg)
     if cfg.dpo.reference_free or cfg.dpo.precompute_ref_log_probs:
         return None
     if cfg.model.ref_model:
