@@ -206,7 +206,7 @@ def _lightning_meter(meter: Meter):
 def _precision_dtype(precision: str, model: torch.nn.Module) -> str:
     """The dtype the matmuls run in: the autocast dtype of a mixed Lightning precision, else
     the weights'."""
-    from training.inputs.precompute import AUTOCAST_DTYPES
+    from training.base.precision import AUTOCAST_DTYPES
 
     dtype = AUTOCAST_DTYPES.get(precision) or next(model.parameters()).dtype
     return str(dtype).removeprefix("torch.")
@@ -238,7 +238,7 @@ def _watch_ours(meter: Meter, pl_module, precision: str) -> None:
 def _our_defaults() -> dict:
     """The speed settings a plain ``python -m training.fit`` run gets (parity's case pins the
     plain path; the benchmark measures what users run)."""
-    from training.run.config import DPOConfig
+    from training.base.config import DPOConfig
 
     d = DPOConfig()
     return {

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 def fit_config(case: ParityCase, data_file: pathlib.Path, ws, output_dir: pathlib.Path):
     """The ``FitConfig`` that trains ``case`` as trl's side does."""
-    from training.run.config import (
+    from training.base.config import (
         DataConfig,
         DPOConfig,
         FitConfig,
@@ -117,9 +117,9 @@ def train_case(
     ``changes`` replace ``FitConfig`` fields by name (the benchmark's variants); ``callbacks``
     are extra Lightning callbacks (the benchmark's meter).
     """
+    from training.base.config import with_fields
     from training.fit import train
     from training.inputs.prepare import prepare_inputs
-    from training.run.config import with_fields
 
     ws = prepare_workspace(case, pathlib.Path(workdir))
     rows = training_rows(case, ws)

@@ -1,1 +1,6 @@
-"""Lightning training for DPO: the module, data module, config and the `python -m training.fit` job."""
+"""Lightning training for DPO: ``python -m training.fit`` (and ``evaluate``, ``sweep``).
+
+Sub-packages import one way (``tests/training/test_layers.py``): ``base`` (config, command
+line, errors, precision table, dpo_core settings) < ``embedded`` < ``inputs`` < ``eval`` <
+``run`` < the entry points ``fit``, ``evaluate`` and ``sweep``.
+"""

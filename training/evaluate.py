@@ -24,14 +24,17 @@ import os
 import sys
 from pathlib import Path
 
+from training.base.cli import add_group_flags
+from training.base.config import FitConfig
 from training.eval.before_after import Evaluation, evaluate
-from training.run.config import FitConfig
+from training.eval.loading import build_models, eval_config, load_trained, pick_device
+from training.eval.report import evaluation_table, write_report
+from training.inputs.prepare import prepare_inputs
+from training.run.quiet import quiet_foreign_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m training.evaluate``'s flags; the evaluation settings are ``EvalConfig``'s."""
-    from training.run.cli import add_group_flags
-
     parser = argparse.ArgumentParser(
         prog="python -m training.evaluate",
         description="Evaluate a DPO-trained model against its starting model on held-out data.",
@@ -60,11 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_evaluation(args: argparse.Namespace, eval_fields: dict) -> tuple[Evaluation, object]:
     """Resolve config, data and models from the command line; evaluate; write the report."""
-    from training.eval.loading import build_models, eval_config, load_trained, pick_device
-    from training.eval.report import write_report
-    from training.inputs.prepare import prepare_inputs
-    from training.run.quiet import quiet_foreign_warnings
-
     if not args.model_dir.is_dir():
         raise FileNotFoundError(f"--model-dir {args.model_dir} is not a directory")
     cfg = eval_config(args, eval_fields)
@@ -89,8 +87,6 @@ def run_evaluation(args: argparse.Namespace, eval_fields: dict) -> tuple[Evaluat
 
 def print_report(evaluation: Evaluation, paths) -> None:
     """The before/after table and where the files are."""
-    from training.eval.report import evaluation_table
-
     print()
     print(evaluation_table(evaluation.to_json()))
     print(f"\nevaluation: {evaluation.seconds:.0f} s")

@@ -12,6 +12,7 @@ your own model and data with ``--model`` and ``--dataset``; ``--help`` lists eve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,21 +22,28 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from dpo_core.rows import DataError
+from training.base.cli import config_to_yaml, resolve_config
+from training.base.config import FitConfig
+from training.base.errors import RunError, debug_requested, describe_os_error, is_no_space
 from training.inputs.data_module import PreferenceDataModule
 from training.inputs.model_checks import check_model_source
 from training.inputs.model_loading import build_reference, load_policy
 from training.inputs.precompute import attach_precomputed_reference, resolve_precompute
-from training.inputs.prepare import RunInputs, prepare_inputs
+from training.inputs.prepare import RunInputs, apply_embedded_recipe, prepare_inputs
 from training.run.callbacks import PREVIOUS_NAME, AtomicCheckpointIO, StepProgressBar, StepTimer
-from training.run.cli import config_to_yaml, resolve_config
-from training.run.config import FitConfig
-from training.run.errors import RunError, debug_requested, describe_os_error, is_no_space
 from training.run.metrics_csv import StepCSVLogger
 from training.run.module import DPOModule
 from training.run.nan_stop import NonFiniteStop, stop_message
-from training.run.outputs import check_output_dir, evaluate_run, publish_metrics, save_outputs
+from training.run.outputs import (
+    check_output_dir,
+    evaluate_run,
+    print_summary,
+    publish_metrics,
+    save_outputs,
+)
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
 
@@ -98,12 +106,8 @@ def make_trainer(
     out = Path(cfg.trainer.output_dir)
     # every step on disk, so that an interrupted run's file holds all the steps it finished
     loggers = [StepCSVLogger(str(out), "logs", earlier_rows)]
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
+    with contextlib.suppress(ImportError):  # TensorBoardLogger needs tensorboard (or tensorboardX)
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
-    except (ImportError, ModuleNotFoundError):
-        pass
     callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), *(extra_callbacks or [])]
     if cfg.trainer.save_every_n_steps > 0:  # 0 = no checkpoints (e.g. parity runs)
         callbacks.append(
@@ -241,15 +245,11 @@ def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
     """The whole job for a resolved config. On the embedded default, the fields the user did not
     set (``explicit``: names set by flag or YAML) take the embedded task's recipe."""
     if cfg.model.model is None and cfg.data.dataset is None:
-        from training.inputs.prepare import apply_embedded_recipe
-
         cfg = apply_embedded_recipe(cfg, explicit or set())
     check_before_loading(cfg)
     L.seed_everything(cfg.trainer.seed, verbose=False)
     inputs = prepare_inputs(cfg)
     result = train(cfg, inputs)
-    from training.run.outputs import print_summary
-
     print_summary(result)
     return result
 

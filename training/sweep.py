@@ -20,7 +20,9 @@ import os
 import sys
 from pathlib import Path
 
+from training.base.cli import resolve_config
 from training.eval import plots
+from training.fit import run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +43,6 @@ def run_dir(root: Path, beta: float) -> Path:
 
 def fit_one(beta: float, root: Path, fit_argv: list[str]) -> dict:
     """Train and evaluate at ``beta``; its eval.json as a dict, with ``beta`` added."""
-    from training.fit import run
-    from training.run.cli import resolve_config
-
     argv = [*fit_argv, "--beta", str(beta), "--output-dir", str(run_dir(root, beta)), "--evaluate"]
     cfg, _ = resolve_config(argv)
     result = run(cfg)

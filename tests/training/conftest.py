@@ -125,8 +125,8 @@ def base_args(assets: TinyAssets, output_dir: Path, **flags) -> list[str]:
 
 def fit(argv: list[str]):
     """``training.fit.run`` in this process on a config resolved from ``argv``."""
+    from training.base.cli import resolve_config
     from training.fit import run
-    from training.run.cli import resolve_config
 
     cfg, _ = resolve_config(argv)
     return run(cfg)

@@ -16,10 +16,10 @@ import torch
 
 import training.fit
 from tests.training.conftest import base_args
+from training.base.errors import RunError
 from training.fit import main
 from training.run import callbacks, metrics_csv, outputs
 from training.run.callbacks import AtomicCheckpointIO, read_checkpoint
-from training.run.errors import RunError
 
 
 def fails(argv: list[str], capsys) -> str:

@@ -219,7 +219,7 @@ def test_a_setting_added_since_the_checkpoint_counts_as_its_default():
     resumes as the default (1) without --resume-allow-changes, and refuses 2."""
     import dataclasses
 
-    from training.run.config import FitConfig
+    from training.base.config import FitConfig
     from training.run.resume import comparable_config, differences
 
     cfg = FitConfig()

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import yaml
 
+from training.base.config import FitConfig
 from training.fit import main
-from training.run.config import FitConfig
 
 
 def printed_config(argv: list[str], capsys) -> dict:

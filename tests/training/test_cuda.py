@@ -152,8 +152,8 @@ def test_bf16_mixed_on_device_is_not_float32(device, runs):
 def qlora_policy(assets, tmp_path, device: str, compute_dtype: str):
     """The 4-bit NF4 policy with fresh LoRA adapters (float32), as training loads it, on
     ``device``."""
+    from training.base.cli import resolve_config
     from training.inputs.model_loading import load_policy
-    from training.run.cli import resolve_config
 
     flags = {
         "load_in_4bit": True,

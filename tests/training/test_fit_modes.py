@@ -106,8 +106,8 @@ def test_qlora_keeps_the_4bit_base_frozen_and_trains_the_adapters(tiny_assets, t
     import bitsandbytes as bnb
     from peft import PeftModel
 
+    from training.base.cli import resolve_config
     from training.inputs.model_loading import load_causal_lm
-    from training.run.cli import resolve_config
 
     argv = base_args(tiny_assets, tmp_path, load_in_4bit=True, **TRAIN)
     cfg, _ = resolve_config(argv)

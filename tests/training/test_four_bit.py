@@ -48,8 +48,8 @@ def save_float_twin(model_4bit, float_dir, out_dir) -> None:
 
 
 def quantized_base(assets):
+    from training.base.cli import resolve_config
     from training.inputs.model_loading import load_causal_lm
-    from training.run.cli import resolve_config
 
     cfg, _ = resolve_config(base_args(assets, "unused", load_in_4bit=True))
     return load_causal_lm(str(assets.model_dir), cfg, quantize=True)

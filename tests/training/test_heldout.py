@@ -13,12 +13,12 @@ import torch
 
 import training.eval.heldout as heldout
 from tests.training.conftest import NUM_ROWS, base_args, fit
+from training.base.cli import resolve_config
 from training.eval.before_after import score_heldout_pairs
 from training.eval.loading import build_models
 from training.inputs.data_module import PreferenceDataModule
 from training.inputs.model_loading import build_reference, load_policy
 from training.inputs.prepare import prepare_inputs
-from training.run.cli import resolve_config
 from training.run.module import DPOModule
 
 NO_SAMPLES = {"evaluate": True, "eval_fraction": 0.25, "num_prompts": 0, "eval_batch_size": 3}

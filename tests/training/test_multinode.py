@@ -30,10 +30,10 @@ from tests.training.conftest import (
     fit,
     read_metrics,
 )
+from training.base.cli import resolve_config
+from training.base.errors import RunError
 from training.fit import check_world_size, epochs_needed, main, total_optimizer_steps
 from training.inputs.precompute import pairs_read
-from training.run.cli import resolve_config
-from training.run.errors import RunError
 
 
 def test_global_batch_counts_every_machine():

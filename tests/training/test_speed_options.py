@@ -5,9 +5,9 @@ run reads)."""
 from __future__ import annotations
 
 from tests.dpo_core.tiny import tiny_llama
+from training.base.cli import resolve_config
 from training.inputs.model_loading import build_reference
 from training.inputs.precompute import pairs_read, resolve_precompute
-from training.run.cli import resolve_config
 from training.run.module import DPOModule
 
 

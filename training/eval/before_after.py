@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 from dpo_core.collate import PreferenceCollator
 from dpo_core.evaluation import PreferenceSummary, preference_summary, sequence_kl
+from training.base.config import FitConfig
+from training.base.settings import dpo_settings
 from training.eval.heldout import HeldOutPairs
 from training.eval.judges import Candidates, make_judge
 from training.eval.loading import EvalModels
 from training.eval.sampling import SamplingSettings, sample_completions
 from training.eval.scoring import CompletionScores, ModelView
 from training.inputs.prepare import RunInputs
-from training.run.config import FitConfig
-from training.run.module import dpo_settings
 
 log = logging.getLogger("training.evaluate")
 

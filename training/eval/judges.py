@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dpo_core.evaluation import implicit_reward, win_scores
+from training.embedded import synthetic
 from training.eval.scoring import CompletionScores, ModelView
 
 
@@ -90,8 +92,6 @@ def implicit_judge(
 
 def reward_model_judge(path: str, device: torch.device, batch_size: int = 16) -> RewardJudge:
     """A sequence-classification reward model on ``prompt + completion`` text."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -149,9 +149,9 @@ def make_judge(
     if spec == "none":
         return None
     if spec == "rule":
-        if rule is None:
-            from training.embedded.synthetic import judge as rule
-        return ScoreJudge(rule, "the synthetic task's rule")
+        return ScoreJudge(
+            rule if rule is not None else synthetic.judge, "the synthetic task's rule"
+        )
     if spec == "implicit":
         return implicit_judge(after, reference, beta, scores)
     if ":" in spec and not Path(spec).exists():

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.base.cli import resolve_config
+from training.base.config import FitConfig, check_config
 from training.eval.scoring import ModelView
 from training.inputs.model_loading import frozen, load_causal_lm
-from training.run.cli import resolve_config
-from training.run.config import FitConfig, check_config
 
 
 @dataclass
@@ -54,6 +54,7 @@ def load_start_model(model_path: str, cfg: FitConfig) -> nn.Module:
     """The starting policy, frozen: ``model_path`` (4-bit if the run was), plus ``--adapter``."""
     model = load_causal_lm(model_path, cfg, quantize=cfg.lora.load_in_4bit)
     if cfg.model.adapter:
+        # why: peft takes ~1.3 s to import (bitsandbytes with it); only adapter runs need it
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.model.adapter)
@@ -90,6 +91,7 @@ def build_models(
 def load_trained(model_dir: Path, model_path: str, cfg: FitConfig, device: torch.device):
     """``model_dir`` as saved by ``training.fit``: a full model, or an adapter on ``model_path``."""
     if (model_dir / "adapter_config.json").is_file():
+        # why: peft takes ~1.3 s to import (bitsandbytes with it); only adapter runs need it
         from peft import PeftModel
 
         base = load_causal_lm(model_path, cfg, quantize=cfg.lora.load_in_4bit)

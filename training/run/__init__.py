@@ -1,1 +1,1 @@
-"""The training run: config, command line, the Lightning module, callbacks and outputs."""
+"""The training run: the Lightning module, its callbacks and logger, resume, and outputs."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from training.run.errors import RunError, is_no_space, write_failure
+from training.base.errors import RunError, is_no_space, write_failure
 
 # The checkpoint that ``last.ckpt`` replaced, kept beside it (training.run.nan_stop falls back
 # to it when the last one already holds the weights of a non-finite step).
@@ -108,14 +109,10 @@ class StepTimer(L.Callback):
         self._start: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        import time
-
         if self._start is None:
             self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        import time
-
         accum = trainer.accumulate_grad_batches
         if (batch_idx + 1) % accum == 0 and self._start is not None:
             self.durations.append(time.perf_counter() - self._start)

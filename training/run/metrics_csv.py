@@ -24,7 +24,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from training.run.errors import write_failure
+from training.base.errors import write_failure
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -19,26 +19,15 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from dpo_core.step import DPOSettings, StepOutput, dpo_step
+from dpo_core.step import StepOutput, dpo_step
+from training.base.config import FitConfig
+from training.base.precision import AUTOCAST_DTYPES
+from training.base.settings import dpo_settings
 from training.inputs.four_bit import check_not_packed
-from training.inputs.precompute import AUTOCAST_DTYPES
-from training.run.config import FitConfig
 from training.run.nan_stop import NonFiniteStop
 
 # Shown in the progress bar (all metrics go to the loggers).
 PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
-
-
-def dpo_settings(cfg: FitConfig) -> DPOSettings:
-    """The ``dpo_core`` view of the run's config (``cfg.dpo`` is a ``LossSettings``)."""
-    d = cfg.dpo
-    return DPOSettings(
-        loss=d,
-        chunk_size=d.logps_chunk_size,
-        keep_probs_bytes=d.logps_keep_probs_mb * 2**20,
-        prompt_sharing=d.prompt_sharing,
-        padding_free=d.padding_free,
-    )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

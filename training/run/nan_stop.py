@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from training.base.config import FitConfig
 from training.run.callbacks import PREVIOUS_NAME, read_checkpoint
-from training.run.config import FitConfig
 
 LAST_NAME = "last.ckpt"
 

@@ -23,10 +23,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from training.run.cli import config_to_yaml
-from training.run.config import FitConfig
-from training.run.errors import RunError, write_failure
+from training.base.cli import config_to_yaml
+from training.base.config import FitConfig
+from training.base.errors import RunError, write_failure
+from training.eval.before_after import evaluate
+from training.eval.loading import build_models
+from training.eval.report import evaluation_table, write_report
 
 # The folders a run writes into, under --output-dir (each checked when it already exists).
 OUTPUT_SUBDIRS = ("checkpoints", "logs", "tensorboard", "model")
@@ -93,8 +97,8 @@ def save_model(cfg: FitConfig, policy: torch.nn.Module, tokenizer, model_path: s
     policy.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     if cfg.lora.lora and cfg.lora.merge_adapter:
+        # why: peft takes ~1.3 s to import (bitsandbytes with it); only adapter runs need it
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(
             model_path, trust_remote_code=cfg.model.trust_remote_code
@@ -149,10 +153,6 @@ def evaluate_run(cfg: FitConfig, inputs, policy, reference):
     """Evaluate the trained ``policy`` against the starting model (``training.evaluate``) and
     write eval.json, report.md and the plots. ``reference``: the training's reference source,
     whose frozen model is reused. Returns (Evaluation, ReportPaths)."""
-    from training.eval.before_after import evaluate
-    from training.eval.loading import build_models
-    from training.eval.report import write_report
-
     live = getattr(reference, "model", None)
     models = build_models(policy, cfg, inputs.model_path, live_copy=live)
     evaluation = evaluate(models, inputs, cfg)
@@ -182,8 +182,6 @@ def print_summary(result) -> None:
     """The before/after table (when the run was evaluated) and a one-line summary with where
     the outputs are (always)."""
     if result.evaluation is not None:
-        from training.eval.report import evaluation_table
-
         print("\n" + evaluation_table(result.evaluation.to_json()))
     elif result.before or result.after:
         print("\n" + validation_table(result.before, result.after))

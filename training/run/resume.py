@@ -19,9 +19,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.base.config import FitConfig
+from training.base.errors import RunError
 from training.run.callbacks import read_checkpoint
-from training.run.config import FitConfig
-from training.run.errors import RunError
 from training.run.metrics_csv import merge_rows, read_rows
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ concept (beta, loss_type, loss_weights, label_smoothing, max_length, truncation_
 precompute_ref_log_probs, learning_rate, gradient_accumulation_steps, max_steps,
 num_train_epochs, warmup_steps, weight_decay, max_grad_norm, seed). Every field becomes a
 command-line flag of ``python -m training.fit`` (``max_steps`` -> ``--max-steps``) and a key of
-the YAML file (``--config``); see ``training.run.cli``. The ``help`` text of each field is its
+the YAML file (``--config``); see ``training.base.cli``. The ``help`` text of each field is its
 one-line documentation. ``DPOConfig`` extends the objective as ``dpo_core.settings`` declares it.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from dpo_core.collate import check_truncation_mode
 from dpo_core.logp_types import CHUNK_SIZE, KEEP_PROBS_BYTES
 from dpo_core.settings import LossSettings
 
@@ -240,8 +241,6 @@ class FitConfig:
 def check_config(cfg: FitConfig) -> None:
     """Reject inconsistent settings early, with the flag names a user typed (the objective's
     fields are checked when ``DPOConfig`` is made: ``dpo_core.settings``)."""
-    from dpo_core.collate import check_truncation_mode
-
     check_truncation_mode(cfg.data.truncation_mode, "--truncation-mode")
     if cfg.data.eval_max_pairs is not None and cfg.data.eval_max_pairs < 1:
         raise ValueError(f"--eval-max-pairs must be >= 1 or none, got {cfg.data.eval_max_pairs}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from training.run.config import GROUPS, FitConfig, field_names, flag
+from training.base.config import GROUPS, FitConfig, field_names, flag
 
 
 def _base_type(annotation: Any) -> tuple[type, bool, bool]:
