@@ -103,7 +103,13 @@ class Fault(L.Callback):
     """At optimizer step ``step``, put a nan into the weights (the loss goes nan) or into one
     gradient (the loss is still finite). The weights' nan goes into every row of the first
     weight (the input embeddings: every token's), not into one token's row, which a
-    padding-free forward may never read (row 0 is the pad token's)."""
+    padding-free forward may never read (row 0 is the pad token's).
+
+    ``diverge``: as the update of step ``step - 1`` ends (before its checkpoint is written), the
+    LM head's weight becomes finite but huge (1e38, near float32's largest; the input
+    embeddings would be normalised back by the first RMSNorm), as after a diverging update: the
+    logits of step ``step`` overflow. That checkpoint holds weights that fail, as a real divergence's
+    would, on any CPU (a diverging learning rate is not the same on every machine)."""
 
     def __init__(self, kind: str, step: int) -> None:
         self.kind, self.step = kind, step
@@ -113,6 +119,11 @@ class Fault(L.Callback):
             with torch.no_grad():
                 weight = next(pl_module.model.parameters())
                 weight.view(weight.shape[0], -1)[:, 0] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.kind == "diverge" and trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.get_output_embeddings().weight.fill_(1e38)
 
     def on_after_backward(self, trainer, pl_module) -> None:
         if self.kind == "gradient" and trainer.global_step == self.step:
