@@ -7,5 +7,7 @@
 - ``parity.sides``: what they share: a case, the files both sides start from, trl's side and
   ours, and what a run hands back.
 
-``sides`` imports none of the others.
+Imports point one way (``tests/parity/test_packages.py``): ``sides`` imports none of the
+others, ``check`` imports ``sides``, ``bench`` imports ``sides`` and the check's loss bound
+(``check.tolerances``), ``gpu_check`` the bench's presets and table.
 """

@@ -37,10 +37,14 @@ import subprocess
 import sys
 import tempfile
 
+import torch
+import transformers
+import trl
+
 from parity.bench.presets import PRESETS, Preset, prepare_assets, with_overrides
 from parity.bench.table import HEADLINE, bench_table
 from parity.bench.worker import SIDES
-from parity.check.compare import ALL_STEPS
+from parity.check.tolerances import ALL_STEPS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_SIDES = ["trl", "ours", "ours_plain", "trl_defaults"]
@@ -202,10 +206,6 @@ def build_report(
 ) -> dict:
     """The JSON report: headline sides, ratios, the matmul peaks, the loss check and the
     settings."""
-    import torch
-    import transformers
-    import trl
-
     sides = {name: with_utilisation(side, peaks) for name, side in sides.items()}
     report = {name: sides.get(name) for name in HEADLINE}
     report["speedup"] = ratio(sides, "trl", "ours", "seconds_per_step")

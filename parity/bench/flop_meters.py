@@ -1,4 +1,4 @@
-"""Measuring for ``parity.bench.flops``: the backbone calls a side makes, and the machine's matmul peak.
+"""Measuring for ``parity.bench.flops``: the backbone calls a side makes; the matmul peak.
 
 ``PassRecorder`` hooks a model's backbone and records each call (rows x length, whether its
 attention is square, with or without gradients, the share of layers recomputed) between
@@ -111,8 +111,8 @@ def peak_matmul_flops(
 
 
 def flop_counts(meter, device: str) -> dict:
-    """Per step, the FLOPs executed (by part) and the necessary ones (``parity.bench.flops``), and the
-    matmul peak of this process (after training, on the same threads) per dtype."""
+    """Per step, the FLOPs executed (by part) and the necessary ones (``parity.bench.flops``), and
+    the matmul peak of this process (after training, on the same threads) per dtype."""
     shape, rule = meter.shape, meter.head_rule
     if shape is None:  # training never started
         return {}

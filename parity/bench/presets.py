@@ -19,7 +19,12 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from dpo_core.rows import write_jsonl
 from parity.sides.cases import ParityCase
@@ -266,8 +271,6 @@ def prepare_assets(
         build_model(preset, tokenizer).save_pretrained(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
     if not data_path.is_file():
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         assets.mkdir(parents=True, exist_ok=True)
         rows = synthetic_rows(preset, single_token_words(tokenizer), rows_needed(preset))

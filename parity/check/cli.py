@@ -1,8 +1,8 @@
 """``python -m parity``: run trl 1.16's DPOTrainer and ours on the same cases and compare.
 
-Every case trains twice from the same files (initial weights, reference, tokenizer, data), in
-the same data order with the same optimizer, and every per-step metric, the token ids and the
-final weights are compared (tolerances in ``parity.check.compare``). After step 1, weights and metrics
+Every case trains twice from the same files (initial weights, reference, tokenizer, data), in the
+same data order with the same optimizer, and every per-step metric, the token ids and the final
+weights are compared (tolerances in ``parity.check.tolerances``). After step 1, weights and metrics
 are held to a noise floor measured in the same run: trl trained ``--floor-runs`` more times from
 weights moved by one ulp (``parity.check.noise_floor``). Prints a table; exit status 0 only if every
 case passes.
@@ -25,18 +25,23 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
 
+import datasets  # noqa: E402
+import transformers  # noqa: E402
+from trl import __version__ as trl_version  # noqa: E402
+
 from dpo_core.collate import TRUNCATION_MODES  # noqa: E402
-from dpo_core.divergences import F_DIVERGENCE_TYPES  # noqa: E402
 from dpo_core.settings import LossSettings  # noqa: E402
-from parity.check.compare import CaseReport, compare_runs  # noqa: E402
+from parity.check.compare import compare_runs  # noqa: E402
 from parity.check.noise_floor import FLOOR_RUNS, measure_floor  # noqa: E402
 from parity.check.table import format_table, write_json  # noqa: E402
+from parity.check.tolerances import CaseReport  # noqa: E402
 from parity.sides.cases import (  # noqa: E402
     ARCHS,
     DATA_SHAPES,
@@ -47,40 +52,14 @@ from parity.sides.cases import (  # noqa: E402
     cases_from_args,
     comparable,
 )
+from training.run.cli import add_group_flags  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; every option combines with every other. The objective's defaults are
-    ``LossSettings``'s."""
-    objective = LossSettings()
+    """The command line; every option combines with every other. The objective's flags are
+    training's (``add_objective_flags``)."""
     p = argparse.ArgumentParser(prog="python -m parity", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--loss-type",
-        nargs="+",
-        default=objective.loss_type,
-        choices=[*LOSS_TYPES, "all"],
-        help="one case summing these losses, or `all`: one case per loss type",
-    )
-    p.add_argument("--loss-weights", nargs="+", type=float, help="one weight per loss type")
-    p.add_argument("--beta", type=float, default=objective.beta)
-    p.add_argument(
-        "--label-smoothing",
-        type=float,
-        help="default: 1e-3 for exo_pair, 0.1 for robust/aot, else 0",
-    )
-    p.add_argument(
-        "--f-divergence", default=objective.f_divergence_type, choices=F_DIVERGENCE_TYPES
-    )
-    p.add_argument(
-        "--f-alpha",
-        type=float,
-        default=objective.f_alpha_divergence_coef,
-        help="alpha-divergence coefficient",
-    )
-    p.add_argument("--use-weighting", action="store_true", help="WPO weights")
-    p.add_argument("--ld-alpha", type=float, help="LD-DPO tail weight")
-    p.add_argument("--discopop-tau", type=float, default=objective.discopop_tau)
-    p.add_argument("--reference-free", action="store_true", help="(trl 1.16 has none: reported)")
+    add_objective_flags(p)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -121,6 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OBJECTIVE_HELP = (
+    "The DPO objective (dpo_core.settings.LossSettings), with python -m training.fit's flags. "
+    "Unset, a flag takes LossSettings' default, but --label-smoothing: 1e-3 for exo_pair, 0.1 "
+    "for robust/aot, else 0. --reference-free: trl 1.16 has none (reported)."
+)
+
+
+def add_objective_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per field of ``LossSettings``, made by training's own builder
+    (``training.run.cli.add_group_flags`` on its ``dpo`` group, whose ``DPOConfig`` extends
+    ``LossSettings``), so both command lines spell them alike; ``DPOConfig``'s other fields (how
+    ours runs) are left out. An unset flag parses to None. ``--loss-type`` is parity's own: it
+    also takes ``all``. The old ``--f-alpha`` and ``--f-divergence`` still parse (argparse takes
+    a unique prefix of a flag)."""
+    section = p.add_argument_group("objective", OBJECTIVE_HELP)
+    section.add_argument(
+        "--loss-type",
+        nargs="+",
+        default=LossSettings().loss_type,
+        choices=[*LOSS_TYPES, "all"],
+        help="one case summing these losses, or `all`: one case per loss type",
+    )
+    training = argparse.ArgumentParser(add_help=False)
+    add_group_flags(training, "dpo")
+    taken = {f.name for f in dataclasses.fields(LossSettings)} - {"loss_type"}
+    for action in training._actions:  # argparse has no public way to move a flag
+        if action.dest in taken:
+            section._add_action(action)
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """How the cases are run and reported (not what they train)."""
     p.add_argument("--json", type=pathlib.Path, help="write the JSON report here")
@@ -136,7 +145,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=FLOOR_RUNS,
         help="perturbed trl runs that measure the noise floor bounding weights and metrics "
-        "after step 1 (0: the fixed bounds of parity/check/compare.py instead)",
+        "after step 1 (0: the fixed bounds of parity/check/tolerances.py instead)",
     )
 
 
@@ -153,6 +162,8 @@ def run_case(
     ok, reason = comparable(case)
     if not ok:
         return CaseReport(name=case.name, skipped=reason)
+    # why here: the sides load peft and bitsandbytes (seconds, and a banner), not for --help
+    from parity.sides.ours_side import run_ours
     from parity.sides.trl_side import run_trl
 
     try:
@@ -164,8 +175,6 @@ def run_case(
         if against == "trl":
             other = run_trl(case, workdir)
         else:
-            from parity.sides.ours_side import run_ours
-
             other = run_ours(case, workdir)
     except Exception as exc:  # report and go on with the other cases
         traceback.print_exc()
@@ -182,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _quiet()
-    import trl
-
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         root = args.workdir or pathlib.Path(tmp)
         reports = []
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(run_case(case, workdir, args.against, args.floor_runs))
     print(format_table(reports))
     if args.json:
-        write_json(args.json, reports, trl.__version__)
+        write_json(args.json, reports, trl_version)
     return 0 if all(r.passed for r in reports) else 1
 
 
@@ -207,8 +214,5 @@ def _quiet() -> None:
     training bar (``TQDM_DISABLE``, set here rather than at import so that importing this module
     changes nothing); warnings stay."""
     os.environ.setdefault("TQDM_DISABLE", "1")
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()

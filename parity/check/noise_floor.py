@@ -1,17 +1,17 @@
 """The noise floor: how far rounding alone moves trl's own run, measured in the same run.
 
-Step 1 starts from identical weights and is compared with fixed bounds (``parity.check.compare``).
-After it the two sides drift apart: ours sums some gradients in another order (2e-7 relative
-RMS at step 1), and Adam's first step, ``lr * g / (|g| + eps)``, turns a rounding difference in
-a gradient near zero (below ``eps`` = 1e-8) into a weight difference of up to about ``lr``. How
-far that carries a case depends on the case, so no constant fits: parity trains trl ``FLOOR_RUNS``
-more times from its starting weights, every floating-point one (frozen too), moved by one ulp of
-its dtype (``parity.sides.models.nudge_one_ulp``, seeds 1..K), measures how far those runs land from
-trl's, and holds ours to a multiple of that. Only trl is perturbed, so nothing ours does can
-widen its own bound.
+Step 1 starts from identical weights and is compared with fixed bounds
+(``parity.check.tolerances``). After it the two sides drift apart: ours sums some gradients in
+another order (2e-7 relative RMS at step 1), and Adam's first step, ``lr * g / (|g| + eps)``, turns
+a rounding difference in a gradient near zero (below ``eps`` = 1e-8) into a weight difference of up
+to about ``lr``. How far that carries a case depends on the case, so no constant fits: parity trains
+trl ``FLOOR_RUNS`` more times from its starting weights, every floating-point one (frozen too),
+moved by one ulp of its dtype (``parity.sides.models.nudge_one_ulp``, seeds 1..K), measures how far
+those runs land from trl's, and holds ours to a multiple of that. Only trl is perturbed, so nothing
+ours does can widen its own bound.
 
-The checks (``d`` = a difference as ``parity.check.compare.difference`` takes it, ``f`` = the same
-statistic of a floor run against trl, the largest over the floor runs, eps = float32's; for a
+The checks (``d`` = a difference as ``parity.check.tolerances.difference`` takes it, ``f`` = the
+same statistic of a floor run against trl, the largest over the floor runs, eps = float32's; for a
 weight, its dtype's: bf16 QLoRA adapters):
 
 - final weights, per tensor and for each of q90, q99, q99.9 of ``|w_ours - w_trl|``:
@@ -21,7 +21,7 @@ weight, its dtype's: bf16 QLoRA adapters):
   floor runs, 249x with one).
 - every metric after step 1: ``max over steps 2..N of d <= METRIC_FACTOR * (max over all steps
   of f) + eps * (max over steps of |trl| / max(1, |trl|))``, ``d`` relative as in
-  ``parity.check.compare`` (mean_token_accuracy: absolute).
+  ``parity.check.tolerances`` (mean_token_accuracy: absolute).
 - ``num_tokens`` and ``learning_rate`` (exact / the float64 schedule), the step-1 checks, token ids
   and dropped rows keep their bounds. The ``eps`` terms let a difference of one float32 rounding
   pass where the floor happens to be 0.
@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parity.check.compare import (
+from parity.check.tolerances import (
     STEP_CHECKS,
     MetricCheck,
     Tolerance,
@@ -82,8 +82,8 @@ class NoiseFloor:
     Attributes:
         weights: tensor name -> {"q90", "q99", "q99.9", "max"} of ``|w_floor - w_trl|``, the
             largest over the runs.
-        metrics: check name (an all-steps check of ``parity.check.compare.STEP_CHECKS``) -> the largest
-            difference over all steps and runs.
+        metrics: check name (an all-steps check of ``parity.check.tolerances.STEP_CHECKS``) -> the
+            largest difference over all steps and runs.
         runs: the number of perturbed runs.
     """
 

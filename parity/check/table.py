@@ -1,11 +1,11 @@
 """Print parity results as a table and write them as JSON.
 
 The table has one row per check: case, metric, trl value, ours, max |diff|, tolerance, result.
-Values are those at the step where the difference is largest; ``rel`` marks a relative
-difference (``|ours - trl| / max(1, |trl|)``). A check bounded by the noise floor
-(``parity.check.noise_floor``) shows its bound and what it was made of, ``1.1e-06 (5x floor 2.1e-07)``;
-a report-only row shows ``info`` (``info, over`` when above that bound). A case trl 1.16 cannot
-run shows ``SKIP`` and the reason instead of numbers.
+Values are those at the step where the difference is largest; ``rel`` marks a relative difference
+(``|ours - trl| / max(1, |trl|)``). A check bounded by the noise floor
+(``parity.check.noise_floor``) shows its bound and what it was made of, ``1.1e-06 (5x floor
+2.1e-07)``; a report-only row shows ``info`` (``info, over`` when above that bound). A case trl 1.16
+cannot run shows ``SKIP`` and the reason instead of numbers.
 
 The JSON has exactly this shape::
 
@@ -26,7 +26,7 @@ import json
 import math
 import pathlib
 
-from parity.check.compare import CaseReport, MetricCheck
+from parity.check.tolerances import CaseReport, MetricCheck
 
 HEADER = ("case", "metric", "trl", "ours", "max |diff|", "tolerance", "result")
 

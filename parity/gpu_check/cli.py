@@ -2,12 +2,12 @@
 
 On one GPU it runs, in under 8 minutes (``--budget-s``, default 460):
 
-- ``env``: torch, CUDA, the GPU, the packages (``parity.gpu_check.probes env``);
+- ``env``: torch, CUDA, the GPU, the packages (``parity.gpu_check.env_probe``);
 - ``gpu_tests``: the suite's gpu-marked tests (``pytest -m gpu``: tests/training/test_cuda.py);
 - ``parity_fp32``, ``parity_bf16``: ``python -m parity --device cuda`` in float32 and
   bf16-mixed (sigmoid); ``qlora_4bit``: the same with ``--load-in-4bit`` (bf16);
 - ``attention``: which SDPA kernel runs under prompt sharing's 4D mask, and whether sharing is
-  then still faster than the plain path (``parity.gpu_check.probes attention``);
+  then still faster than the plain path (``parity.gpu_check.attention_probe``);
 - ``bench_gpu``: ``python -m parity.bench --preset gpu``, ours and ours_plain against trl at the
   parity settings and at its defaults, with peak CUDA memory;
 - ``parity_fp32_lora``, ``parity_bf16_ipo``, ``parity_bf16_lora``: more parity cases, last
@@ -85,17 +85,9 @@ def plan(dry_run: bool) -> list[Stage]:
     parity = ["-m", "parity", "--device", device, "--json", "{out}"]
     parity += ["--steps", "2" if dry_run else "10"]  # and 2 floor runs (the default)
     bf16 = ["--precision", "bf16-mixed"]
-    env = ["-m", "parity.gpu_check.probes", "env", "--json", "{out}"]
+    env = ["-m", "parity.gpu_check.env_probe", "--json", "{out}"]
     env += [] if dry_run else ["--require-cuda"]
-    attention = [
-        "-m",
-        "parity.gpu_check.probes",
-        "attention",
-        "--device",
-        device,
-        "--json",
-        "{out}",
-    ]
+    attention = ["-m", "parity.gpu_check.attention_probe", "--device", device, "--json", "{out}"]
     attention += ["--size", "tiny"] if dry_run else []
     bench = ["-m", "parity.bench", "--preset", "tiny" if dry_run else "gpu", "--json", "{out}"]
     bench += ["--sides", "trl", "ours", "ours_plain", "trl_defaults"]

@@ -243,21 +243,14 @@ def cases_from_args(args: argparse.Namespace) -> list[ParityCase]:
 
 
 def loss_settings(args: argparse.Namespace, loss_types: list[str]) -> LossSettings:
-    """The objective the command line asks for, with ``loss_types``; an unset
+    """The objective the command line asks for, with ``loss_types``: each ``LossSettings`` field
+    its flag set (an unset flag is None), the others their defaults; an unset
     ``--label-smoothing`` is ``default_label_smoothing``."""
-    smoothing = args.label_smoothing
-    return LossSettings(
-        beta=args.beta,
-        loss_type=list(loss_types),
-        loss_weights=args.loss_weights,
-        label_smoothing=default_label_smoothing(loss_types) if smoothing is None else smoothing,
-        f_divergence_type=args.f_divergence,
-        f_alpha_divergence_coef=args.f_alpha,
-        use_weighting=args.use_weighting,
-        ld_alpha=args.ld_alpha,
-        discopop_tau=args.discopop_tau,
-        reference_free=args.reference_free,
-    )
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LossSettings)}
+    given = {name: value for name, value in given.items() if value is not None}
+    given["loss_type"] = list(loss_types)
+    given.setdefault("label_smoothing", default_label_smoothing(loss_types))
+    return LossSettings(**given)
 
 
 def _target_modules(values: list[str]) -> list[str] | str:

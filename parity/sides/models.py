@@ -106,13 +106,13 @@ def nudge_one_ulp(model: torch.nn.Module, seed: int) -> None:
     """Move every floating-point weight of ``model``, trainable or frozen, by one ulp of its
     dtype, up or down at random.
 
-    The sign of each element is drawn from a generator seeded with ``seed``
-    (``torch.nextafter`` towards +inf or -inf); 4-bit (integer) storage is left alone. A
-    rounding-level change of the whole computation: parity's noise floor (``parity.check.noise_floor``)
-    trains trl from it to measure how far rounding alone carries a run. Frozen weights are
-    nudged too because the other side rounds differently in the frozen layers as well: with
-    LoRA, nudging the adapters alone leaves the backbone's forward and backward bit-identical
-    and underestimates that (measured on SmolLM2, ``parity/README.md``).
+    The sign of each element is drawn from a generator seeded with ``seed`` (``torch.nextafter``
+    towards +inf or -inf); 4-bit (integer) storage is left alone. A rounding-level change of the
+    whole computation: parity's noise floor (``parity.check.noise_floor``) trains trl from it to
+    measure how far rounding alone carries a run. Frozen weights are nudged too because the other
+    side rounds differently in the frozen layers as well: with LoRA, nudging the adapters alone
+    leaves the backbone's forward and backward bit-identical and underestimates that (measured on
+    SmolLM2, ``parity/README.md``).
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

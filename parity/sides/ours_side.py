@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -24,25 +24,23 @@ from parity.sides.cases import ParityCase
 from parity.sides.models import trained_weights
 from parity.sides.result import TOKEN_FIELDS, RunResult
 from parity.sides.workspace import prepare_workspace, training_rows
+from training.fit import FitResult, train
 from training.inputs.four_bit import packed_layers
-
-if TYPE_CHECKING:
-    from training.fit import FitResult
-    from training.inputs.prepare import RunInputs
+from training.inputs.prepare import RunInputs, prepare_inputs
+from training.run.config import (
+    DataConfig,
+    DPOConfig,
+    FitConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+    with_fields,
+)
 
 
 def fit_config(case: ParityCase, data_file: pathlib.Path, ws, output_dir: pathlib.Path):
     """The ``FitConfig`` that trains ``case`` as trl's side does."""
-    from training.run.config import (
-        DataConfig,
-        DPOConfig,
-        FitConfig,
-        LoraConfig,
-        ModelConfig,
-        OptimConfig,
-        TrainerConfig,
-    )
-
     targets = case.lora_target_modules
     return FitConfig(
         model=ModelConfig(
@@ -117,10 +115,6 @@ def train_case(
     ``changes`` replace ``FitConfig`` fields by name (the benchmark's variants); ``callbacks``
     are extra Lightning callbacks (the benchmark's meter).
     """
-    from training.fit import train
-    from training.inputs.prepare import prepare_inputs
-    from training.run.config import with_fields
-
     ws = prepare_workspace(case, pathlib.Path(workdir))
     rows = training_rows(case, ws)
     data_file = pathlib.Path(run_dir) / "rows.jsonl"

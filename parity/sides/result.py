@@ -1,7 +1,8 @@
 """What one side of a parity case hands back: per-step metrics, token ids and final weights.
 
-Both sides (trl in ``parity.sides.trl_side``, ours in ``parity.sides.ours_side``) return a ``RunResult`` with
-the same names, so ``parity.check.compare`` can line them up without knowing who produced them.
+Both sides (trl in ``parity.sides.trl_side``, ours in ``parity.sides.ours_side``) return a
+``RunResult`` with the same names, so ``parity.check.compare`` can line them up without knowing who
+produced them.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import dataclasses
 import pathlib
 
 from datasets import Dataset
+from transformers import PrinterCallback
+from trl import DPOConfig, DPOTrainer
 
 from dpo_core.settings import LossSettings
 from parity.sides.cases import ParityCase
@@ -44,8 +46,6 @@ def trl_config(case: ParityCase, output_dir: pathlib.Path, **overrides):
     ``overrides`` replace any of those settings (the benchmark runs trl at its own defaults,
     ``bf16=True, gradient_checkpointing=True``, with them).
     """
-    from trl import DPOConfig
-
     settings = dict(
         output_dir=str(output_dir),
         seed=case.seed,
@@ -86,9 +86,6 @@ def build_trainer(case: ParityCase, workdir: pathlib.Path, output_dir: pathlib.P
     the adapter to bfloat16 in ``__init__`` (QLoRA paper), so the shared adapter is loaded
     rounded to bfloat16 and trained in bfloat16. ``overrides`` go to ``trl_config``.
     """
-    from transformers import PrinterCallback
-    from trl import DPOTrainer
-
     ws = prepare_workspace(case, pathlib.Path(workdir))
     rows = training_rows(case, ws)
     trainer = DPOTrainer(

@@ -7,8 +7,9 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
+from dpo_core.data import tokenize_rows
+from parity.bench import flops
 from parity.bench.cli import (
-    bench_table,
     build_parser,
     loss_check,
     main,
@@ -17,17 +18,22 @@ from parity.bench.cli import (
     summarize,
     with_utilisation,
 )
+from parity.bench.flops import Pass
 from parity.bench.presets import (
     MODEL_SOURCES,
     PRESETS,
     Preset,
+    _random_word_corpus,
     bench_case,
     prepare_assets,
     single_token_words,
     synthetic_rows,
     with_overrides,
 )
+from parity.bench.table import bench_table
 from parity.sides.datasets_io import HH_RLHF_FILE
+from training.embedded.tokenizer import train_tokenizer
+from training.inputs.gguf import MODEL_NAME, default_cache_dir, is_model_dir
 
 SIDE_KEYS = {
     "side", "trainer", "settings", "exact", "description", "losses", "step_seconds",
@@ -106,9 +112,6 @@ def check_flops(report: dict, model_dir) -> None:
     reference live), trl_defaults adds one forward of the policy (gradient checkpointing); the
     necessary work is the same for every side and never above what a side executes; MFU and HFU
     are those rates over the run's best matmul peak of the side's dtype."""
-    from parity.bench import flops
-    from parity.bench.flops import Pass
-
     shape = flops.decoder_shape(AutoModelForCausalLM.from_pretrained(model_dir))
     preset = PRESETS["tiny"]
     rows, length = 2 * preset.batch_size, preset.prompt_tokens + preset.completion_tokens
@@ -212,8 +215,6 @@ def test_model_source_is_the_policy(tmp_path, monkeypatch):
 def test_smollm2_source_finds_the_cached_model(smollm2):
     """With SmolLM2 in the model cache (the fixture fetches it once), the source returns that
     directory without fetching again."""
-    from training.inputs.gguf import MODEL_NAME, default_cache_dir, is_model_dir
-
     cached = default_cache_dir() / MODEL_NAME
     assert smollm2 == cached and is_model_dir(cached)
     stamp = (cached / "config.json").stat().st_mtime_ns
@@ -286,10 +287,6 @@ def test_disagreeing_losses_fail_loudly():
 
 def test_synthetic_rows_have_exact_token_counts():
     """BOS + 127 single-token words = 128 prompt tokens; 127 words + EOS = 128 per completion."""
-    from dpo_core.data import tokenize_rows
-    from parity.bench.presets import _random_word_corpus
-    from training.embedded.tokenizer import train_tokenizer
-
     preset = PRESETS["cpu-small"]
     tokenizer = train_tokenizer(_random_word_corpus(2000, seed=0), vocab_size=2000)
     assert len(tokenizer) == 2000

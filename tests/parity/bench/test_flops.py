@@ -19,7 +19,9 @@ import math
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from parity.bench import flop_meters, flops
 from parity.bench.flops import DecoderShape, HeadRule, PairTokens, Pass
@@ -32,8 +34,6 @@ GPT2 = dict(n_embd=48, n_layer=2, n_head=4, vocab_size=97, n_positions=64)
 
 
 def llama(attention: str = "sdpa", **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     config = LlamaConfig(**{**LLAMA, **overrides}, tie_word_embeddings=False)
     config._attn_implementation = attention
@@ -41,8 +41,6 @@ def llama(attention: str = "sdpa", **overrides):
 
 
 def gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(**GPT2))
 
@@ -76,8 +74,6 @@ def test_gpt2_shape_counts_conv1d_and_the_tied_head():
 
 def test_lora_shape_trains_the_adapters_only():
     """rank r on q and v: each adapter is A (in -> r) and B (r -> out): r·(in + out)."""
-    from peft import LoraConfig, get_peft_model
-
     r, c = 4, LLAMA
     model = get_peft_model(
         llama(), LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -217,8 +213,6 @@ def test_lora_matches_torch_flop_counter():
     """LoRA (frozen base and head): our backward counts every input gradient; autograd skips
     those of the modules reading layer 0's input (nothing below them trains), the q, k, v
     projections and their A matrices, which is the whole difference."""
-    from peft import LoraConfig, get_peft_model
-
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(llama("eager"), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     model.train()

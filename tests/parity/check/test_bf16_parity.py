@@ -1,16 +1,16 @@
 """bf16 parity: trl 1.16 with ``bf16=True`` against ours under Lightning's ``bf16-mixed``.
 
-Both sides keep float32 weights, optimizer and loss and run every forward under bf16 autocast;
-the LM head rounds where trl's kernel rounds (``dpo_core.lm_head``). Step 1's forward is
-therefore bit-equal (measured: loss, rewards; grad_norm equal, or within 3.2e-6 on ipo, where a
-one-ulp nudge of trl's weights moves it by 2.5e-5 or more). After it, bf16 rounding amplifies
-any float32 difference, and the noise floor measured in the same run (trl against itself from
-weights one float32 ulp away, ``parity.check.noise_floor``) bounds the rest, as in float32; under
-autocast the step-1 checks are bounded by the larger of their float32 bound and the floor's
-step 1 (``parity.check.noise_floor.compare_first_step_to_floor``). The controls show the bounds bite:
-ours without autocast fails step 1, and the embedding stepped at lr x 1.1 fails the weights
-(coarser than float32's lr x 1.001: see the last test). The head's rounding itself is checked
-against a float64 twin in tests/dpo_core/test_lm_head.py.
+Both sides keep float32 weights, optimizer and loss and run every forward under bf16 autocast; the
+LM head rounds where trl's kernel rounds (``dpo_core.lm_head``). Step 1's forward is therefore
+bit-equal (measured: loss, rewards; grad_norm equal, or within 3.2e-6 on ipo, where a one-ulp nudge
+of trl's weights moves it by 2.5e-5 or more). After it, bf16 rounding amplifies any float32
+difference, and the noise floor measured in the same run (trl against itself from weights one
+float32 ulp away, ``parity.check.noise_floor``) bounds the rest, as in float32; under autocast the
+step-1 checks are bounded by the larger of their float32 bound and the floor's step 1
+(``parity.check.noise_floor.compare_first_step_to_floor``). The controls show the bounds bite: ours
+without autocast fails step 1, and the embedding stepped at lr x 1.1 fails the weights (coarser than
+float32's lr x 1.001: see the last test). The head's rounding itself is checked against a float64
+twin in tests/dpo_core/test_lm_head.py.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tests.parity.check.test_parity_cases import (
     noise_floor,
     wrong_param_groups,
 )
+from training.run import module as run_module
 
 BF16 = dict(precision="bf16-mixed")
 CASES = [
@@ -75,12 +76,12 @@ def test_a_wrongly_stepped_tensor_fails_on_the_weights_in_bf16(sigmoid_run, monk
     so trl against itself drifts ~100x further than ours, whose roundings match trl's (ours sits
     below 0.01x the allowed). Measured on this case, 8 steps: lr x 1.001 / 1.01 / 1.1 on
     layers.1.mlp.down_proj pass at 0.04 / 0.10 / 0.96x, lr x 2 fails at 9.6x (with the loss)."""
-    import training.run.module as module
-
     case, workdir, trl, floor = sigmoid_run
     target = "model.embed_tokens.weight"
-    groups = wrong_param_groups(module.param_groups, "lr", target, case.learning_rate * 1.1 / 1.001)
-    monkeypatch.setattr(module, "param_groups", groups)
+    groups = wrong_param_groups(
+        run_module.param_groups, "lr", target, case.learning_rate * 1.1 / 1.001
+    )
+    monkeypatch.setattr(run_module, "param_groups", groups)
     report = compare_runs(case.name, trl, run_ours(case, workdir), floor)
     failed = {c.name for c in report.checks if not c.passed}
     assert failed & WEIGHT_ROWS, failed

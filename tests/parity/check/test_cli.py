@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from parity.check import cli
-from parity.check.compare import CaseReport, MetricCheck
+from parity.check.tolerances import CaseReport, MetricCheck
 
 
 def test_trl_against_itself_passes_and_writes_json(tmp_path, capsys):

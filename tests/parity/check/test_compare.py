@@ -15,11 +15,12 @@ from datasets import Dataset
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from parity.check.compare import STEP_CHECKS, CaseReport, compare_runs, difference
+from parity.check.compare import compare_runs
+from parity.check.tolerances import STEP_CHECKS, CaseReport, difference
 from parity.sides.result import STEP_METRICS, TOKEN_FIELDS, RunResult
 from parity.sides.trl_side import step_metrics
 
-# The tolerance table of parity/check/compare.py's docstring, written out independently of the
+# The tolerance table of parity/check/tolerances.py's docstring, written out independently of the
 # module's constants: check -> (bound, relative, step 1 only).
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 DOCUMENTED = {
@@ -59,8 +60,8 @@ def make_run(steps: int = 3) -> RunResult:
 def as_trl_side_builds_it(run: RunResult) -> RunResult:
     """The same numbers through trl's side's path: steps from a Trainer ``log_history`` (integer
     token counts, ``step``/``epoch`` keys, the end-of-training summary) via
-    ``parity.sides.trl_side.step_metrics``, token ids through a ``datasets.Dataset``, weights through a
-    safetensors round trip. Nothing is shared with ``run``."""
+    ``parity.sides.trl_side.step_metrics``, token ids through a ``datasets.Dataset``, weights
+    through a safetensors round trip. Nothing is shared with ``run``."""
     n = len(run.steps)
     history = [
         {**s, "num_tokens": int(s["num_tokens"]), "step": i, "epoch": i / n}

@@ -1,11 +1,11 @@
-"""parity.check.compare on bf16 weights (QLoRA adapters, compared in ulps) and on 4-bit layers left packed."""
+"""parity.check.compare on bf16 weights (QLoRA adapters, in ulps) and 4-bit layers left packed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from parity.check.compare import compare_runs
+from parity.check.compare import compare_runs, compare_weights, ulp_difference
 from parity.sides.result import RunResult
 from tests.parity.check.test_compare import check, failing, make_run
 
@@ -19,8 +19,6 @@ def bf16_run(weights: torch.Tensor) -> RunResult:
 def test_bf16_weights_are_compared_in_ulps_of_their_scale():
     """One bf16 rounding step at the tensor's scale (eps * max|w| = 2^-8 * 0.5) passes, two
     fail, also on an element far smaller than the scale; float32 stays absolute."""
-    from parity.check.compare import compare_weights, ulp_difference
-
     a = torch.tensor([0.5, 0.01, 0.0], dtype=torch.bfloat16)
     step = torch.finfo(torch.bfloat16).eps * 0.5
     one, two = a.double().clone(), a.double().clone()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity.check.compare import STEP_CHECKS, compare_runs
+from parity.check.compare import compare_runs
 from parity.check.noise_floor import (
     EPS32,
     METRIC_FACTOR,
@@ -22,6 +22,7 @@ from parity.check.noise_floor import (
     measure_floor,
 )
 from parity.check.table import format_table, report_json
+from parity.check.tolerances import STEP_CHECKS
 from parity.sides.models import nudge_one_ulp
 from parity.sides.result import STEP_METRICS, RunResult
 

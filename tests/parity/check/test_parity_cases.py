@@ -1,11 +1,11 @@
 """Parity in CI: trl 1.16's DPOTrainer and our Lightning path on the same tiny cases.
 
-Each case trains both sides from the same files (policy, a *different* reference, the same
-initial LoRA adapter, the same rows in the same order) and ``parity.check.compare`` checks every step
-metric, the token ids, the dropped rows and the final weights against the tolerances documented
-in ``parity/check/compare.py``: step 1 against fixed bounds, everything after it against the noise
-floor of ``parity/check/noise_floor.py`` (trl trained twice more from weights moved by one ulp). Steps
-are kept short (8) so the whole file fits the CI budget; the 20-step run is
+Each case trains both sides from the same files (policy, a *different* reference, the same initial
+LoRA adapter, the same rows in the same order) and ``parity.check.compare`` checks every step
+metric, the token ids, the dropped rows and the final weights against the tolerances documented in
+``parity/check/tolerances.py``: step 1 against fixed bounds, everything after it against the noise
+floor of ``parity/check/noise_floor.py`` (trl trained twice more from weights moved by one ulp).
+Steps are kept short (8) so the whole file fits the CI budget; the 20-step run is
 ``python -m parity --loss-type all --steps 20`` (see ``parity/README.md``). The last tests show
 that the floor still catches a real difference: one parameter group stepped with a learning rate
 0.1% off, or with a weight decay trl does not have.
@@ -14,6 +14,7 @@ that the floor still catches a real difference: one parameter group stepped with
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -27,6 +28,7 @@ from parity.sides.result import RunResult
 from parity.sides.trl_side import run_trl
 from tests.conftest import HH_RLHF_FILE
 from training.embedded.tokenizer import train_tokenizer  # noqa: F401  (imported for a clear ImportError)
+from training.run import module as run_module
 
 STEPS = 8
 
@@ -97,8 +99,6 @@ def test_parity_case(case: ParityCase, tmp_path):
 def test_reference_differs_from_policy(tmp_path):
     """Guard against a vacuous comparison: with reference == policy the step-1 sigmoid loss is
     log 2 whatever the log-probs; our parity reference is a perturbed copy, so it is not."""
-    import math
-
     case = _case("guard", steps=1)
     trl = run_trl(case, tmp_path)
     assert abs(trl.steps[0]["loss"] - math.log(2)) > 1e-4
@@ -174,11 +174,9 @@ def test_a_wrongly_stepped_parameter_group_fails_on_the_weights(control, monkeyp
     """The floor catches what the old fixed bound (1e-4 on any weight) let through: measured
     18x / 35x (gpt2 ipo, lr / wd) and 25x / 39x (LoRA) the allowed on the weight quantiles.
     Step 1 is still exact: the defect only shows in the update."""
-    import training.run.module as module
-
     case, target, workdir, trl, floor = control
-    groups = wrong_param_groups(module.param_groups, kind, target, case.learning_rate)
-    monkeypatch.setattr(module, "param_groups", groups)
+    groups = wrong_param_groups(run_module.param_groups, kind, target, case.learning_rate)
+    monkeypatch.setattr(run_module, "param_groups", groups)
     ours = run_ours(case, workdir)
     report = compare_runs(case.name, trl, ours, floor)
     failed = {c.name for c in report.checks if not c.passed}

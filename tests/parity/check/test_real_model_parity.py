@@ -14,9 +14,11 @@ import pytest
 
 from parity.check.compare import compare_runs
 from parity.sides.cases import ParityCase, comparable
+from parity.sides.datasets_io import HH_SYSTEM, generate_rows
 from parity.sides.ours_side import run_ours
 from parity.sides.trl_side import run_trl
 from tests.parity.check.test_parity_cases import failures, noise_floor
+from training.inputs.model_loading import load_tokenizer
 
 COMMON = {"steps": 3, "batch_size": 2, "max_length": 192, "seed": 0}
 CASES = {
@@ -50,9 +52,6 @@ def test_smollm2_parity(name, smollm2, tmp_path):
 def test_the_chat_case_is_multi_turn_with_and_without_a_system_message(smollm2):
     """What ``chat-lora`` trains on: the first six hh-rlhf rows as messages, at least one with
     several user turns, three with our system message and three with the template's default."""
-    from parity.sides.datasets_io import HH_SYSTEM, generate_rows
-    from training.inputs.model_loading import load_tokenizer
-
     rows = generate_rows("hh-rlhf-chat", COMMON["steps"] * COMMON["batch_size"], seed=0)
     systems = [r["prompt"][0]["role"] == "system" for r in rows]
     assert systems.count(True) == systems.count(False) == 3

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from parity.check.compare import CaseReport, compare_runs
+from parity.check.compare import compare_runs
 from parity.check.table import format_table, report_json, write_json
+from parity.check.tolerances import CaseReport
 from tests.parity.check.test_compare import (
     DOCUMENTED,
     OTHER_CHECKS,

@@ -10,6 +10,7 @@ import pytest
 from dpo_core.settings import LossSettings
 from parity.check.cli import build_parser
 from parity.sides.cases import LOSS_TYPES, ParityCase, case_name, cases_from_args, comparable
+from training.run.config import flag
 
 
 def cases(*argv: str) -> list[ParityCase]:
@@ -62,7 +63,7 @@ def test_options_combine():
         (["--label-smoothing", "0.1"], "cDPO"),
         (["--reference-free"], "reference-free"),
         (["--loss-type", "exo_pair", "--label-smoothing", "0"], "exo_pair"),
-        (["--loss-type", "nca_pair", "--f-divergence", "js_divergence"], "js_divergence"),
+        (["--loss-type", "nca_pair", "--f-divergence-type", "js_divergence"], "js_divergence"),
         (["--loss-type", "aot", "--use-weighting"], "WPO"),
         (["--loss-type", "sft", "--use-weighting"], "sft"),
         (["--lora", "--lora-target-modules", "q_proj", "lm_head"], "lm_head"),
@@ -72,6 +73,29 @@ def test_settings_trl_lacks_are_not_compared(argv, reason):
     (case,) = cases(*argv)
     ok, why = comparable(case)
     assert not ok and reason in why
+
+
+def test_the_objective_flags_are_training_flags():
+    """One flag per ``LossSettings`` field, spelled as ``python -m training.fit`` spells it; the
+    old parity spellings still parse (a unique prefix), and help shows training's names."""
+    parser = build_parser()
+    options = {o for action in parser._actions for o in action.option_strings}
+    assert {flag(f.name) for f in dataclasses.fields(LossSettings)} <= options
+    assert "--f-alpha" not in options and "--f-divergence" not in options
+    (old,) = cases("--loss-type", "ipo", "--f-divergence", "alpha_divergence", "--f-alpha", "0.3")
+    (new,) = cases(
+        "--loss-type", "ipo", "--f-divergence-type", "alpha_divergence",
+        "--f-alpha-divergence-coef", "0.3",
+    )  # fmt: skip
+    assert old == new and new.loss.f_alpha_divergence_coef == 0.3
+    assert "--f-alpha-divergence-coef" in parser.format_help()
+
+
+def test_unset_objective_flags_take_the_settings_defaults():
+    (case,) = cases("--loss-type", "ipo", "--no-use-weighting")
+    assert case.loss == LossSettings(loss_type=["ipo"])
+    (case,) = cases("--use-weighting", "--ld-alpha", "0.5", "--beta", "0.2")
+    assert (case.loss.use_weighting, case.loss.ld_alpha, case.loss.beta) == (True, 0.5, 0.2)
 
 
 def test_the_name_lists_what_differs_from_the_defaults():

@@ -66,7 +66,7 @@ def test_a_mask_without_blocks_fails_the_check(monkeypatch):
 
 
 def test_four_bit_models_are_reported_not_measured():
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # why here: optional, heavy, and prints a banner
 
     model = nn.Sequential(bnb.nn.Linear4bit(64, 64))
     check = padding_free_check.measure(model, [])

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from dpo_core.settings import LossSettings
 from parity.sides.cases import ParityCase
@@ -130,8 +131,6 @@ def test_qlora_run_trains_the_shared_adapter(qlora_run):
 
 
 def _load(directory):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
 
 

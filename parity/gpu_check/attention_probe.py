@@ -1,16 +1,10 @@
-"""Two probes of the GPU check (``parity.gpu_check``): the machine, and the attention kernels
-that prompt sharing's 4D mask runs on.
+"""The GPU check's attention probe: which SDPA kernels prompt sharing's 4D mask runs on.
 
-    python -m parity.gpu_check.probes env --require-cuda --json env.json
-    python -m parity.gpu_check.probes attention --device cuda --json attention.json
-    python -m parity.gpu_check.probes attention --device cpu --size tiny --json a.json   # dry run
+    python -m parity.gpu_check.attention_probe --device cuda --json attention.json
+    python -m parity.gpu_check.attention_probe --device cpu --size tiny --json a.json   # dry run
 
-``env`` records Python, torch, CUDA, the GPU (name, capability, memory, bf16), the float32
-matmul settings (TF32 would loosen every float32 comparison) and the packages the check needs,
-imported; it exits 1 when one is missing or, with ``--require-cuda``, when torch sees no GPU.
-
-``attention`` asks which SDPA kernel runs. Prompt sharing (``dpo_core.packing``) hands the
-model a boolean (rows, 1, L, L) block mask, which FlashAttention cannot take: SDPA then runs the
+Part of ``python -m parity.gpu_check``. Prompt sharing (``dpo_core.packing``) hands the model a
+boolean (rows, 1, L, L) block mask, which FlashAttention cannot take: SDPA then runs the
 memory-efficient kernel or falls back to the math one, while the plain path (causal, no mask
 when nothing is padded) may run flash. For each batch shape (``fixed``: the ``gpu`` bench
 preset's 8 pairs of 256 + 256 tokens; ``ragged``: lengths drawn up to those, so the plain rows
@@ -28,12 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.metadata
 import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -41,66 +31,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AutoConfig, AutoModelForCausalLM
 
-# Everything the check's stages import beyond torch (import name = distribution name).
-PACKAGES = (
-    "transformers", "trl", "peft", "bitsandbytes", "datasets", "lightning", "accelerate",
-    "jsonargparse", "pytest",
-)  # fmt: skip
-
-
-def _packages() -> tuple[dict[str, str | None], list[str]]:
-    """Each package's version (None when it does not import) and what went wrong."""
-    versions, problems = {}, []
-    for module in PACKAGES:
-        try:
-            importlib.import_module(module)
-            versions[module] = importlib.metadata.version(module)
-        except Exception as exc:  # missing or broken: either way the stages that need it fail
-            versions[module] = None
-            problems.append(f"{module}: {type(exc).__name__}: {exc}".splitlines()[0])
-    return versions, problems
-
-
-def environment(require_cuda: bool) -> dict:
-    """What the check runs on; ``problems`` lists what stops it."""
-    versions, problems = _packages()
-    info = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "packages": versions,
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(
-            gpu=props.name,
-            capability=f"{props.major}.{props.minor}",
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            bf16_supported=torch.cuda.is_bf16_supported(),
-            cudnn=torch.backends.cudnn.version(),
-            sdpa_enabled={
-                "flash": torch.backends.cuda.flash_sdp_enabled(),
-                "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-                "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
-                "math": torch.backends.cuda.math_sdp_enabled(),
-            },
-        )
-        where = f"{props.name} (sm {props.major}{props.minor}, {info['gpu_memory_gib']} GiB)"
-    else:
-        where = f"CPU only ({os.cpu_count()} cores)"
-        if require_cuda:
-            problems.append("torch sees no CUDA device")
-    info["problems"] = problems
-    info["summary"] = f"{where}, torch {torch.__version__}, CUDA {torch.version.cuda}" + (
-        f"; PROBLEMS: {'; '.join(problems)}" if problems else ""
-    )
-    return info
+from dpo_core.batch import PreferenceBatch
+from dpo_core.logps import sequence_logps
+from dpo_core.packing import packed_layout, token_logps
+from parity.bench.presets import PRESETS, QWEN2_05B
 
 
 @dataclass(frozen=True)
@@ -127,8 +64,6 @@ TINY_LLAMA = {
 
 
 def _sizes() -> dict[str, ProbeSize]:
-    from parity.bench.presets import PRESETS, QWEN2_05B
-
     gpu = PRESETS["gpu"]
     return {
         "gpu": ProbeSize(
@@ -145,8 +80,6 @@ def _sizes() -> dict[str, ProbeSize]:
 
 def probe_model(size: ProbeSize, device: str) -> torch.nn.Module:
     """A seeded float32 model of the size's shape with SDPA attention, on ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     kwargs = dict(size.model)
     config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=size.vocab_size, **kwargs)
     torch.manual_seed(0)
@@ -162,8 +95,6 @@ def probe_batch(size: ProbeSize, shape: str, device: str):
     """B pairs of random ids as a right-padded ``PreferenceBatch``. ``fixed``: every prompt and
     completion at the size's lengths (no padding); ``ragged``: prompts of 1/4..1x and
     completions of 1/8..1x those lengths."""
-    from dpo_core.batch import PreferenceBatch
-
     g = torch.Generator().manual_seed(1)
     p_max, c_max, b = size.prompt_tokens, size.completion_tokens, size.pairs
 
@@ -220,8 +151,6 @@ def _backend(name: str):
     """A context that forces one SDPA backend (``default``: torch's own choice)."""
     if name == "default":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     backend = {
         "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -241,8 +170,6 @@ def probe_run(model, batch, *, path: str, backend: str, precision: str, device: 
     forward + backward over ``reps`` after one warm-up and the peak CUDA memory, and the
     sequence log-probs; or a record of the error and torch's reasons when the backend refuses,
     and None."""
-    from dpo_core.logps import sequence_logps
-    from dpo_core.packing import token_logps
 
     def step(backward: bool = True) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
@@ -283,8 +210,6 @@ def probe_run(model, batch, *, path: str, backend: str, precision: str, device: 
 
 def _layout_info(model, batch) -> dict:
     """Whether ``dpo_core.packing`` shares prompts on this batch, and in what rows."""
-    from dpo_core.packing import packed_layout
-
     layout = packed_layout(model, batch, padding_free=True)
     info = {"rows": tuple(batch.input_ids.shape), "sharing_chosen": layout is not None}
     if layout is not None:
@@ -362,33 +287,21 @@ def _names(kernels: list[str] | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m parity.gpu_check.probes", description=__doc__.split("\n")[0]
+        prog="python -m parity.gpu_check.attention_probe", description=__doc__.split("\n")[0]
     )
-    sub = p.add_subparsers(dest="probe", required=True)
-    env = sub.add_parser("env", help="the machine and the packages")
-    env.add_argument("--require-cuda", action="store_true")
-    att = sub.add_parser("attention", help="SDPA kernels under prompt sharing's mask")
-    att.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    att.add_argument("--size", default="gpu", choices=["gpu", "tiny"])
-    att.add_argument(
-        "--shapes", nargs="+", default=["fixed", "ragged"], choices=["fixed", "ragged"]
-    )
-    for q in (env, att):
-        q.add_argument("--json", type=pathlib.Path, required=True)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--size", default="gpu", choices=["gpu", "tiny"])
+    p.add_argument("--shapes", nargs="+", default=["fixed", "ragged"], choices=["fixed", "ragged"])
+    p.add_argument("--json", type=pathlib.Path, required=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.probe == "env":
-        report = environment(args.require_cuda)
-        status = 1 if report["problems"] else 0
-    else:
-        report = attention(args.device, args.size, args.shapes)
-        status = 0
+    report = attention(args.device, args.size, args.shapes)
     args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(report["summary"])
-    return status
+    return 0
 
 
 if __name__ == "__main__":
