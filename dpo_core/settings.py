@@ -3,7 +3,7 @@
 Each field has trl 1.16's ``DPOConfig`` name and default and a one-line description in its
 ``metadata["help"]``. The losses read it (``dpo_core.losses.combined_dpo_loss``), one step holds it
 (``dpo_core.step.DPOSettings``), training's config extends it, so every field is a command-line
-flag (``training.base.config.DPOConfig``), and a parity case holds one (``parity.cases``), which
+flag (``training.base.config.DPOConfig``), and a parity case holds one (``parity.sides.cases``), which
 trl's side passes on unchanged: the names are trl's.
 
 Example: ``LossSettings(beta=0.2, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])``.
