@@ -20,6 +20,7 @@ from parity.check.noise_floor import (
     WEIGHT_QUANTILES,
     abs_quantiles,
     measure_floor,
+    summation_slack,
 )
 from parity.check.table import format_table, report_json
 from parity.check.tolerances import STEP_CHECKS
@@ -270,3 +271,23 @@ def test_nudge_moves_every_float_weight_by_one_ulp_with_a_seeded_sign():
     again.load_state_dict(before)
     nudge_one_ulp(again, seed=1)
     assert all(torch.equal(p, after[n]) for n, p in again.named_parameters())
+
+
+def test_a_zero_floor_allows_token_means_their_summation_order_and_nothing_more():
+    """Floor runs identical to trl: a token mean (entropy) a few ulps off, as two summation
+    orders of n = 1200 tokens give, passes (2 * ceil(log2 1200) = 22 ulps at its scale); 40 ulps
+    fail; and a pair metric (loss) gets no such slack: 3 ulps there fail."""
+    trl = make_run()
+    floor = measure_floor(trl, [make_run(), make_run()])
+    assert summation_slack(trl, "entropy", relative=True) == 22 * EPS32 * 0.53
+    assert summation_slack(trl, "loss", relative=True) == 0.0
+
+    def shifted(metric: str, ulps: float) -> RunResult:
+        run = make_run()
+        for step in run.steps[1:]:
+            step[metric] += ulps * EPS32 * max(1.0, abs(step[metric]))
+        return run
+
+    assert compare_runs("order", trl, shifted("entropy", 3), floor).passed
+    assert failing(compare_runs("order", trl, shifted("entropy", 40), floor)) == {"entropy"}
+    assert failing(compare_runs("order", trl, shifted("loss", 3), floor)) == {"loss"}
