@@ -31,6 +31,7 @@ from typing import Any
 from dpo_core.errors import (
     BAD_GZIP,
     BAD_JSON,
+    COMPLETION_ROLE,
     EMPTY_COMPLETION,
     EMPTY_PROMPT,
     IDENTICAL_COMPLETIONS,
@@ -174,7 +175,9 @@ def validate_row(row: Mapping[str, Any], *, source: str, index: int) -> Mapping[
     - ``chosen`` and ``rejected`` are present (``missing_field``);
     - every field is a string, or, for conversations, a list of dicts with string ``role`` and
       ``content``, and all fields share the kind of ``chosen`` (``wrong_type``);
-    - every message's role is one trl accepts, :data:`ROLES` (``unknown_role``);
+    - every message's role is one trl accepts, :data:`ROLES` (``unknown_role``), and the
+      completions hold no ``user`` or ``system`` turn: they are the model's reply
+      (``completion_role``);
     - ``chosen`` and ``rejected`` are not empty (``empty_completion``) and differ
       (``identical_completions``);
     - a conversational prompt is not an empty list (the chat template cannot render it), and an
@@ -214,7 +217,30 @@ def validate_row(row: Mapping[str, Any], *, source: str, index: int) -> Mapping[
             reason=IDENTICAL_COMPLETIONS,
         )
     _check_prompt_not_empty(row, fmt, source=source, index=index)
+    if conversational:
+        _check_completion_roles(row, fmt, source=source, index=index)
     return row
+
+
+# Turns a completion cannot hold: it is the model's reply ('assistant', and 'tool' results).
+NOT_COMPLETION_ROLES = ("user", "system")
+
+
+def _check_completion_roles(row: Mapping[str, Any], fmt: str, *, source: str, index: int) -> None:
+    """The completions of a conversational row (after the implicit prompt, if any) hold no
+    ``user`` or ``system`` message."""
+    start = 0 if fmt == CONVERSATIONAL else prompt_split(row["chosen"], row["rejected"])
+    for field in ("chosen", "rejected"):
+        for k, message in enumerate(row[field][start:], start=start):
+            if message["role"] in NOT_COMPLETION_ROLES:
+                raise DataError(
+                    f"message {k} has role {message['role']!r} in the completion; a completion "
+                    "is the model's reply: 'assistant' turns (and 'tool' results)",
+                    source=source,
+                    index=index,
+                    field=field,
+                    reason=COMPLETION_ROLE,
+                )
 
 
 def _check_type(value: Any, conversational: bool, *, source: str, index: int, field: str) -> None:
