@@ -60,7 +60,7 @@ def no_loading(monkeypatch):
         ({"devices": 0}, "--devices must be -1 or >= 1, got 0"),
         ({"eval_fraction": -0.5}, "--eval-fraction must be in [0, 1), got -0.5"),
         ({"eval_fraction": 1.5}, "--eval-fraction must be in [0, 1), got 1.5"),
-        ({"max_rows": -1}, "--max-rows must be >= 1, got -1"),
+        ({"max_rows": -1}, "--max-rows must be >= 1 (or none), got -1"),
         ({"warmup_steps": -3}, "--warmup-steps must be >= 0, got -3"),
         ({"warmup_ratio": 1.5}, "--warmup-ratio must be in [0, 1], got 1.5"),
         ({"save_every_n_steps": -1}, "--save-every-n-steps must be >= 0, got -1"),
@@ -74,8 +74,9 @@ def no_loading(monkeypatch):
         ({"lora_dropout": 1.0}, "--lora-dropout must be in [0, 1), got 1.0"),
         ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
         ({"eval_batch_size": 0}, "--eval-batch-size must be >= 1, got 0"),
+        ({"eval_max_pairs": 0}, "--eval-max-pairs must be >= 1 (or none), got 0"),
         ({"num_workers": -1}, "--num-workers must be >= 0, got -1"),
-        ({"eval_every_n_steps": 0}, "--eval-every-n-steps must be >= 1, got 0"),
+        ({"eval_every_n_steps": 0}, "--eval-every-n-steps must be >= 1 (or none), got 0"),
         ({"num_train_epochs": 0}, "--num-train-epochs must be >= 1, got 0"),
         ({"dtype": "float8"}, "--dtype must be one of float32, bfloat16, float16, got 'float8'"),
         ({"accelerator": "tpu"}, "--accelerator must be one of auto, cpu, gpu, cuda, mps"),
@@ -214,6 +215,12 @@ def test_evaluate_with_a_corrupt_config_yaml(tiny_assets, tmp_path, capsys, monk
     run = run_dir(tiny_assets, tmp_path, config="model: [unclosed\n")
     line = evaluate_fails(["--model-dir", str(run / "model")], capsys)
     assert f"{run / 'config.yaml'}, line 2: not valid YAML" in line
+    (run / "config.yaml").write_text("trainer:\n  max_steps: 0\n")
+    line = evaluate_fails(["--model-dir", str(run / "model")], capsys)
+    assert line == f"error: {run / 'config.yaml'}: --max-steps must be -1 or >= 1, got 0"
+    (run / "config.yaml").write_text("max_length: 2.5\n")
+    line = evaluate_fails(["--model-dir", str(run / "model")], capsys)
+    assert "config field max_length: expected an integer, got 2.5" in line
 
 
 def test_evaluate_without_config_yaml_refuses_the_embedded_default(

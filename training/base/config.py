@@ -136,7 +136,9 @@ def check_field(f: Field, value: Any) -> None:
         if problem:
             raise ValueError(f"{flag(f.name)}: {problem}, got {item!r}")
         if not _within(item, f.metadata):
-            raise ValueError(f"{flag(f.name)} must be {allowed_text(f.metadata)}, got {item!r}")
+            none = " (or none)" if optional else ""
+            allowed = allowed_text(f.metadata)
+            raise ValueError(f"{flag(f.name)} must be {allowed}{none}, got {item!r}")
 
 
 def check_fields(group: Any) -> None:

@@ -121,7 +121,10 @@ def eval_config(args: argparse.Namespace, eval_fields: dict) -> FitConfig:
     naming the missing file otherwise, never a quiet evaluation against the embedded default."""
     saved = args.model_dir.parent / "config.yaml"
     if saved.is_file():
-        cfg = resolve_config(["--config", str(saved)])[0]
+        try:
+            cfg = resolve_config(["--config", str(saved)])[0]
+        except ValueError as err:  # a value out of range names its field, not the file
+            raise ValueError(err if str(saved) in str(err) else f"{saved}: {err}") from None
     else:
         cfg = FitConfig()
         cfg.model.model = args.reference or adapter_base(args.model_dir)
