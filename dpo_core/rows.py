@@ -175,8 +175,8 @@ def validate_row(row: Mapping[str, Any], *, source: str, index: int) -> Mapping[
     - ``chosen`` and ``rejected`` are present (``missing_field``);
     - every field is a string, or, for conversations, a list of dicts with string ``role`` and
       ``content``, and all fields share the kind of ``chosen`` (``wrong_type``);
-    - every message's role is one trl accepts, :data:`ROLES` (``unknown_role``), and the
-      completions hold no ``user`` or ``system`` turn: they are the model's reply
+    - every message's role is one trl accepts, :data:`ROLES` (``unknown_role``), and each
+      completion starts and ends with an ``assistant`` message: it is the model's reply
       (``completion_role``);
     - ``chosen`` and ``rejected`` are not empty (``empty_completion``) and differ
       (``identical_completions``);
@@ -222,20 +222,19 @@ def validate_row(row: Mapping[str, Any], *, source: str, index: int) -> Mapping[
     return row
 
 
-# Turns a completion cannot hold: it is the model's reply ('assistant', and 'tool' results).
-NOT_COMPLETION_ROLES = ("user", "system")
-
-
 def _check_completion_roles(row: Mapping[str, Any], fmt: str, *, source: str, index: int) -> None:
-    """The completions of a conversational row (after the implicit prompt, if any) hold no
-    ``user`` or ``system`` message."""
+    """Each completion of a conversational row (after the implicit prompt, if any) is the model's
+    reply: its first and last messages are ``assistant`` turns (turns between them may be
+    anything, a multi-turn completion as trl trains it)."""
     start = 0 if fmt == CONVERSATIONAL else prompt_split(row["chosen"], row["rejected"])
     for field in ("chosen", "rejected"):
-        for k, message in enumerate(row[field][start:], start=start):
-            if message["role"] in NOT_COMPLETION_ROLES:
+        last = len(row[field]) - 1
+        for k in dict.fromkeys((start, last)):
+            role = row[field][k]["role"]
+            if role != "assistant":
                 raise DataError(
-                    f"message {k} has role {message['role']!r} in the completion; a completion "
-                    "is the model's reply: 'assistant' turns (and 'tool' results)",
+                    f"message {k} has role {role!r}; a completion is the model's reply: it "
+                    "starts and ends with an 'assistant' message",
                     source=source,
                     index=index,
                     field=field,

@@ -287,8 +287,8 @@ def test_a_user_turn_in_a_completion_is_a_data_error(tiny_assets, tmp_path, caps
     out = tmp_path / "out"
     line = refused(base_args(tiny_assets, out, dataset=data), capsys, code=1)
     assert line == (
-        f"error: {data}, line 3, field 'chosen': message 0 has role 'user' in the completion; a "
-        "completion is the model's reply: 'assistant' turns (and 'tool' results)"
+        f"error: {data}, line 3, field 'chosen': message 0 has role 'user'; a completion is the "
+        "model's reply: it starts and ends with an 'assistant' message"
     )
     assert not (out / "model").exists() and not (out / "checkpoints").exists()
     implicit = {  # an implicit prompt: the completion starts after the shared first message
@@ -299,3 +299,11 @@ def test_a_user_turn_in_a_completion_is_a_data_error(tiny_assets, tmp_path, caps
         validate_row(implicit, source="s", index=0)
     assert (err.value.field, err.value.reason) == ("chosen", COMPLETION_ROLE)
     assert "message 1 has role 'system'" in str(err.value)
+    # a multi-turn completion, as trl trains it, starts and ends with the model: accepted
+    ask, yes, no = (
+        {"role": r, "content": c}
+        for r, c in [("user", "?"), ("assistant", "y"), ("assistant", "n")]
+    )
+    validate_row(
+        {"prompt": [ask], "chosen": [yes, ask, yes], "rejected": [no]}, source="s", index=0
+    )
