@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from training.base.config import GROUPS, FitConfig, allowed_text, base_type, field_names, flag
+from training.base.config import GROUPS, FitConfig, field_names, flag
+from training.base.field_checks import allowed_text, base_type
 
 
 def _none_or(kind: type):
