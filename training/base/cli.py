@@ -4,7 +4,7 @@ Every dataclass field is a flag (``max_steps`` -> ``--max-steps``), typed from i
 booleans take ``--lora`` / ``--no-lora``; lists take several values (``--loss-type sigmoid sft``).
 A YAML file may be nested by group (``dpo: {beta: 0.2}``) or flat (``beta: 0.2``); unknown keys
 are an error, never ignored. Each value is checked against its field's type and range
-(``training.base.config.check_fields``); flags are never abbreviated (``--lr`` is not
+(``training.base.field_checks``); flags are never abbreviated (``--lr`` is not
 ``--lr-scheduler-type``).
 """
 
