@@ -22,6 +22,7 @@ IDENTICAL_COMPLETIONS = "identical_completions"
 NO_ROWS = "no_rows"
 MIXED_SHAPES = "mixed_shapes"
 UNKNOWN_ROLE = "unknown_role"
+COMPLETION_ROLE = "completion_role"  # a completion that does not start and end as the model
 UNREADABLE = "unreadable"
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from dpo_core.errors import (
     BAD_GZIP,
     BAD_JSON,
+    COMPLETION_ROLE,
     EMPTY_COMPLETION,
     EMPTY_PROMPT,
     IDENTICAL_COMPLETIONS,
@@ -174,7 +175,9 @@ def validate_row(row: Mapping[str, Any], *, source: str, index: int) -> Mapping[
     - ``chosen`` and ``rejected`` are present (``missing_field``);
     - every field is a string, or, for conversations, a list of dicts with string ``role`` and
       ``content``, and all fields share the kind of ``chosen`` (``wrong_type``);
-    - every message's role is one trl accepts, :data:`ROLES` (``unknown_role``);
+    - every message's role is one trl accepts, :data:`ROLES` (``unknown_role``), and each
+      completion starts and ends with an ``assistant`` message: it is the model's reply
+      (``completion_role``);
     - ``chosen`` and ``rejected`` are not empty (``empty_completion``) and differ
       (``identical_completions``);
     - a conversational prompt is not an empty list (the chat template cannot render it), and an
@@ -214,7 +217,29 @@ def validate_row(row: Mapping[str, Any], *, source: str, index: int) -> Mapping[
             reason=IDENTICAL_COMPLETIONS,
         )
     _check_prompt_not_empty(row, fmt, source=source, index=index)
+    if conversational:
+        _check_completion_roles(row, fmt, source=source, index=index)
     return row
+
+
+def _check_completion_roles(row: Mapping[str, Any], fmt: str, *, source: str, index: int) -> None:
+    """Each completion of a conversational row (after the implicit prompt, if any) is the model's
+    reply: its first and last messages are ``assistant`` turns (turns between them may be
+    anything, a multi-turn completion as trl trains it)."""
+    start = 0 if fmt == CONVERSATIONAL else prompt_split(row["chosen"], row["rejected"])
+    for field in ("chosen", "rejected"):
+        last = len(row[field]) - 1
+        for k in dict.fromkeys((start, last)):
+            role = row[field][k]["role"]
+            if role != "assistant":
+                raise DataError(
+                    f"message {k} has role {role!r}; a completion is the model's reply: it "
+                    "starts and ends with an 'assistant' message",
+                    source=source,
+                    index=index,
+                    field=field,
+                    reason=COMPLETION_ROLE,
+                )
 
 
 def _check_type(value: Any, conversational: bool, *, source: str, index: int, field: str) -> None:

@@ -13,6 +13,8 @@ What is measured: ``training.eval.before_after``.
 Writes ``eval.json``, ``report.md`` and PNG plots to the output directory (``training.eval.report``).
 The models and data default to the run's ``config.yaml`` beside ``--model-dir``: the reference is
 the run's ``--ref-model``, else its starting model; a LoRA adapter directory is loaded on it.
+Without a ``config.yaml``, ``--reference`` (or an adapter's base) and ``--dataset`` or
+``--eval-file`` must say what to evaluate against. A failure is one ``error:`` line, exit 1.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import sys
 from pathlib import Path
 
 from training.base.cli import add_group_flags
-from training.base.config import FitConfig
+from training.base.config import ACCELERATORS, FitConfig
+from training.base.errors import debug_requested, user_message
 from training.eval.before_after import Evaluation, evaluate
 from training.eval.loading import build_models, eval_config, load_trained, pick_device
 from training.eval.report import evaluation_table, write_report
+from training.inputs.model_checks import check_accelerator, check_trained_model_dir
 from training.inputs.prepare import prepare_inputs
+from training.run.outputs import check_output_dir
 from training.run.quiet import quiet_foreign_warnings
 
 
@@ -39,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.evaluate",
         description="Evaluate a DPO-trained model against its starting model on held-out data.",
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
     )
     add = parser.add_argument
     add("--model-dir", type=Path, default=Path("runs/dpo/model"), help="Trained model or adapter.")
@@ -56,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output-dir", type=Path, default=None, help="Where to write (default: the run's dir).")
     add("--beta", type=float, default=None, help="β of the implicit reward (default: the run's).")
     add("--seed", type=int, default=None, help="Sampling seed (default: the run's).")
-    add("--accelerator", default=None, help="cpu, gpu or auto.")
+    add("--accelerator", default=None, choices=ACCELERATORS, help="Device to evaluate on.")
+    add("--debug", action="store_true", help="On a failure, show the full traceback.")
     add_group_flags(parser, "eval")
     return parser
 
@@ -65,14 +72,17 @@ def run_evaluation(args: argparse.Namespace, eval_fields: dict) -> tuple[Evaluat
     """Resolve config, data and models from the command line; evaluate; write the report."""
     if not args.model_dir.is_dir():
         raise FileNotFoundError(f"--model-dir {args.model_dir} is not a directory")
+    check_trained_model_dir(args.model_dir)
     cfg = eval_config(args, eval_fields)
+    check_accelerator(cfg.trainer.accelerator)
+    out = args.output_dir or args.model_dir.parent
+    check_output_dir(out)  # a read-only place fails now, not after the evaluation
     quiet_foreign_warnings(cfg.lora.load_in_4bit)
     inputs = prepare_inputs(cfg)
     device = pick_device(cfg.trainer.accelerator)
     trained = load_trained(args.model_dir, inputs.model_path, cfg, device)
     models = build_models(trained, cfg, inputs.model_path)
     evaluation = evaluate(models, inputs, cfg)
-    out = args.output_dir or args.model_dir.parent
     metrics = args.model_dir.parent / "metrics.csv"  # the run's training curves, if any
     paths = write_report(
         out,
@@ -103,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     eval_fields = {k: v for k, v in vars(args).items() if k in eval_names}
     try:
         evaluation, paths = run_evaluation(args, eval_fields)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = None if debug_requested(getattr(args, "debug", False)) else user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print_report(evaluation, paths)
     return 0

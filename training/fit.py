@@ -24,12 +24,11 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dpo_core.rows import DataError
 from training.base.cli import config_to_yaml, resolve_config
 from training.base.config import FitConfig
-from training.base.errors import RunError, debug_requested, describe_os_error, is_no_space
+from training.base.errors import RunError, debug_requested, user_message
 from training.inputs.data_module import PreferenceDataModule
-from training.inputs.model_checks import check_model_source
+from training.inputs.model_checks import check_accelerator, check_model_source
 from training.inputs.model_loading import build_reference, load_policy
 from training.inputs.precompute import attach_precomputed_reference, resolve_precompute
 from training.inputs.prepare import RunInputs, apply_embedded_recipe, prepare_inputs
@@ -230,14 +229,15 @@ def fit_module(
 
 def check_before_loading(cfg: FitConfig) -> None:
     """What can fail without loading anything, checked first: the model paths exist and look
-    like models (nothing is written if not), then the output directory is writable
-    (``RunError`` otherwise)."""
+    like models, a GPU is visible if asked for (nothing is written if not), then the output
+    directory is writable (``RunError`` otherwise)."""
     for flag, name in (("--model", cfg.model.model), ("--ref-model", cfg.model.ref_model)):
         if name:
             check_model_source(name, flag)
     adapter = cfg.model.adapter
     if adapter and not Path(adapter).expanduser().exists():
         raise RunError(f"--adapter {adapter}: no such directory")
+    check_accelerator(cfg.trainer.accelerator)
     check_output_dir(cfg.trainer.output_dir)
 
 
@@ -252,20 +252,6 @@ def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
     result = train(cfg, inputs)
     print_summary(result)
     return result
-
-
-def user_message(err: BaseException) -> str | None:
-    """The one-line message ``main`` prints for a failure the user can act on, or None for an
-    unexpected one (whose traceback is then shown)."""
-    if isinstance(err, RunError | DataError | FloatingPointError):
-        return str(err)
-    if isinstance(err, OSError):
-        return describe_os_error(err) if err.errno else str(err)
-    if isinstance(err, ValueError):
-        return str(err)
-    if is_no_space(err):
-        return f"no space left on device ({str(err).strip().splitlines()[0]})"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from training.base.cli import resolve_config
+from training.base.errors import debug_requested, user_message
 from training.eval import plots
 from training.fit import run
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.sweep",
         description="Train one DPO run per beta and plot win rate against KL. Other flags go to "
         "training.fit (see python -m training.fit --help).",
+        allow_abbrev=False,
     )
     parser.add_argument("--beta", type=float, nargs="+", required=True, help="The betas to train.")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/sweep"), help="Sweep root.")
@@ -94,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         runs, png = sweep(args.beta, args.output_dir, fit_argv)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = None if debug_requested("--debug" in fit_argv) else user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print()
     print(summary(runs))

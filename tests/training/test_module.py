@@ -1,9 +1,8 @@
 """Unit tests of the Lightning module's optimizer pieces."""
 
-import torch
 import transformers as T
 
-from training.run.module import linear_schedule, param_groups
+from training.run.module import param_groups
 
 
 def test_tied_weight_is_in_one_group_once():
@@ -24,10 +23,3 @@ def test_norms_and_biases_get_no_weight_decay():
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
     assert all("ln_" in names[id(p)] or "bias" in names[id(p)] for p in no_decay["params"])
     assert not any("bias" in names[id(p)] for p in decay["params"])
-
-
-def test_linear_schedule_matches_transformers():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    ref = T.get_linear_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=10)
-    for step in range(12):
-        assert linear_schedule(step, warmup=3, total=10) == ref.lr_lambdas[0](step)

@@ -16,18 +16,45 @@ from dataclasses import dataclass, field, fields, replace
 from dpo_core.collate import check_truncation_mode
 from dpo_core.logp_types import CHUNK_SIZE, KEEP_PROBS_BYTES
 from dpo_core.settings import LossSettings
+from training.base.field_checks import check_fields, flag
+
+# The names a choice field accepts (checked by ``check_fields``).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# transformers' get_scheduler names that ``training.run.schedules`` computes.
+LR_SCHEDULER_TYPES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "constant",
+    "constant_with_warmup",
+)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# Lightning 2's precision names (lightning.fabric.connector._PRECISION_INPUT_STR) and aliases.
+PRECISIONS = (
+    "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+    "transformer-engine", "transformer-engine-float16", "32", "bf16", "16", "64",
+)  # fmt: skip
+# Lightning's StrategyRegistry names that train on CPU or GPU, and "auto".
+STRATEGIES = (
+    "auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook",
+    "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
+    "ddp_spawn_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true",
+    "ddp_fork_find_unused_parameters_false", "ddp_fork_find_unused_parameters_true",
+    "ddp_notebook_find_unused_parameters_false", "ddp_notebook_find_unused_parameters_true",
+    "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+    "deepspeed_stage_3", "deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme",
+    "fsdp", "fsdp_cpu_offload",
+)  # fmt: skip
 
 
-def flag(field_name: str) -> str:
-    """The command-line flag of a config field: ``max_steps`` -> ``--max-steps``."""
-    return "--" + field_name.replace("_", "-")
-
-
-def _f(default, help: str, **kw):  # noqa: A002 - "help" mirrors argparse
-    """A dataclass field with a one-line help text (used by the CLI and --print-config)."""
+def _f(default, help: str, **checks):  # noqa: A002 - "help" mirrors argparse
+    """A dataclass field with a one-line help text (used by the CLI and --print-config) and its
+    allowed values, checked by ``training.base.field_checks``: bounds ``ge``, ``gt``, ``le``,
+    ``lt``, ``also`` (values allowed outside the bounds, such as -1) and ``choices``."""
+    meta = {"help": help, **checks}
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -44,7 +71,7 @@ class ModelConfig:
         None, "Start from this LoRA adapter directory (trained further; implies --lora)."
     )
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model directory.")
-    dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
+    dtype: str = _f("float32", "Weights dtype.", choices=DTYPE_NAMES)
     attn_implementation: str | None = _f(
         None, "Attention kernel (sdpa, eager, ...); unset = default."
     )
@@ -61,19 +88,25 @@ class DataConfig:
     split: str = _f("train", "Split of --dataset to train on.")
     eval_dataset: str | None = _f(None, "Held-out file or hub id; unset = eval_split or a slice.")
     eval_split: str | None = _f(None, "Split of --dataset to evaluate on (e.g. test).")
-    eval_fraction: float = _f(0.05, "Held-out share of the rows read when no eval set is given.")
-    eval_max_pairs: int | None = _f(
-        64, "At most this many held-out pairs (the first of an eval set); none = no cap."
+    eval_fraction: float = _f(
+        0.05, "Held-out share of the rows read when no eval set is given.", ge=0, lt=1
     )
-    max_length: int | None = _f(1024, "Truncate prompt+completion to this many tokens (trl's).")
-    truncation_mode: str = _f("keep_start", "keep_start or keep_end, as trl.")
+    eval_max_pairs: int | None = _f(
+        64, "At most this many held-out pairs (the first of an eval set); none = no cap.", ge=1
+    )
+    max_length: int | None = _f(
+        1024, "Truncate prompt+completion to this many tokens (trl's).", ge=1
+    )
+    truncation_mode: str = _f("keep_start", "As trl.", choices=("keep_start", "keep_end"))
     skip_invalid: bool = _f(False, "Skip malformed rows (counted and reported) instead of failing.")
     shuffle: bool = _f(True, "Shuffle training rows each epoch (off = trl's sequential sampler).")
     group_by_length: bool = _f(
         False, "Batch pairs of similar token counts together (less padding; changes the order)."
     )
     max_rows: int | None = _f(
-        None, "Use only the first N rows of --dataset (the held-out share is taken from them)."
+        None,
+        "Use only the first N rows of --dataset (the held-out share is taken from them).",
+        ge=1,
     )
 
 
@@ -89,11 +122,12 @@ class DPOConfig(LossSettings):
         "run reads every training row at least once (then it saves reference forwards), else off.",
     )
     logps_chunk_size: int = _f(
-        CHUNK_SIZE, "Completion tokens projected to the vocabulary at a time."
+        CHUNK_SIZE, "Completion tokens projected to the vocabulary at a time.", ge=1
     )
     logps_keep_probs_mb: int = _f(
         KEEP_PROBS_BYTES // 2**20,
         "Keep the head's softmax for backward up to this size (MiB); 0 = recompute it.",
+        ge=0,
     )
     prompt_sharing: bool = _f(
         True,
@@ -113,17 +147,24 @@ class DPOConfig(LossSettings):
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and linear decay, as transformers' Trainer."""
+    """AdamW and a learning-rate schedule with linear warm-up, as transformers' Trainer."""
 
-    learning_rate: float = _f(1e-6, "Peak learning rate (trl's DPOConfig default).")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Clip the total gradient norm to this (0 = off).")
-    warmup_steps: int = _f(0, "Linear warm-up steps.")
-    warmup_ratio: float = _f(0.0, "Warm-up as a share of all steps (used when warmup_steps is 0).")
-    lr_scheduler_type: str = _f("linear", "linear or constant.")
+    learning_rate: float = _f(1e-6, "Peak learning rate (trl's DPOConfig default).", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, lt=1)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    max_grad_norm: float = _f(1.0, "Clip the total gradient norm to this (0 = off).", ge=0)
+    warmup_steps: int = _f(0, "Linear warm-up steps.", ge=0)
+    warmup_ratio: float = _f(
+        0.0, "Warm-up as a share of all steps (used when warmup_steps is 0).", ge=0, le=1
+    )
+    lr_scheduler_type: str = _f(
+        "linear",
+        "Schedule after the warm-up, as transformers' get_scheduler computes it (constant: no "
+        "warm-up; constant_with_warmup: with one).",
+        choices=LR_SCHEDULER_TYPES,
+    )
 
 
 @dataclass
@@ -131,18 +172,22 @@ class LoraConfig:
     """LoRA adapters (peft); the reference is then the model with its adapters switched off."""
 
     lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    lora_r: int = _f(16, "LoRA rank.", ge=1)
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).", ge=1)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
     lora_target_modules: list[str] = _f(["all-linear"], "Modules to adapt (peft names).")
     merge_adapter: bool = _f(False, "Also save the adapter merged into the base weights.")
     load_in_4bit: bool = _f(
         False, "QLoRA: load the base in bitsandbytes NF4 4-bit (implies --lora)."
     )
-    bnb_4bit_compute_dtype: str = _f("float32", "Compute dtype of the 4-bit layers.")
-    bnb_4bit_quant_type: str = _f("nf4", "nf4 or fp4.")
+    bnb_4bit_compute_dtype: str = _f(
+        "float32", "Compute dtype of the 4-bit layers.", choices=DTYPE_NAMES
+    )
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit data type.", choices=("nf4", "fp4"))
     qlora_adapter_dtype: str = _f(
-        "bfloat16", "dtype of the LoRA weights on a 4-bit base (bf16: QLoRA paper, as trl 1.16)."
+        "bfloat16",
+        "dtype of the LoRA weights on a 4-bit base (bf16: QLoRA paper, as trl 1.16).",
+        choices=DTYPE_NAMES,
     )
 
 
@@ -151,22 +196,26 @@ class TrainerConfig:
     """Steps, batches, devices, outputs: the Lightning Trainer's side."""
 
     output_dir: str = _f("runs/dpo", "Where the model, logs, checkpoints and report go.")
-    max_steps: int = _f(-1, "Optimizer steps to train (-1 = num_train_epochs epochs).")
-    num_train_epochs: int = _f(1, "Epochs when max_steps is -1.")
-    batch_size: int = _f(
-        8, "Preference pairs per device per micro-batch (per_device_train_batch_size)."
+    max_steps: int = _f(
+        -1, "Optimizer steps to train (-1 = num_train_epochs epochs).", ge=1, also=(-1,)
     )
-    eval_batch_size: int = _f(16, "Pairs per evaluation batch.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    seed: int = _f(42, "Seed for weights init, data order, dropout and sampling.")
-    accelerator: str = _f("auto", "cpu, gpu or auto.")
-    devices: int = _f(1, "Devices (processes) per machine to train on.")
-    num_nodes: int = _f(1, "Machines (nodes) to train on; Lightning's num_nodes.")
-    strategy: str = _f("auto", "Lightning strategy: auto, ddp, fsdp, deepspeed.")
-    precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, ...")
-    save_every_n_steps: int = _f(50, "Write a checkpoint every N optimizer steps.")
+    num_train_epochs: int = _f(1, "Epochs when max_steps is -1.", ge=1)
+    batch_size: int = _f(
+        8, "Preference pairs per device per micro-batch (per_device_train_batch_size).", ge=1
+    )
+    eval_batch_size: int = _f(16, "Pairs per evaluation batch.", ge=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", ge=1)
+    seed: int = _f(42, "Seed for weights init, data order, dropout and sampling.", ge=0)
+    accelerator: str = _f("auto", "Lightning accelerator.", choices=ACCELERATORS)
+    devices: int = _f(1, "Devices (processes) per machine to train on.", ge=1, also=(-1,))
+    num_nodes: int = _f(1, "Machines (nodes) to train on; Lightning's num_nodes.", ge=1)
+    strategy: str = _f("auto", "Lightning strategy.", choices=STRATEGIES)
+    precision: str = _f("32-true", "Lightning precision.", choices=PRECISIONS)
+    save_every_n_steps: int = _f(
+        50, "Write a checkpoint every N optimizer steps (0 = no checkpoints).", ge=0
+    )
     eval_every_n_steps: int | None = _f(
-        None, "Validate every N optimizer steps (unset = at the end)."
+        None, "Validate every N optimizer steps (unset = at the end).", ge=1
     )
     resume: bool = _f(
         False,
@@ -178,7 +227,7 @@ class TrainerConfig:
         "(the changes are recorded in config.yaml and metrics.csv).",
     )
     evaluate: bool = _f(True, "Evaluate before vs after and write the report at the end.")
-    num_workers: int = _f(0, "DataLoader workers.")
+    num_workers: int = _f(0, "DataLoader workers.", ge=0)
 
     @property
     def world_size(self) -> int:
@@ -195,20 +244,24 @@ class TrainerConfig:
 class EvalConfig:
     """Evaluation before vs after training (``training.evaluate``): sampling and judging."""
 
-    num_prompts: int = _f(128, "Held-out prompts to sample a completion for (0 = no generation).")
-    max_new_tokens: int = _f(48, "Most tokens sampled per completion.")
-    temperature: float = _f(1.0, "Sampling temperature (1.0 samples pi itself: unbiased KL).")
-    top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off: unbiased KL).")
-    generation_batch_size: int = _f(64, "Prompts sampled at a time.")
+    num_prompts: int = _f(
+        128, "Held-out prompts to sample a completion for (0 = no generation).", ge=0
+    )
+    max_new_tokens: int = _f(48, "Most tokens sampled per completion.", ge=1)
+    temperature: float = _f(1.0, "Sampling temperature (1.0 samples pi itself: unbiased KL).", gt=0)
+    top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off: unbiased KL).", gt=0, le=1)
+    generation_batch_size: int = _f(64, "Prompts sampled at a time.", ge=1)
     judge: str = _f(
         "auto",
         "auto (embedded: the task's rule; else implicit), rule, implicit, none, a reward-model "
         "directory or hub id, or module:function returning a score in [0, 1].",
     )
     win_against: str = _f(
-        "chosen", "Reward judges: a sample wins if it outscores the pair's chosen or rejected."
+        "chosen",
+        "Reward judges: a sample wins if it outscores the pair's chosen or rejected.",
+        choices=("chosen", "rejected"),
     )
-    num_examples: int = _f(5, "Side-by-side before/after examples in report.md.")
+    num_examples: int = _f(5, "Side-by-side before/after examples in report.md.", ge=0)
 
 
 GROUPS: dict[str, type] = {
@@ -239,30 +292,20 @@ class FitConfig:
 
 
 def check_config(cfg: FitConfig) -> None:
-    """Reject inconsistent settings early, with the flag names a user typed (the objective's
-    fields are checked when ``DPOConfig`` is made: ``dpo_core.settings``)."""
+    """Reject wrong types, out-of-range values and inconsistent settings early, with the flag
+    names a user typed (the objective's own fields are checked when ``DPOConfig`` is made:
+    ``dpo_core.settings``)."""
+    for group in GROUPS:
+        check_fields(getattr(cfg, group))
     check_truncation_mode(cfg.data.truncation_mode, "--truncation-mode")
-    if cfg.data.eval_max_pairs is not None and cfg.data.eval_max_pairs < 1:
-        raise ValueError(f"--eval-max-pairs must be >= 1 or none, got {cfg.data.eval_max_pairs}")
-    if cfg.trainer.batch_size < 1 or cfg.trainer.gradient_accumulation_steps < 1:
-        raise ValueError("--batch-size and --gradient-accumulation-steps must be >= 1")
-    if cfg.trainer.num_nodes < 1:
-        raise ValueError(f"--num-nodes must be >= 1, got {cfg.trainer.num_nodes}")
-    check_eval_config(cfg.eval)
+    o = cfg.optim
+    if o.lr_scheduler_type == "constant" and (o.warmup_steps or o.warmup_ratio):
+        raise ValueError(
+            "--lr-scheduler-type constant has no warm-up (as transformers' get_scheduler): "
+            "use constant_with_warmup, or --warmup-steps 0 and --warmup-ratio 0"
+        )
     if cfg.lora.load_in_4bit or cfg.model.adapter:
         cfg.lora.lora = True  # 4-bit weights cannot be trained directly: QLoRA trains adapters.
-
-
-def check_eval_config(e: EvalConfig) -> None:
-    """Reject sampling and judging settings that cannot work."""
-    if e.num_prompts < 0 or e.num_examples < 0:
-        raise ValueError("--num-prompts and --num-examples must be >= 0")
-    if e.max_new_tokens < 1 or e.generation_batch_size < 1:
-        raise ValueError("--max-new-tokens and --generation-batch-size must be >= 1")
-    if e.temperature <= 0 or not 0 < e.top_p <= 1:
-        raise ValueError(f"--temperature must be > 0 and --top-p in (0, 1], got {e}")
-    if e.win_against not in ("chosen", "rejected"):
-        raise ValueError(f"--win-against must be chosen or rejected, got {e.win_against!r}")
 
 
 def with_fields(cfg: FitConfig, changes: dict) -> FitConfig:

@@ -15,6 +15,8 @@ import errno
 import os
 from pathlib import Path
 
+from dpo_core.rows import DataError
+
 
 class RunError(Exception):
     """A failure with a message for the user: which path, and why."""
@@ -65,3 +67,17 @@ def write_failure(path: Path, err: BaseException, what: str) -> RunError:
     else:
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return RunError(f"{path}: {cause} while {what}")
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message an entry point prints for a failure the user can act on, or None for
+    an unexpected one (whose traceback is then shown)."""
+    if isinstance(err, RunError | DataError | FloatingPointError):
+        return str(err)
+    if isinstance(err, OSError):
+        return describe_os_error(err) if err.errno else str(err)
+    if isinstance(err, ValueError):
+        return str(err)
+    if is_no_space(err):
+        return f"no space left on device ({str(err).strip().splitlines()[0]})"
+    return None

@@ -115,14 +115,26 @@ def pick_device(accelerator: str) -> torch.device:
 
 
 def eval_config(args: argparse.Namespace, eval_fields: dict) -> FitConfig:
-    """The run's saved ``config.yaml`` beside ``--model-dir`` (defaults if none), with the
-    command line's model, data and evaluation settings on top."""
+    """The run's saved ``config.yaml`` beside ``--model-dir``, with the command line's model,
+    data and evaluation settings on top. Without that file the command line must name the
+    starting model (``--reference``, or an adapter's base) and the data: a ``ValueError``
+    naming the missing file otherwise, never a quiet evaluation against the embedded default."""
     saved = args.model_dir.parent / "config.yaml"
-    cfg = resolve_config(["--config", str(saved)])[0] if saved.is_file() else FitConfig()
+    if saved.is_file():
+        try:
+            cfg = resolve_config(["--config", str(saved)])[0]
+        except ValueError as err:  # a value out of range names its field, not the file
+            raise ValueError(err if str(saved) in str(err) else f"{saved}: {err}") from None
+    else:
+        cfg = FitConfig()
+        cfg.model.model = args.reference or adapter_base(args.model_dir)
+        if not cfg.model.model or not (args.dataset or args.eval_file):
+            raise ValueError(
+                f"{saved}: no such file (the run's config, which names the starting model and "
+                "the data); give --reference and --dataset or --eval-file to evaluate without it"
+            )
     if args.reference:
         cfg.model.model, cfg.model.ref_model, cfg.model.adapter = args.reference, None, None
-    elif not saved.is_file():
-        cfg.model.model = adapter_base(args.model_dir)
     if args.dataset or args.eval_file:
         cfg.data.dataset = args.dataset or args.eval_file
         cfg.data.eval_dataset = args.eval_file

@@ -237,7 +237,7 @@ def fetch_smollm2(cache_dir: str | os.PathLike[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; prints the model dir, or ``error: ...`` with exit status 1."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="cmd", required=True)
     fetch = sub.add_parser("fetch", help=f"download and convert {MODEL_NAME}")
     fetch.add_argument("--cache-dir", type=Path, default=default_cache_dir())

@@ -1,4 +1,5 @@
-"""Checks of a ``--model`` / ``--ref-model`` / ``--adapter`` path before anything is loaded.
+"""Checks of a ``--model`` / ``--ref-model`` / ``--adapter`` path, and of the device asked for,
+before anything is loaded.
 
 transformers reports a bad local path through whatever layer trips first: a missing directory as
 an invalid hub repo id, an empty one as a missing ``sentencepiece``, a truncated
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+
+import torch
 
 from training.base.errors import RunError
 
@@ -49,6 +52,35 @@ def check_model_source(name: str, flag: str = "--model") -> None:
         raise RunError(f"{flag} {name}: no config.json in the directory (and no .gguf file)")
     check_json(config, flag)
     check_weights(path, flag)
+
+
+def check_accelerator(accelerator: str) -> None:
+    """``--accelerator gpu`` (or ``cuda``) needs a GPU that torch can see: a ``RunError`` if
+    there is none, before Lightning (whose own message names neither flag nor remedy)."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RunError(
+            f"--accelerator {accelerator}: no GPU is visible (torch.cuda.is_available() is "
+            "False); use --accelerator cpu or auto"
+        )
+
+
+def check_trained_model_dir(path: Path, flag: str = "--model-dir") -> None:
+    """A directory ``training.fit`` saved: a LoRA adapter (``adapter_config.json`` and its
+    weights) or a full model (``check_model_source``)."""
+    if not path.is_dir():
+        raise RunError(f"{flag} {path}: no such directory")
+    if not (path / "adapter_config.json").is_file():
+        check_model_source(str(path), flag)
+        return
+    check_json(path / "adapter_config.json", flag)
+    weights = sorted(path.glob("adapter_model.*"))
+    if not weights:
+        raise RunError(
+            f"{flag} {path}: no adapter weights (adapter_model.safetensors) in the directory"
+        )
+    for file in weights:
+        if file.suffix == ".safetensors":
+            check_safetensors(file, flag)
 
 
 def check_json(path: Path, flag: str) -> dict:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo_core.data import PROMPT_FILLS_MAX_LENGTH
+from dpo_core.rows import detect_format, is_conversational_format
 from training.base.config import FitConfig
+from training.base.errors import RunError
 from training.embedded.assets import prepare_embedded
 from training.inputs.data_module import PreferenceData, split_heldout, tokenize_source
 from training.inputs.gguf import as_model_dir
@@ -36,7 +38,10 @@ EMBEDDED_RECIPE: dict[str, dict[str, Any]] = {
 
 
 def apply_embedded_recipe(cfg, explicit: set[str]):
-    """A copy of ``cfg`` whose fields not in ``explicit`` take ``EMBEDDED_RECIPE``'s values."""
+    """A copy of ``cfg`` whose fields not in ``explicit`` take ``EMBEDDED_RECIPE``'s values
+    (no warm-up under ``--lr-scheduler-type constant``, which has none)."""
+    if cfg.optim.lr_scheduler_type == "constant":
+        explicit = {*explicit, "warmup_steps"}
     groups = {}
     for group, values in EMBEDDED_RECIPE.items():
         current = getattr(cfg, group)
@@ -136,6 +141,19 @@ def _split_off_heldout(cfg: FitConfig, rows: SourceRows) -> RowSets:
     return RowSets(rows, None, rows.subset(train), rows.subset(held), note)
 
 
+def check_chat_template(rows: SourceRows, tokenizer, model: str) -> None:
+    """Conversational rows are rendered by the tokenizer's chat template: a ``RunError`` naming
+    the model and the file when it has none (transformers' own message names neither)."""
+    if not rows.rows or getattr(tokenizer, "chat_template", None):
+        return
+    if is_conversational_format(detect_format(rows.rows[0], source=rows.source)):
+        raise RunError(
+            f"--model {model}: its tokenizer has no chat template, but {rows.source} holds "
+            "conversational rows (lists of role/content messages); use a model with a chat "
+            "template (an instruct model) or rows of text"
+        )
+
+
 def prepare_inputs(cfg: FitConfig) -> RunInputs:
     """Build or load everything the run reads, and tokenize it as trl would."""
     embedded = None
@@ -146,6 +164,8 @@ def prepare_inputs(cfg: FitConfig) -> RunInputs:
         log.info("model: embedded default (%s)", model_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     rows = _rows_and_sources(cfg, embedded)
+    for part in (rows.train, rows.heldout):
+        check_chat_template(part, tokenizer, cfg.model.model or model_path)
     train, train_part = tokenize_source(rows.train, tokenizer, cfg, "train")
     held, held_part = tokenize_source(rows.heldout, tokenizer, cfg, "held-out")
     _report(rows, train_part, held_part, cfg.data.max_length)

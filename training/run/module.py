@@ -1,9 +1,9 @@
 """The LightningModule: a thin wrapper that feeds batches to ``dpo_core.step.dpo_step``.
 
 ``training_step`` and ``validation_step`` share one step; this file only wires it to Lightning:
-optimizer and schedule (as transformers' Trainer builds them, so runs compare with trl), the
-per-optimizer-step metric reduction trl uses (mean over micro-batches of sums/counts reduced
-across processes), the pre-clip ``grad_norm``, a stop on a non-finite loss or gradient
+optimizer and schedule (as transformers' Trainer builds them, so runs compare with trl; the
+schedules are ``training.run.schedules``), the per-optimizer-step metric reduction trl uses
+(mean over micro-batches of sums/counts reduced across processes), the pre-clip ``grad_norm``, a stop on a non-finite loss or gradient
 (``training.run.nan_stop`` decides what is kept), and what a checkpoint carries for ``--resume``
 beyond weights and optimizer: the token count, the run record (config and data fingerprint,
 ``training.run.resume``) and the last step's metrics row.
@@ -25,6 +25,7 @@ from training.base.precision import AUTOCAST_DTYPES
 from training.base.settings import dpo_settings
 from training.inputs.four_bit import check_not_packed
 from training.run.nan_stop import NonFiniteStop
+from training.run.schedules import lr_multiplier
 
 # Shown in the progress bar (all metrics go to the loggers).
 PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -47,14 +48,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-def linear_schedule(step: int, *, warmup: int, total: int) -> float:
-    """LR multiplier: ``step/warmup`` during warm-up, then linear decay to 0 at ``total``
-    (transformers' ``get_linear_schedule_with_warmup``)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def as_logged(value: float) -> float:
@@ -194,11 +187,9 @@ class DPOModule(L.LightningModule):
             eps=o.adam_epsilon,
             fused=fused,
         )
+        # transformers' TrainingArguments.get_warmup_steps: warmup_steps, else the ratio's ceil
         warmup = o.warmup_steps or math.ceil(o.warmup_ratio * self.total_steps)
-        if o.lr_scheduler_type == "constant":
-            lam = lambda step: min(1.0, step / max(1, warmup)) if warmup else 1.0  # noqa: E731
-        else:
-            lam = lambda step: linear_schedule(step, warmup=warmup, total=self.total_steps)  # noqa: E731
+        lam = lr_multiplier(o.lr_scheduler_type, warmup=warmup, total=self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
         return {
             "optimizer": optimizer,
