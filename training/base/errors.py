@@ -11,6 +11,7 @@ whatever layer (Python, torch's zip writer, safetensors) raised it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -65,3 +66,14 @@ def write_failure(path: Path, err: BaseException, what: str) -> RunError:
     else:
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return RunError(f"{path}: {cause} while {what}")
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str):
+    """Turn an operating-system error raised while ``path`` is written into ``write_failure``'s
+    ``RunError`` naming ``path``: a full disk reported by ``close()`` or ``flush()`` carries no
+    file name of its own."""
+    try:
+        yield
+    except OSError as err:
+        raise write_failure(path, err, what) from err
