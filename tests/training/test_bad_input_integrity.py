@@ -1,8 +1,8 @@
 """Damaged files a run reads back, and full disks where it writes: ``--resume`` falls back from a
 damaged ``last.ckpt`` to ``previous.ckpt`` (or stops naming both), drops a torn metrics row,
-refuses a metrics file that is not text naming it; a bad reference log-prob cache is recomputed;
-a full disk names the path it hit (the cache, ``tensorboard/``, ``checkpoints/``, the report)
-and leaves no temporary file behind.
+refuses a metrics file that is not text naming it; a bad reference log-prob cache or embedded
+assets cache is rebuilt; a full disk names the path it hit (the cache, ``tensorboard/``,
+``checkpoints/``, the report) and leaves no temporary file behind.
 
 Full disks are real, small tmpfs mounts when the tests run as root (simulated otherwise).
 (Bad model paths and the simulated full disks of checkpoints, model and metrics:
@@ -220,6 +220,22 @@ def test_a_damaged_last_checkpoint_without_previous_stops_naming_it(tiny_assets,
     )
     assert "weights_only" not in line
     assert last.stat().st_size == 1000  # left as it was
+
+
+def test_choose_checkpoint_without_last(a_checkpoint, tmp_path, caplog):
+    from training.base.errors import RunError
+    from training.run.checkpoint_check import choose_checkpoint
+
+    assert choose_checkpoint(tmp_path) is None  # neither file: a run from the beginning
+    previous = tmp_path / "previous.ckpt"
+    shutil.copyfile(a_checkpoint, previous)
+    with caplog.at_level(logging.WARNING):
+        path, checkpoint = choose_checkpoint(tmp_path)
+    assert path == previous and checkpoint["global_step"] == STOP_AT
+    assert f"{tmp_path / 'last.ckpt'}: no such file; resuming from {previous}" in caplog.text
+    damage(previous, "empty")
+    with pytest.raises(RunError, match="previous.ckpt: empty file"):
+        choose_checkpoint(tmp_path)
 
 
 def test_both_checkpoints_damaged_stops_naming_both(tiny_assets, tmp_path, capsys):

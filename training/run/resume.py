@@ -8,6 +8,10 @@ on with the new settings (its new optimizer settings replace the restored ones),
 records the changes and metrics.csv a ``resume_changes`` column. Fields that do not change what
 is trained (where outputs go, whether to evaluate, how to sample the evaluation) are not
 compared.
+
+The checkpoint is read back first (``training.run.checkpoint_check``): a damaged or foreign
+``last.ckpt`` falls back to the ``previous.ckpt`` it replaced, with a note. The earlier metrics
+rows are read without a torn last row (``metrics_csv.read_rows_checked``).
 """
 
 from __future__ import annotations
