@@ -372,7 +372,8 @@ def load_reference_cache(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torn, truncated or not torch's format: zip, pickle or EOF errors
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        cause = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
         raise ValueError(f"reference cache {path}: unreadable ({cause})") from err
     if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__

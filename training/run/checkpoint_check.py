@@ -54,7 +54,7 @@ def _load(path: Path) -> object:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(err).__name__
 
 
 def verify_checkpoint(path: Path) -> dict:
