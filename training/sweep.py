@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 
 from training.base.cli import resolve_config
+from training.base.errors import writing
 from training.eval import plots
-from training.fit import run
+from training.fit import run, user_message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +68,9 @@ def frontier_points(runs: list[dict]) -> list[plots.FrontierPoint]:
 def sweep(betas: list[float], root: Path, fit_argv: list[str]) -> tuple[list[dict], Path]:
     """Every run, then sweep.json and frontier.png under ``root``."""
     runs = [fit_one(beta, root, fit_argv) for beta in betas]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps(runs, indent=2) + "\n")
+    with writing(root / "sweep.json", "writing the sweep's results"):
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "sweep.json").write_text(json.dumps(runs, indent=2) + "\n")
     png = plots.frontier(frontier_points(runs), root / "frontier.png", "Win rate vs KL, by β")
     return runs, png
 
@@ -94,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         runs, png = sweep(args.beta, args.output_dir, fit_argv)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # one line, as python -m training.fit prints it
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print()
     print(summary(runs))
