@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 from abc import ABC, abstractmethod
@@ -320,7 +321,9 @@ def save_reference_cache(
     rejected: torch.Tensor,
     index: torch.Tensor,
 ) -> None:
-    """Write the values for rows ``index`` (all (N,)) and their ``key`` to ``path`` atomically."""
+    """Write the values for rows ``index`` (all (N,)) and their ``key`` to ``path`` atomically:
+    through a temporary file and a rename. A failed write (a full disk) removes the temporary
+    file and raises an ``OSError`` whose ``filename`` is ``path``."""
     shapes = {tuple(t.shape) for t in (chosen, rejected, index)}
     if len(shapes) != 1 or chosen.dim() != 1:
         raise ValueError(
@@ -337,8 +340,20 @@ def save_reference_cache(
         "index": index.detach().long().cpu(),
     }
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes of one run may race
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()  # serialized first: a failed write is then Python's own OSError
+    torch.save(payload, buffer)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk: "[Errno 28] No space left on device: '<path>'"
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_reference_cache(
@@ -346,24 +361,36 @@ def load_reference_cache(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (N,), rejected (N,)) in row order, from a cache written for exactly this run.
 
-    Refuses (ValueError naming the file) a cache of another format, another key (model weights,
+    Refuses (ValueError naming the file) a file torch cannot read (torn, truncated, not a torch
+    file), a cache of another format or without its tensors, another key (model weights,
     tokenizer, data, truncation, dtype or ld_alpha changed), another row count, an index that is
     not every row once, or non-finite values.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference cache {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torn, truncated or not torch's format: zip, pickle or EOF errors
+        text = str(err).strip()
+        cause = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+        raise ValueError(f"reference cache {path}: unreadable ({cause})") from err
     if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"reference cache {path}: format {found!r}, expected {CACHE_FORMAT!r}")
-    if payload["key"] != expected_key:
+    tables = ("chosen", "rejected", "index")
+    if not all(isinstance(payload.get(name), torch.Tensor) for name in tables):
+        raise ValueError(f"reference cache {path}: lacks the tensors {', '.join(tables)}")
+    if payload.get("key") != expected_key:
         raise ValueError(
-            f"reference cache {path} is stale: written for key {payload['key'][:16]}…, this run "
-            f"needs {expected_key[:16]}… (the model weights, tokenizer, data, max_length, "
-            "truncation_mode, dtype or ld_alpha differ). Delete it to recompute."
+            f"reference cache {path} is stale: written for key {str(payload.get('key'))[:16]}…, "
+            f"this run needs {expected_key[:16]}… (the model weights, tokenizer, data, "
+            "max_length, truncation_mode, dtype or ld_alpha differ). Delete it to recompute."
         )
     chosen, rejected, index = payload["chosen"], payload["rejected"], payload["index"]
+    alike = chosen.dim() == 1 and chosen.shape == rejected.shape == index.shape
+    if not alike or index.is_floating_point():
+        raise ValueError(f"reference cache {path}: chosen, rejected and index do not match")
     if chosen.shape[0] != expected_num_rows:
         raise ValueError(
             f"reference cache {path} holds {chosen.shape[0]} rows, the data has {expected_num_rows}"

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from training.base.cli import config_to_yaml, resolve_config
 from training.base.config import FitConfig
@@ -45,6 +44,7 @@ from training.run.outputs import (
 )
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
+from training.run.tensorboard_log import PathNamingTensorBoardLogger
 
 log = logging.getLogger("training.fit")
 
@@ -106,7 +106,9 @@ def make_trainer(
     # every step on disk, so that an interrupted run's file holds all the steps it finished
     loggers = [StepCSVLogger(str(out), "logs", earlier_rows)]
     with contextlib.suppress(ImportError):  # TensorBoardLogger needs tensorboard (or tensorboardX)
-        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
+        loggers.append(
+            PathNamingTensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
+        )
     callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), *(extra_callbacks or [])]
     if cfg.trainer.save_every_n_steps > 0:  # 0 = no checkpoints (e.g. parity runs)
         callbacks.append(

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from training.base.cli import resolve_config
-from training.base.errors import debug_requested, user_message
+from training.base.errors import debug_requested, user_message, writing
 from training.eval import plots
 from training.fit import run
 
@@ -69,8 +69,9 @@ def frontier_points(runs: list[dict]) -> list[plots.FrontierPoint]:
 def sweep(betas: list[float], root: Path, fit_argv: list[str]) -> tuple[list[dict], Path]:
     """Every run, then sweep.json and frontier.png under ``root``."""
     runs = [fit_one(beta, root, fit_argv) for beta in betas]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps(runs, indent=2) + "\n")
+    with writing(root / "sweep.json", "writing the sweep's results"):
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "sweep.json").write_text(json.dumps(runs, indent=2) + "\n")
     png = plots.frontier(frontier_points(runs), root / "frontier.png", "Win rate vs KL, by β")
     return runs, png
 

@@ -83,7 +83,9 @@ def plan(dry_run: bool) -> list[Stage]:
     """The stages in the order they run; ``dry_run``: on the CPU at tiny sizes."""
     device = "cpu" if dry_run else "cuda"
     parity = ["-m", "parity", "--device", device, "--json", "{out}"]
-    parity += ["--steps", "2" if dry_run else "10"]  # and 2 floor runs (the default)
+    # 4 steps: the floor then has three steps after step 1 to measure (with 2, one sample per floor
+    # run, and bf16-mixed on CPUs with native bf16 matmuls landed at 5.2x it); 2 floor runs.
+    parity += ["--steps", "4" if dry_run else "10"]
     bf16 = ["--precision", "bf16-mixed"]
     env = ["-m", "parity.gpu_check.env_probe", "--json", "{out}"]
     env += [] if dry_run else ["--require-cuda"]

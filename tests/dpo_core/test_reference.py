@@ -227,6 +227,37 @@ def test_mismatched_cache_is_refused(tmp_path):
         load_reference_cache(tmp_path / "absent.pt", "k", 3)
 
 
+def test_unreadable_cache_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "cache.pt"
+    save_reference_cache(path, "k", torch.zeros(3), torch.zeros(3), torch.arange(3))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(ValueError, match=f"reference cache {path}: unreadable"):
+        load_reference_cache(path, "k", 3)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=f"reference cache {path}: unreadable"):
+        load_reference_cache(path, "k", 3)
+    torch.save({"format": "dpo-reference-logps-v1", "key": "k"}, path)
+    with pytest.raises(ValueError, match="lacks the tensors"):
+        load_reference_cache(path, "k", 3)
+
+
+def test_failed_cache_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    import dpo_core.reference
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dpo_core.reference.os, "fsync", full)
+    path = tmp_path / "cache.pt"
+    with pytest.raises(OSError) as caught:
+        save_reference_cache(path, "k", torch.zeros(3), torch.zeros(3), torch.arange(3))
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(path))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------- guards
 
 

@@ -11,6 +11,7 @@ whatever layer (Python, torch's zip writer, safetensors) raised it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -81,3 +82,14 @@ def user_message(err: BaseException) -> str | None:
     if is_no_space(err):
         return f"no space left on device ({str(err).strip().splitlines()[0]})"
     return None
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str):
+    """Turn an operating-system error raised while ``path`` is written into ``write_failure``'s
+    ``RunError`` naming ``path``: a full disk reported by ``close()`` or ``flush()`` carries no
+    file name of its own."""
+    try:
+        yield
+    except OSError as err:
+        raise write_failure(path, err, what) from err

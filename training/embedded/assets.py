@@ -185,6 +185,60 @@ def build_assets(
     (out_dir / "recipe.json").write_text(recipe_json + "\n")
 
 
+# What a finished build holds (``build_assets`` writes them before the folder is renamed into
+# place): a cache entry without one of them, or with one empty, was damaged since.
+ASSET_FILES = (
+    "recipe.json",
+    "data/train.jsonl",
+    "data/eval.jsonl",
+    "model/config.json",
+    "model/tokenizer.json",
+    "model/model.safetensors",
+)
+
+
+def damage(root: Path) -> str:
+    """Why the cached assets at ``root`` cannot be used, or "" when they are whole: a file
+    missing or empty, a recipe.json that is not JSON, weights shorter than their header says."""
+    for name in ASSET_FILES:
+        path = root / name
+        if not path.is_file() or path.stat().st_size == 0:
+            return f"{path} is missing or empty"
+    try:
+        json.loads((root / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return f"{root / 'recipe.json'} is not valid JSON"
+    return _short_safetensors(root / "model" / "model.safetensors")
+
+
+def _short_safetensors(path: Path) -> str:
+    """ "" if the safetensors file at ``path`` is as long as its header says, else why not."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(length)) if 0 < length < 1 << 27 else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        return f"{path} is not a safetensors file"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    size = path.stat().st_size
+    return f"{path} is truncated ({size} of {expected} bytes)" if size < expected else ""
+
+
+def _discard(root: Path, cache_dir: Path) -> None:
+    """Remove a damaged cache entry: renamed aside first (atomic), so that no process reuses it
+    half-deleted; another process may have done so already."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{root.name}.damaged-", dir=cache_dir))
+    try:
+        root.rename(aside / root.name)
+    except OSError:
+        pass  # gone already: another process discarded it
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _assets(root: Path) -> EmbeddedAssets:
     return EmbeddedAssets(
         model_dir=root / "model",
@@ -214,8 +268,12 @@ def prepare_embedded(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root = cache_dir / recipe_key(recipe, seed)
     if root.is_dir():
-        log(f"embedded: reusing {root}")
-        return _assets(root)
+        problem = damage(root)
+        if not problem:
+            log(f"embedded: reusing {root}")
+            return _assets(root)
+        log(f"embedded: {problem}; rebuilding {root}")
+        _discard(root, cache_dir)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     log(f"embedded: building {root} (once; later runs reuse it)")

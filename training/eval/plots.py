@@ -24,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from training.base.errors import writing  # noqa: E402
+
 CURVES = (
     ("loss", "loss"),
     ("rewards/chosen", "reward, chosen"),
@@ -142,8 +144,11 @@ def frontier(points: Sequence[FrontierPoint], path: Path, title: str = "") -> Pa
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with writing(path, "saving a plot"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.tight_layout()
+            fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
     return path

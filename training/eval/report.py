@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_core.evaluation import likelihood_displacement
+from training.base.errors import writing
 from training.eval import plots
 
 TABLE_ROWS = (
@@ -188,10 +189,12 @@ def write_report(
 ) -> ReportPaths:
     """Write eval.json, the plots and report.md to ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir, "creating the report's folder"):
+        out_dir.mkdir(parents=True, exist_ok=True)
     report = evaluation.to_json()
     eval_json = out_dir / "eval.json"
-    eval_json.write_text(json.dumps(report, indent=2) + "\n")
+    with writing(eval_json, "writing the evaluation"):
+        eval_json.write_text(json.dumps(report, indent=2) + "\n")
     files = []
     if metrics_csv is not None and Path(metrics_csv).is_file() and plots.read_steps(metrics_csv):
         files.append(plots.training_curves(metrics_csv, out_dir / "training_curves.png"))
@@ -204,5 +207,6 @@ def write_report(
         files.append(plots.frontier(points, out_dir / "frontier.png", f"β = {evaluation.beta}"))
     extra = {"num_examples": num_examples, "validation": validation, "dropped_rows": dropped_rows}
     report_md = out_dir / "report.md"
-    report_md.write_text(render_markdown(evaluation, files, extra))
+    with writing(report_md, "writing the report"):
+        report_md.write_text(render_markdown(evaluation, files, extra))
     return ReportPaths(eval_json, report_md, files)

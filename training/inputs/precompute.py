@@ -5,7 +5,10 @@ adapters off) runs once over the train and held-out rows; the values ride along 
 into the batches (``ref_chosen_logps`` / ``ref_rejected_logps``), so a training step needs no
 reference forward. Each cache file is named by its key, a hash of the weights, tokenizer, tokens,
 truncation, dtype, ld_alpha and precision (``dpo_core.reference.reference_cache_key``): a run
-with anything changed computes a new file, and a stale file is never read.
+with anything changed computes a new file, and a stale file is never read. A cache file that
+cannot be used (torn, truncated, another format, another key under the same name) is recomputed
+and replaced, with a note naming it; a failed write (a full disk) names the file and leaves no
+temporary file behind.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from dpo_core import reference as ref
 from dpo_core.collate import PreferenceCollator
+from training.base.errors import writing
 from training.base.precision import AUTOCAST_DTYPES
 from training.base.settings import dpo_settings
 from training.inputs.data_module import features_fingerprint
@@ -86,9 +90,9 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
         settings=settings,
     )
     path = Path(cfg.trainer.output_dir) / "reference_logps" / f"{name}-{key[:16]}.pt"
-    if path.exists():
-        log.info("reference log-probs (%s): cached in %s", name, path)
-        return ref.load_reference_cache(path, key, len(features))
+    cached = _read_cache(path, key, len(features), name)
+    if cached is not None:
+        return cached
     loader = DataLoader(features, batch_size=cfg.trainer.eval_batch_size, collate_fn=collator)
     with torch.no_grad(), _model_on(reference.model, _precompute_device(cfg)) as device:
         batches = (batch.to(device) for batch in loader)
@@ -96,9 +100,30 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
             chosen, rejected = ref.precompute_reference_logps(
                 reference, batches, dpo_settings(cfg).reference_options(), num_rows=len(features)
             )
-    ref.save_reference_cache(path, key, chosen, rejected, torch.arange(len(features)))
+    with writing(path, "writing the reference log-prob cache"):
+        ref.save_reference_cache(path, key, chosen, rejected, torch.arange(len(features)))
     log.info("reference log-probs (%s): computed for %d rows -> %s", name, len(features), path)
     return chosen, rejected
+
+
+def _read_cache(path: Path, key: str, num_rows: int, name: str):
+    """(chosen, rejected) from the cache file at ``path``, or None when there is none or it
+    cannot be used (torn, truncated, another format or key, wrong rows): then it is recomputed
+    and replaced, with a note naming the file and why."""
+    if not path.exists():
+        return None
+    try:
+        values = ref.load_reference_cache(path, key, num_rows)
+    except (ValueError, OSError) as err:
+        log.warning("reference log-probs (%s): %s; recomputing it", name, _first_line(err))
+        return None
+    log.info("reference log-probs (%s): cached in %s", name, path)
+    return values
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _autocast(precision: str, device: torch.device):

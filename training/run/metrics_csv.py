@@ -17,6 +17,7 @@ A fresh run (no ``--resume``) replaces an old file with its own rows at its firs
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -28,13 +29,29 @@ from training.base.errors import write_failure
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a metrics file as written (strings), or [] when there is none. A torn last
-    line (a kill mid-append) is dropped: it has no step or missing fields."""
+    """The rows of a metrics file as written (strings), or [] when there is none; torn rows
+    dropped (``read_rows_checked``)."""
+    return read_rows_checked(path)[0]
+
+
+def read_rows_checked(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """(the whole rows of a metrics file, a note per row dropped as torn). A kill mid-append
+    leaves a last line without its line end: it is dropped even when every field parses (a step
+    field cut short, ``12`` -> ``1``, would duplicate step 1). So is a row with fewer or more
+    fields than the header, or without a step. ``UnicodeDecodeError`` for a file that is not
+    text."""
     if not Path(path).is_file():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [r for r in rows if None not in r.values() and _has_step(r)]
+        return [], []
+    text = Path(path).read_bytes().decode("utf-8")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    notes = []
+    if rows and not text.endswith("\n"):
+        rows.pop()
+        notes.append("a torn last row (no line end: a write cut short)")
+    whole = [r for r in rows if None not in r.values() and None not in r and _has_step(r)]
+    if len(whole) < len(rows):
+        notes.append(f"{len(rows) - len(whole)} row(s) with missing fields or no step")
+    return whole, notes
 
 
 def _has_step(row: dict) -> bool:

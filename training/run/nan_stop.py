@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from training.base.config import FitConfig
-from training.run.callbacks import PREVIOUS_NAME, read_checkpoint
-
-LAST_NAME = "last.ckpt"
+from training.run.callbacks import PREVIOUS_NAME
+from training.run.checkpoint_check import LAST_NAME, BadCheckpoint, verify_checkpoint
 
 
 class NonFiniteStop(FloatingPointError):
@@ -42,10 +41,10 @@ def finite_weights(checkpoint: dict) -> bool:
 def _judge(path: Path, bad_step: int) -> tuple[int | None, str]:
     """(the checkpoint's step, "" if it may be kept, else why not)."""
     try:
-        checkpoint = read_checkpoint(path)
-    except Exception as err:  # a torn or foreign file: unusable either way
-        return None, f"unreadable ({type(err).__name__})"
-    step = int(checkpoint.get("global_step", -1))
+        checkpoint = verify_checkpoint(path)
+    except (BadCheckpoint, OSError) as err:  # a torn or foreign file: unusable either way
+        return None, f"unusable: {err}"
+    step = checkpoint["global_step"]
     if step >= bad_step:
         return step, f"from step {step}, it holds the weights that gave the non-finite value"
     if not finite_weights(checkpoint):

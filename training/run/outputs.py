@@ -132,6 +132,9 @@ def write_atomic(path: Path, text: str) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise write_failure(path, err, f"writing {path.name}") from err
+    except BaseException:  # Ctrl-C mid-write: no temporary file left behind either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def publish_metrics(out: Path) -> None:
@@ -147,6 +150,9 @@ def publish_metrics(out: Path) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise write_failure(out / "metrics.csv", err, "copying logs/metrics.csv") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def evaluate_run(cfg: FitConfig, inputs, policy, reference):

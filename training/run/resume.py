@@ -8,6 +8,10 @@ on with the new settings (its new optimizer settings replace the restored ones),
 records the changes and metrics.csv a ``resume_changes`` column. Fields that do not change what
 is trained (where outputs go, whether to evaluate, how to sample the evaluation) are not
 compared.
+
+The checkpoint is read back first (``training.run.checkpoint_check``): a damaged or foreign
+``last.ckpt`` falls back to the ``previous.ckpt`` it replaced, with a note. The earlier metrics
+rows are read without a torn last row (``metrics_csv.read_rows_checked``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from pathlib import Path
 
 from training.base.config import FitConfig
 from training.base.errors import RunError
-from training.run.callbacks import read_checkpoint
-from training.run.metrics_csv import merge_rows, read_rows
+from training.run.checkpoint_check import LAST_NAME, choose_checkpoint
+from training.run.metrics_csv import merge_rows, read_rows_checked
 
 log = logging.getLogger(__name__)
 
@@ -118,32 +122,49 @@ class ResumePlan:
 
 
 def plan_resume(cfg: FitConfig, record: dict) -> ResumePlan:
-    """Check ``--resume`` against ``checkpoints/last.ckpt``: a ``RunError`` naming every
-    difference unless ``--resume-allow-changes``; the earlier metrics rows to continue."""
+    """Check ``--resume`` against ``checkpoints/last.ckpt`` (or, when that file is damaged or
+    foreign, the ``previous.ckpt`` it replaced: ``training.run.checkpoint_check``): a
+    ``RunError`` naming every difference unless ``--resume-allow-changes``; the earlier metrics
+    rows to continue, less a torn last row."""
     out = Path(cfg.trainer.output_dir)
-    last = out / "checkpoints" / "last.ckpt"
     if not cfg.trainer.resume:
         return ResumePlan()
-    on_disk = read_rows(out / "logs" / "metrics.csv")
-    if not last.exists():
+    on_disk = read_earlier_rows(out / "logs" / "metrics.csv")
+    chosen = choose_checkpoint(out / "checkpoints")
+    if chosen is None:
+        last = out / "checkpoints" / LAST_NAME
         log.warning("--resume: no checkpoint at %s; starting from the beginning", last)
         return ResumePlan(earlier_rows=on_disk)
-    try:
-        checkpoint = read_checkpoint(last)
-    except Exception as err:  # torch's and pickle's errors for a file that is not a checkpoint
-        raise RunError(f"--resume: {last}: cannot be read ({err})") from err
+    path, checkpoint = chosen
     saved = checkpoint.get("dpo_run") or {}
-    step = int(checkpoint.get("global_step", 0))
+    step = checkpoint["global_step"]
     if "config" not in saved:  # written before checkpoints carried a run record
-        log.warning("--resume: %s has no run record; settings and data not compared", last)
-        return ResumePlan(last, on_disk, [], step)
+        log.warning("--resume: %s has no run record; settings and data not compared", path)
+        return ResumePlan(path, on_disk, [], step)
     changes = differences(saved, record)
     if changes and not cfg.trainer.resume_allow_changes:
-        raise RunError(refusal(last, step, changes))
+        raise RunError(refusal(path, step, changes))
     if changes:
         log.warning("--resume-allow-changes: resuming at step %d with %s", step, "; ".join(changes))
     carried = [saved["last_row"]] if saved.get("last_row") else []
-    return ResumePlan(last, merge_rows(carried, on_disk), changes, step)
+    return ResumePlan(path, merge_rows(carried, on_disk), changes, step)
+
+
+def read_earlier_rows(path: Path) -> list[dict]:
+    """The metrics rows a resumed run continues: a torn last row is dropped with a note; a file
+    that is not text is a ``RunError`` naming it."""
+    try:
+        rows, dropped = read_rows_checked(path)
+    except UnicodeDecodeError as err:
+        raise RunError(
+            f"--resume: {path}: not a metrics file (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start} is not UTF-8 text); move it aside to resume without the earlier rows"
+        ) from err
+    except OSError as err:
+        raise RunError(f"--resume: {path}: {(err.strerror or str(err)).lower()}") from err
+    for note in dropped:
+        log.warning("--resume: %s: dropped %s", path, note)
+    return rows
 
 
 def refusal(last: Path, step: int, changes: list[str]) -> str:
