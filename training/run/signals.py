@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Iterator
 
 import lightning as L
@@ -76,7 +77,11 @@ class SignalStop(L.Callback):
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[SignalStop]:
-        """This object handles SIGTERM and SIGINT inside the block (main thread only)."""
+        """This object handles SIGTERM and SIGINT inside the block (Python lets only the main
+        thread set handlers: elsewhere, as a library call, the caller's handling stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
         old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
         for s in STOP_SIGNALS:
             signal.signal(s, self.handle)
