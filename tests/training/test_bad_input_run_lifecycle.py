@@ -211,3 +211,17 @@ def test_extending_a_finished_run_trains_the_new_steps(tiny_assets, tmp_path, ca
     assert main([*argv, "--resume", "--resume-allow-changes"]) == 1
     err = capsys.readouterr().err
     assert "is at step 6, past the 4 steps asked" in err
+
+
+def test_a_second_signal_while_stopping_exits_at_once(monkeypatch, capfd):
+    from training.run import signals
+
+    exits = []
+    monkeypatch.setattr(signals.os, "_exit", exits.append)
+    stop = signals.SignalStop()
+    with stop.installed(), stop.deferred():
+        stop.handle(signal.SIGTERM, None)  # the first is recorded: training stops at a step
+        assert exits == [] and stop.signum == signal.SIGTERM
+        stop.handle(signal.SIGINT, None)
+    assert exits == [130]
+    assert "second signal (SIGINT) while stopping: exiting now" in capfd.readouterr().err

@@ -6,7 +6,8 @@ per-optimizer-step metric reduction trl uses (mean over micro-batches of sums/co
 across processes), the pre-clip ``grad_norm``, a stop on a non-finite loss or gradient
 (``training.run.nan_stop`` decides what is kept), and what a checkpoint carries for ``--resume``
 beyond weights and optimizer: the token count, the run record (config and data fingerprint,
-``training.run.resume``) and the last step's metrics row.
+``training.run.resume``), the last step's metrics row and every process's random-number state
+(``training.run.rng``).
 """
 
 from __future__ import annotations
