@@ -268,6 +268,11 @@ def check_trained(module: DPOModule, plan: ResumePlan, total: int) -> dict[str, 
             f"--resume: {plan.checkpoint} is at step {plan.step}, past the {total} steps asked "
             "(--max-steps / --num-train-epochs): nothing was trained"
         )
+    if plan.checkpoint is not None:  # e.g. a checkpoint saved after its epoch loop had ended
+        raise RunError(
+            f"--resume: {plan.checkpoint} (step {plan.step}) trained none of the {total - plan.step} "
+            "steps left: Lightning found its loop finished; start again with --overwrite-output-dir"
+        )
     raise RunError(f"trained 0 of {total} optimizer steps: no training batch was produced")
 
 
