@@ -189,6 +189,11 @@ def test_a_fresh_run_into_another_runs_directory_needs_overwrite(tiny_assets, tm
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
     assert [r["learning_rate"] for r in read_metrics(tmp_path)][0] == pytest.approx(1e-3)
 
+    # --resume reads the run's own last.ckpt only: a stray last-v1.ckpt (the old run's, with
+    # other settings, which a resume from it would refuse) is not looked at.
+    (tmp_path / "checkpoints" / "last-v1.ckpt").write_bytes(first)
+    assert main([*argv, "--learning-rate", "1e-3", "--resume"]) == 0
+
 
 def test_extending_a_finished_run_trains_the_new_steps(tiny_assets, tmp_path, capsys):
     # No periodic checkpoint before the end (as on the embedded default): the last step's own.
