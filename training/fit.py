@@ -16,12 +16,12 @@ import contextlib
 import logging
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from training.base.cli import config_to_yaml, resolve_config
 from training.base.config import FitConfig
@@ -31,7 +31,13 @@ from training.inputs.model_checks import check_accelerator, check_model_source
 from training.inputs.model_loading import build_reference, load_policy
 from training.inputs.precompute import attach_precomputed_reference, resolve_precompute
 from training.inputs.prepare import RunInputs, apply_embedded_recipe, prepare_inputs
-from training.run.callbacks import PREVIOUS_NAME, AtomicCheckpointIO, StepProgressBar, StepTimer
+from training.run.callbacks import (
+    PREVIOUS_NAME,
+    AtomicCheckpointIO,
+    StepCheckpoint,
+    StepProgressBar,
+    StepTimer,
+)
 from training.run.metrics_csv import StepCSVLogger
 from training.run.module import DPOModule
 from training.run.nan_stop import NonFiniteStop, stop_message
@@ -41,9 +47,12 @@ from training.run.outputs import (
     print_summary,
     publish_metrics,
     save_outputs,
+    write_atomic,
 )
+from training.run.ownership import claim_output_dir, output_lock
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
+from training.run.signals import Interrupted, SignalStop, exit_code, take_over_signals
 from training.run.tensorboard_log import PathNamingTensorBoardLogger
 
 log = logging.getLogger("training.fit")
@@ -99,9 +108,11 @@ def make_trainer(
     timer: StepTimer,
     extra_callbacks: list[L.Callback] | None = None,
     earlier_rows: list[dict] | None = None,
+    signals: SignalStop | None = None,
 ) -> L.Trainer:
     """The Lightning Trainer: loggers, checkpoints, clipping, accumulation, strategy.
-    ``earlier_rows``: the metrics rows a resumed run continues (``training.run.metrics_csv``)."""
+    ``earlier_rows``: the metrics rows a resumed run continues (``training.run.metrics_csv``);
+    ``signals``: the run's SIGTERM / SIGINT handling (``training.run.signals``)."""
     out = Path(cfg.trainer.output_dir)
     # every step on disk, so that an interrupted run's file holds all the steps it finished
     loggers = [StepCSVLogger(str(out), "logs", earlier_rows)]
@@ -109,17 +120,12 @@ def make_trainer(
         loggers.append(
             PathNamingTensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
         )
+    signals = signals or SignalStop()
     callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), *(extra_callbacks or [])]
-    if cfg.trainer.save_every_n_steps > 0:  # 0 = no checkpoints (e.g. parity runs)
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=out / "checkpoints",
-                every_n_train_steps=cfg.trainer.save_every_n_steps,
-                save_last=True,
-                save_top_k=0,
-            )
-        )
-    return L.Trainer(
+    # every = 0: no checkpoints (e.g. parity runs), except the one a signal's stop writes
+    every = cfg.trainer.save_every_n_steps
+    callbacks += [signals, StepCheckpoint(out / "checkpoints", every, signals)]
+    trainer = L.Trainer(
         max_steps=total_steps,
         max_epochs=epochs,
         accumulate_grad_batches=cfg.trainer.gradient_accumulation_steps,
@@ -132,7 +138,7 @@ def make_trainer(
         precision=cfg.trainer.precision,
         logger=loggers,
         callbacks=callbacks,
-        enable_checkpointing=cfg.trainer.save_every_n_steps > 0,
+        enable_checkpointing=True,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the data module shards rows itself, in order
         log_every_n_steps=1,
@@ -143,6 +149,8 @@ def make_trainer(
         enable_model_summary=False,
         default_root_dir=str(out),
     )
+    take_over_signals(trainer)
+    return trainer
 
 
 def check_world_size(trainer: L.Trainer, cfg: FitConfig) -> None:
@@ -159,13 +167,19 @@ def check_world_size(trainer: L.Trainer, cfg: FitConfig) -> None:
 
 
 def train(
-    cfg: FitConfig, inputs: RunInputs, callbacks: list[L.Callback] | None = None
+    cfg: FitConfig,
+    inputs: RunInputs,
+    callbacks: list[L.Callback] | None = None,
+    signals: SignalStop | None = None,
 ) -> FitResult:
     """Build policy, reference and Lightning objects from ``inputs``; fit; save; evaluate.
 
     ``callbacks`` are extra Lightning callbacks for the training run (e.g. a benchmark's meter).
     A ``--resume`` is checked against the checkpoint's config and data before the model loads.
+    ``signals``: the run's SIGTERM / SIGINT handling; a stop raises ``Interrupted`` with what was
+    kept (``training.run.signals``).
     """
+    signals = signals or SignalStop()
     out = Path(cfg.trainer.output_dir)
     total = total_optimizer_steps(cfg, len(inputs.data.train))
     cfg = resolve_precompute(cfg, len(inputs.data.train), total)
@@ -180,16 +194,21 @@ def train(
     module = DPOModule(policy, reference, cfg, total, record, resume_changes=len(plan.changes))
     timer = StepTimer()
     epochs = epochs_needed(cfg, len(inputs.data.train), total)
-    trainer = make_trainer(cfg, total, epochs, timer, callbacks, plan.earlier_rows)
+    trainer = make_trainer(cfg, total, epochs, timer, callbacks, plan.earlier_rows, signals)
     check_world_size(trainer, cfg)
     module.reference_to(trainer.strategy.root_device)
-    fit_module(trainer, module, data, plan, cfg)
+    with signals.deferred():
+        fit_module(trainer, module, data, plan, cfg)
+    last_step = check_trained(module, plan, total) or module.last_logged
     evaluation = report = None
     before: dict[str, float] = {}
     after: dict[str, float] = {}
     if trainer.is_global_zero:
-        save_outputs(cfg, policy, inputs, plan.config_note())
+        with signals.deferred():  # model/ is written whole, or not at all
+            save_outputs(cfg, policy, inputs, plan.config_note())
+        signals.check("after the last step (model/ is saved; the evaluation did not run)")
         if cfg.trainer.evaluate and inputs.data.heldout:
+            signals.phase = "during the evaluation (model/ is saved)"
             evaluation, report = evaluate_run(cfg, inputs, policy, reference)
             before, after = evaluation.before.trl_metrics, evaluation.after.trl_metrics
     return FitResult(
@@ -197,7 +216,7 @@ def train(
         out / "model",
         before,
         after,
-        module.last_logged,
+        last_step,
         timer.median(),
         module.history,
         policy,
@@ -213,20 +232,49 @@ def fit_module(
 ) -> None:
     """``trainer.fit``, from ``plan``'s checkpoint when resuming. A non-finite stop becomes a
     ``RunError`` saying which checkpoint is kept (``training.run.nan_stop``); a finished run
-    keeps ``last.ckpt`` alone; however training ends, ``metrics.csv`` gets every step logged."""
+    keeps ``last.ckpt`` alone; a signal's stop also writes config.yaml; however training ends,
+    ``metrics.csv`` gets every step logged."""
     checkpoint = str(plan.checkpoint) if plan.checkpoint else None
+    out = Path(cfg.trainer.output_dir)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint)
         if trainer.is_global_zero:  # only a stopped run may need the one before last.ckpt
-            (Path(cfg.trainer.output_dir) / "checkpoints" / PREVIOUS_NAME).unlink(missing_ok=True)
+            (out / "checkpoints" / PREVIOUS_NAME).unlink(missing_ok=True)
     except NonFiniteStop as stop:
         raise RunError(stop_message(stop, cfg, trainer.is_global_zero)) from stop
+    except Interrupted:
+        if trainer.is_global_zero:  # what the resume needs besides the checkpoint
+            write_atomic(out / "config.yaml", plan.config_note() + config_to_yaml(cfg))
+        raise
     finally:
         if trainer.is_global_zero:
             try:
                 publish_metrics(Path(cfg.trainer.output_dir))
             except RunError as err:  # do not hide the failure that ended training
                 log.error("%s", err)
+
+
+def check_trained(module: DPOModule, plan: ResumePlan, total: int) -> dict[str, float]:
+    """A run that trained no step: fine when nothing was asked (``--resume`` of a checkpoint
+    already at the last step: the outputs are written again from it; returns its last metrics
+    row for the summary), else a ``RunError`` saying why. Returns {} when steps were trained."""
+    if module.history:
+        return {}
+    if plan.checkpoint is not None and plan.step == total:
+        log.info("nothing to train: %s is at step %d of %d", plan.checkpoint, plan.step, total)
+        rows = [r for r in plan.earlier_rows or [] if r.get("loss") not in (None, "")]
+        return {k: float(v) for k, v in rows[-1].items() if v not in (None, "")} if rows else {}
+    if plan.checkpoint is not None and plan.step > total:
+        raise RunError(
+            f"--resume: {plan.checkpoint} is at step {plan.step}, past the {total} steps asked "
+            "(--max-steps / --num-train-epochs): nothing was trained"
+        )
+    if plan.checkpoint is not None:  # e.g. a checkpoint saved after its epoch loop had ended
+        raise RunError(
+            f"--resume: {plan.checkpoint} (step {plan.step}) trained none of the {total - plan.step} "
+            "steps left: Lightning found its loop finished; start again with --overwrite-output-dir"
+        )
+    raise RunError(f"trained 0 of {total} optimizer steps: no training batch was produced")
 
 
 def check_before_loading(cfg: FitConfig) -> None:
@@ -243,17 +291,38 @@ def check_before_loading(cfg: FitConfig) -> None:
     check_output_dir(cfg.trainer.output_dir)
 
 
-def run(cfg: FitConfig, explicit: set[str] | None = None) -> FitResult:
+def run(
+    cfg: FitConfig, explicit: set[str] | None = None, signals: SignalStop | None = None
+) -> FitResult:
     """The whole job for a resolved config. On the embedded default, the fields the user did not
-    set (``explicit``: names set by flag or YAML) take the embedded task's recipe."""
+    set (``explicit``: names set by flag or YAML) take the embedded task's recipe. The output
+    directory is locked for the run and must not hold another run (``training.run.ownership``).
+    """
     if cfg.model.model is None and cfg.data.dataset is None:
         cfg = apply_embedded_recipe(cfg, explicit or set())
     check_before_loading(cfg)
-    L.seed_everything(cfg.trainer.seed, verbose=False)
-    inputs = prepare_inputs(cfg)
-    result = train(cfg, inputs)
+    with output_lock(Path(cfg.trainer.output_dir)):
+        claim_output_dir(cfg)
+        L.seed_everything(cfg.trainer.seed, verbose=False)
+        inputs = prepare_inputs(cfg)
+        result = train(cfg, inputs, signals=signals)
     print_summary(result)
     return result
+
+
+def stopped_message(stop: Interrupted, cfg: FitConfig, argv: list[str]) -> str:
+    """The one line of a run stopped by a signal: what happened, what is kept, what to run."""
+    out = Path(cfg.trainer.output_dir)
+    last = out / "checkpoints" / "last.ckpt"
+    args = argv if "--resume" in argv else [*argv, "--resume"]
+    command = shlex.join(["python", "-m", "training.fit", *args])
+    if stop.step is not None and last.is_file():
+        kept = f"{last} (step {stop.step}), config.yaml and metrics.csv written, no model/"
+        return f"stopped by {stop.name} {stop.when}: {kept}; resume with: {command}"
+    if last.is_file():
+        return f"stopped by {stop.name} {stop.when}; resume from {last} with: {command}"
+    again = shlex.join(["python", "-m", "training.fit", *argv])
+    return f"stopped by {stop.name} {stop.when}: nothing to resume; start again with: {again}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,8 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     quiet_foreign_warnings(cfg.lora.load_in_4bit)
+    signals = SignalStop()
     try:
-        run(cfg, explicit=args.explicit)
+        with signals.installed():
+            run(cfg, explicit=args.explicit, signals=signals)
+    except Interrupted as stop:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        print(f"\n{stopped_message(stop, cfg, argv)}", file=sys.stderr)
+        return exit_code(stop.signum)
     except Exception as err:
         message = None if debug_requested(getattr(args, "debug", False)) else user_message(err)
         if message is None:

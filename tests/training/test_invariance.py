@@ -76,7 +76,16 @@ def test_precomputed_reference_equals_live_and_is_reused(tiny_assets, tmp_path, 
         raise AssertionError("the reference log-probs were recomputed, not read from the cache")
 
     monkeypatch.setattr(dpo_core.reference, "precompute_reference_logps", no_recompute)
-    second = fit(base_args(tiny_assets, cached_dir, precompute_ref_log_probs=True, **STEPS))
+    # a second run into the same directory replaces the first; the cache stays
+    second = fit(
+        base_args(
+            tiny_assets,
+            cached_dir,
+            precompute_ref_log_probs=True,
+            overwrite_output_dir=True,
+            **STEPS,
+        )
+    )
     assert cache_file.stat().st_mtime_ns == written
     assert list((cached_dir / "reference_logps").glob("train-*.pt")) == [cache_file]
     # Same cached values, same rows, same seed: the same run, bit for bit.

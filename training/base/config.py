@@ -226,6 +226,11 @@ class TrainerConfig:
         "With --resume: continue even if the config or data differ from the checkpoint's "
         "(the changes are recorded in config.yaml and metrics.csv).",
     )
+    overwrite_output_dir: bool = _f(
+        False,
+        "Start a fresh run in an output_dir that holds another run's checkpoints or model "
+        "(they are removed first); without it such a run is refused.",
+    )
     evaluate: bool = _f(True, "Evaluate before vs after and write the report at the end.")
     num_workers: int = _f(0, "DataLoader workers.", ge=0)
 

@@ -213,16 +213,22 @@ class ResumableDataLoader(DataLoader):
     ``state_dict`` counts the batches handed out in the current epoch; after ``load_state_dict``
     the next iteration skips that many, so a run resumed mid-epoch continues with the batch an
     uninterrupted run would have seen next (the order itself comes from ``EpochSampler``).
+
+    It draws the seed of its workers from a generator of its own, seeded with ``seed + epoch``
+    at each epoch, not from torch's global one: starting an epoch then leaves the global state,
+    which dropout draws from, alone, and a resumed run's dropout matches (``training.run.rng``).
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, seed: int = 0, **kwargs) -> None:
+        super().__init__(*args, generator=torch.Generator(), **kwargs)
+        self._seed = seed
         self._served = 0
         self._skip = 0
 
     def __iter__(self) -> Iterator:
         # A generator: nothing runs until the first batch is asked for, which is after
         # Lightning's set_epoch and load_state_dict.
+        self.generator.manual_seed(self._seed + getattr(self.sampler, "epoch", 0))
         skip, self._skip = self._skip, 0
         self._served = 0
         for batch in super().__iter__():
@@ -269,6 +275,7 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.cfg.trainer.num_workers,
+            seed=self.cfg.trainer.seed,
         )
 
     def _train_lengths(self) -> list[int]:

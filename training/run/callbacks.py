@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from training.base.errors import RunError, is_no_space, write_failure
@@ -99,6 +99,40 @@ def checkpoint_write_failure(path: Path, err: BaseException, no_space: bool) -> 
         else "no earlier checkpoint exists"
     )
     return RunError(f"{failure}; {kept}")
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt`` every ``every`` optimizer steps (0: never), after the last step,
+    and after the step a signal stops training at (``training.run.signals.SignalStop``), even
+    with checkpoints off: the run is to be resumed.
+
+    Each is written in ``on_train_batch_end``, as Lightning's periodic ones are, so a resume
+    continues the same epoch at the next batch. Lightning's own final save (``on_train_end``)
+    comes after the epoch loop closed the epoch: a resume from it with a larger ``--max-steps``
+    would find the epoch done and train nothing; with the last step saved here, it never runs.
+    """
+
+    def __init__(self, dirpath: Path, every: int, signals) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=max(0, every),
+            every_n_epochs=0,
+            save_last=True,
+            save_top_k=0,
+            enable_version_counter=False,  # never last-v1.ckpt beside another run's last.ckpt
+        )
+        self.every = every
+        self.signals = signals
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stopping = self.signals.stop_now(trainer)
+        final = self.every > 0 and trainer.global_step >= trainer.max_steps
+        if (stopping or final) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Nothing: the last step was saved above (or checkpoints are off)."""
 
 
 class StepTimer(L.Callback):

@@ -6,7 +6,8 @@ schedules are ``training.run.schedules``), the per-optimizer-step metric reducti
 (mean over micro-batches of sums/counts reduced across processes), the pre-clip ``grad_norm``, a stop on a non-finite loss or gradient
 (``training.run.nan_stop`` decides what is kept), and what a checkpoint carries for ``--resume``
 beyond weights and optimizer: the token count, the run record (config and data fingerprint,
-``training.run.resume``) and the last step's metrics row.
+``training.run.resume``), the last step's metrics row and every process's random-number state
+(``training.run.rng``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from training.base.config import FitConfig
 from training.base.precision import AUTOCAST_DTYPES
 from training.base.settings import dpo_settings
 from training.inputs.four_bit import check_not_packed
+from training.run import rng
 from training.run.nan_stop import NonFiniteStop
 from training.run.schedules import lr_multiplier
 
@@ -87,6 +89,7 @@ class DPOModule(L.LightningModule):
         self.run_record = run_record or {}
         self.resume_changes = resume_changes
         self.last_row: dict[str, float] = {}  # the last step's metrics row, as the CSV has it
+        self._rng_to_restore: dict | None = None  # a resumed run's generator states (rng)
 
     # -- the shared step ----------------------------------------------------------------------
     def step(self, batch) -> StepOutput:
@@ -202,9 +205,16 @@ class DPOModule(L.LightningModule):
         # Lightning saves the checkpoint before it writes the step's metrics row: a kill in
         # between would lose the row for good, so the checkpoint carries it (metrics_csv).
         checkpoint["dpo_run"] = {**self.run_record, "last_row": dict(self.last_row)}
+        checkpoint["rng_states"] = rng.collect_all_ranks()  # dropout continues as if not stopped
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.num_tokens = float(checkpoint.get("num_tokens", 0.0))
+        self._rng_to_restore = rng.for_rank(checkpoint.get("rng_states"), self.global_rank)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # the first batch after a resume
+            rng.restore(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def reference_to(self, device) -> None:
         """Move a separate reference model (not a registered submodule) to ``device``."""

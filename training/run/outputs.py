@@ -10,6 +10,7 @@
       logs/metrics.csv  the same, written every step (training.run.metrics_csv)
       checkpoints/      last.ckpt (atomic) for --resume; while training (or after a stop)
                         also previous.ckpt, the one it replaced
+      run.lock          while a run writes here: its pid and host (training.run.ownership)
       eval.json         before / after evaluation (``training.evaluate``; not with --no-evaluate)
       report.md, *.png  the evaluation's report and plots (``training.eval.report``)
 """

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 NOT_COMPARED = {
     "trainer.resume",
     "trainer.resume_allow_changes",
+    "trainer.overwrite_output_dir",
     "trainer.output_dir",
     "trainer.save_every_n_steps",
     "trainer.num_workers",
