@@ -28,7 +28,7 @@ from pathlib import Path
 
 from training.base.cli import add_group_flags
 from training.base.config import ACCELERATORS, FitConfig
-from training.base.errors import debug_requested, user_message
+from training.base.errors import report_failure
 from training.eval.before_after import Evaluation, evaluate
 from training.eval.loading import build_models, eval_config, load_trained, pick_device
 from training.eval.report import evaluation_table, write_report
@@ -114,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluation, paths = run_evaluation(args, eval_fields)
     except Exception as err:
-        message = None if debug_requested(getattr(args, "debug", False)) else user_message(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return report_failure(err, getattr(args, "debug", False))
     print_report(evaluation, paths)
     return 0
 

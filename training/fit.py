@@ -25,7 +25,7 @@ import lightning as L
 
 from training.base.cli import config_to_yaml, resolve_config
 from training.base.config import FitConfig
-from training.base.errors import RunError, debug_requested, user_message
+from training.base.errors import RunError, report_failure
 from training.inputs.data_module import PreferenceDataModule
 from training.inputs.model_checks import check_accelerator, check_model_source
 from training.inputs.model_loading import build_reference, load_policy
@@ -348,11 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{stopped_message(stop, cfg, argv)}", file=sys.stderr)
         return exit_code(stop.signum)
     except Exception as err:
-        message = None if debug_requested(getattr(args, "debug", False)) else user_message(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return report_failure(err, getattr(args, "debug", False))
     return 0
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from training.base.cli import resolve_config
-from training.base.errors import debug_requested, user_message, writing
+from training.base.errors import report_failure, writing
 from training.eval import plots
 from training.fit import run
 
@@ -98,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs, png = sweep(args.beta, args.output_dir, fit_argv)
     except Exception as err:
-        message = None if debug_requested("--debug" in fit_argv) else user_message(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return report_failure(err, "--debug" in fit_argv)
     print()
     print(summary(runs))
     print(f"\nfrontier: {png}\nsweep.json: {args.output_dir / 'sweep.json'}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 from pathlib import Path
 
 from dpo_core.rows import DataError
@@ -68,6 +69,17 @@ def write_failure(path: Path, err: BaseException, what: str) -> RunError:
     else:
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return RunError(f"{path}: {cause} while {what}")
+
+
+def report_failure(err: BaseException, debug: bool = False) -> int:
+    """What an entry point does with a failure: print it as one ``error:`` line and return the
+    exit status 1, or re-raise it (its traceback shown) when it is unexpected or ``--debug`` /
+    ``DPO_DEBUG=1`` asks for the traceback."""
+    message = None if debug_requested(debug) else user_message(err)
+    if message is None:
+        raise err
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def user_message(err: BaseException) -> str | None:
