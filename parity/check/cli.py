@@ -58,18 +58,25 @@ from training.base.cli import add_group_flags  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every option combines with every other. The objective's flags are
     training's (``add_objective_flags``)."""
-    p = argparse.ArgumentParser(prog="python -m parity", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m parity", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     add_objective_flags(p)
-    p.add_argument("--steps", type=int, default=20)
+    # training.fit's names first; the short old spellings still parse
+    p.add_argument("--max-steps", "--steps", dest="steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument(
+        "--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", type=int, default=1
+    )
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--lora", action="store_true")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-target-modules", nargs="+", default=["all-linear"])
     p.add_argument("--load-in-4bit", action="store_true", help="NF4 weights + LoRA (QLoRA)")
-    p.add_argument("--precompute-ref", action="store_true")
+    p.add_argument(
+        "--precompute-ref-log-probs", "--precompute-ref", dest="precompute_ref", action="store_true"
+    )
     p.add_argument(
         "--prompt-sharing",
         action="store_true",
@@ -112,8 +119,7 @@ def add_objective_flags(p: argparse.ArgumentParser) -> None:
     (``training.base.cli.add_group_flags`` on its ``dpo`` group, whose ``DPOConfig`` extends
     ``LossSettings``), so both command lines spell them alike; ``DPOConfig``'s other fields (how
     ours runs) are left out. An unset flag parses to None. ``--loss-type`` is parity's own: it
-    also takes ``all``. The old ``--f-alpha`` and ``--f-divergence`` still parse (argparse takes
-    a unique prefix of a flag)."""
+    also takes ``all``. No flag is taken by a prefix of its name (as training.fit)."""
     section = p.add_argument_group("objective", OBJECTIVE_HELP)
     section.add_argument(
         "--loss-type",

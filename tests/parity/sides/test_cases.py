@@ -76,18 +76,28 @@ def test_settings_trl_lacks_are_not_compared(argv, reason):
 
 
 def test_the_objective_flags_are_training_flags():
-    """One flag per ``LossSettings`` field, spelled as ``python -m training.fit`` spells it; the
-    old parity spellings still parse (a unique prefix), and help shows training's names."""
+    """One flag per ``LossSettings`` field, spelled as ``python -m training.fit`` spells it, as
+    are the run's flags training has (``--max-steps``, ``--gradient-accumulation-steps``,
+    ``--precompute-ref-log-probs``; parity's short old spellings are aliases); no flag is taken
+    by a prefix, and help shows training's names."""
     parser = build_parser()
     options = {o for action in parser._actions for o in action.option_strings}
     assert {flag(f.name) for f in dataclasses.fields(LossSettings)} <= options
+    assert {"--max-steps", "--gradient-accumulation-steps", "--precompute-ref-log-probs"} <= options
     assert "--f-alpha" not in options and "--f-divergence" not in options
-    (old,) = cases("--loss-type", "ipo", "--f-divergence", "alpha_divergence", "--f-alpha", "0.3")
+    with pytest.raises(SystemExit):  # a prefix of --f-alpha-divergence-coef is refused
+        cases("--loss-type", "ipo", "--f-alpha", "0.3")
     (new,) = cases(
         "--loss-type", "ipo", "--f-divergence-type", "alpha_divergence",
-        "--f-alpha-divergence-coef", "0.3",
+        "--f-alpha-divergence-coef", "0.3", "--max-steps", "3", "--gradient-accumulation-steps",
+        "2", "--precompute-ref-log-probs",
+    )  # fmt: skip
+    (old,) = cases(
+        "--loss-type", "ipo", "--f-divergence-type", "alpha_divergence",
+        "--f-alpha-divergence-coef", "0.3", "--steps", "3", "--grad-accum", "2", "--precompute-ref",
     )  # fmt: skip
     assert old == new and new.loss.f_alpha_divergence_coef == 0.3
+    assert (new.steps, new.grad_accum, new.precompute_ref) == (3, 2, True)
     assert "--f-alpha-divergence-coef" in parser.format_help()
 
 
