@@ -14,12 +14,14 @@ from dpo_core.logp_types import LogpOptions, split_pairs
 from dpo_core.logps import ld_sums
 from dpo_core.reference import (
     AdapterDisabledReference,
-    CacheSettings,
     FrozenCopyReference,
     PrecomputedReference,
     check_reference_is_not_policy,
-    load_reference_cache,
     precompute_reference_logps,
+)
+from dpo_core.reference_cache import (
+    CacheSettings,
+    load_reference_cache,
     reference_cache_key,
     save_reference_cache,
 )
@@ -245,12 +247,12 @@ def test_unreadable_cache_is_refused_naming_the_file(tmp_path):
 def test_failed_cache_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     import errno
 
-    import dpo_core.reference
+    import dpo_core.reference_cache
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(dpo_core.reference.os, "fsync", full)
+    monkeypatch.setattr(dpo_core.reference_cache.os, "fsync", full)
     path = tmp_path / "cache.pt"
     with pytest.raises(OSError) as caught:
         save_reference_cache(path, "k", torch.zeros(3), torch.zeros(3), torch.arange(3))

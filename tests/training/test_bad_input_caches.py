@@ -94,9 +94,9 @@ def test_full_disk_while_writing_the_reference_cache(tiny_assets, tmp_path, caps
         if real:
             filled(folder)
         else:
-            import dpo_core.reference
+            import dpo_core.reference_cache
 
-            monkeypatch.setattr(dpo_core.reference, "open", FullFile, raising=False)
+            monkeypatch.setattr(dpo_core.reference_cache, "open", FullFile, raising=False)
         line = fails(base_args(tiny_assets, out, **CACHED), capsys)
         assert line.startswith(f"error: {folder}/train-")
         assert line.endswith(

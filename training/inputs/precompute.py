@@ -4,7 +4,7 @@ The reference (a frozen copy of the starting policy, ``--ref-model``, or the LoR
 adapters off) runs once over the train and held-out rows; the values ride along with each row
 into the batches (``ref_chosen_logps`` / ``ref_rejected_logps``), so a training step needs no
 reference forward. Each cache file is named by its key, a hash of the weights, tokenizer, tokens,
-truncation, dtype, ld_alpha and precision (``dpo_core.reference.reference_cache_key``): a run
+truncation, dtype, ld_alpha and precision (``dpo_core.reference_cache.reference_cache_key``): a run
 with anything changed computes a new file, and a stale file is never read. A cache file that
 cannot be used (torn, truncated, another format, another key under the same name) is recomputed
 and replaced, with a note naming it; a failed write (a full disk) names the file and leaves no
@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_core import reference as ref
+from dpo_core import reference_cache as cache
 from dpo_core.collate import PreferenceCollator
 from training.base.errors import writing
 from training.base.precision import AUTOCAST_DTYPES
@@ -76,14 +77,14 @@ def _live_reference(policy, cfg):
 def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name):
     """(chosen (N,), rejected (N,)) for ``features`` (whose ``index`` is 0..N-1), from the cache
     file for this exact key, computing and writing it when absent."""
-    settings = ref.CacheSettings(
+    settings = cache.CacheSettings(
         max_length=cfg.data.max_length,
         truncation_mode=cfg.data.truncation_mode,
         dtype=cfg.model.dtype,
         ld_alpha=cfg.dpo.ld_alpha,
         precision=cfg.trainer.precision,
     )
-    key = ref.reference_cache_key(
+    key = cache.reference_cache_key(
         key_model,
         tokenizer=tokenizer,
         data_fingerprint=features_fingerprint(features),
@@ -101,7 +102,7 @@ def _cached_logps(reference, features, collator, cfg, key_model, tokenizer, name
                 reference, batches, dpo_settings(cfg).reference_options(), num_rows=len(features)
             )
     with writing(path, "writing the reference log-prob cache"):
-        ref.save_reference_cache(path, key, chosen, rejected, torch.arange(len(features)))
+        cache.save_reference_cache(path, key, chosen, rejected, torch.arange(len(features)))
     log.info("reference log-probs (%s): computed for %d rows -> %s", name, len(features), path)
     return chosen, rejected
 
@@ -113,7 +114,7 @@ def _read_cache(path: Path, key: str, num_rows: int, name: str):
     if not path.exists():
         return None
     try:
-        values = ref.load_reference_cache(path, key, num_rows)
+        values = cache.load_reference_cache(path, key, num_rows)
     except (ValueError, OSError) as err:
         log.warning("reference log-probs (%s): %s; recomputing it", name, _first_line(err))
         return None
