@@ -8,6 +8,10 @@ import os
 import pathlib
 
 import pytest
+import torch
+
+# torch's thread count before any test module pins its own (several take one thread at import)
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -23,12 +23,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, load_hh_rows
+from tests.conftest import REPO_ROOT, TORCH_DEFAULT_THREADS, load_hh_rows
 
 SUBJECTS = ("cat", "dog", "tree", "river", "city", "song", "book", "garden")
 GOOD = ("lovely", "kind", "bright", "warm", "gentle")
 BAD = ("awful", "cruel", "dull", "cold", "harsh")
 NUM_ROWS = 32
+
+
+@pytest.fixture(autouse=True)
+def torch_default_threads():
+    """Each training test runs in-process at torch's default thread count, as the child runs it
+    starts do (``fit_subprocess``): modules elsewhere pin one thread at import, and on some CPUs
+    (AVX-512) the thread count changes float32 results, so a bit-for-bit resume that compares an
+    in-process run with a child's would compare two thread layouts."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TORCH_DEFAULT_THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ run reads)."""
 
 from __future__ import annotations
 
-from tests.dpo_core.tiny import tiny_llama
+from dpo_core.reference import FrozenCopyReference
+from dpo_core.step import dpo_step
+from tests.dpo_core.tiny import make_batch, tiny_llama
 from training.base.cli import resolve_config
 from training.inputs.model_loading import build_reference
 from training.inputs.precompute import pairs_read, resolve_precompute
@@ -38,14 +40,32 @@ def test_an_explicit_precompute_choice_wins_and_reference_free_never_precomputes
 
 
 def test_flags_reach_the_policy_step_and_the_reference():
+    """The options reach the policy's log-probs and, through the same ``DPOSettings``, the
+    reference's: a source holds no options of its own, ``dpo_step`` hands it
+    ``reference_options()`` (recorded here by a source that spies on its calls)."""
     argv = ["--prompt-sharing", "--logps-keep-probs-mb", "0", "--group-by-length"]
     cfg, _ = resolve_config(argv)
     assert cfg.data.group_by_length is True
     settings = DPOModule(tiny_llama(), None, cfg, total_steps=1).settings
     assert settings.prompt_sharing is True and settings.keep_probs_bytes == 0
-    assert build_reference(tiny_llama(), cfg).prompt_sharing is True
+    assert settings.reference_options().prompt_sharing is True
     no_sharing, _ = resolve_config(["--no-prompt-sharing"])
-    assert build_reference(tiny_llama(), no_sharing).prompt_sharing is False
+    module = DPOModule(tiny_llama(), None, no_sharing, total_steps=1)
+    assert module.settings.policy_options().prompt_sharing is False
+    assert module.settings.reference_options().prompt_sharing is False
     padded, _ = resolve_config(["--no-padding-free"])
-    assert DPOModule(tiny_llama(), None, padded, total_steps=1).settings.padding_free is False
-    assert build_reference(tiny_llama(), padded).padding_free is False
+    settings = DPOModule(tiny_llama(), None, padded, total_steps=1).settings
+    assert settings.policy_options().padding_free is False
+    assert settings.reference_options().padding_free is False
+    assert not vars(build_reference(tiny_llama(), padded)).keys() - {"model"}
+
+    seen = []
+
+    class Spy(FrozenCopyReference):
+        def __call__(self, batch, options):
+            seen.append(options)
+            return super().__call__(batch, options)
+
+    batch = make_batch([(3, 4), (2, 5), (3, 2), (2, 3)], length=9, vocab=128)
+    dpo_step(tiny_llama(), batch, Spy(tiny_llama()), settings)
+    assert seen == [settings.reference_options()]
