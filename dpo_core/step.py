@@ -105,8 +105,7 @@ def dpo_step(
     """Loss and metric sums of ``model`` on ``batch`` (see the module docstring)."""
     check_reference(reference, settings)
     policy = sequence_logps(model, batch, settings.policy_options())
-    with torch.no_grad():
-        ref = reference(batch, settings.reference_options())
+    ref = reference(batch, settings.reference_options())  # every source: no grad
     return step_from_logps(policy, ref, batch, settings)
 
 

@@ -97,6 +97,20 @@ def user_message(err: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
+def replaced_atomically(path: Path):
+    """Yield a temporary path beside ``path``; when the block ends, rename it over ``path``
+    (atomic on POSIX within one file system); when the block or the rename raises (a full
+    disk, Ctrl-C), remove it: the old file stays whole and no temporary is left behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def writing(path: Path, what: str):
     """Turn an operating-system error raised while ``path`` is written into ``write_failure``'s
     ``RunError`` naming ``path``: a full disk reported by ``close()`` or ``flush()`` carries no

@@ -25,7 +25,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from training.base.errors import write_failure
+from training.base.errors import replaced_atomically, write_failure
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -77,18 +77,12 @@ def merge_rows(earlier: list[dict], current: list[dict]) -> list[dict]:
 def write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
     """Write ``rows`` under the header ``fields`` to ``path`` through a temporary file and a
     rename (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def restore_earlier_rows(path: Path, earlier: list[dict[str, str]]) -> int:

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from training.base.cli import config_to_yaml
 from training.base.config import FitConfig
-from training.base.errors import RunError, write_failure
+from training.base.errors import RunError, replaced_atomically, write_failure, writing
 from training.eval.before_after import evaluate
 from training.eval.loading import build_models
 from training.eval.report import evaluation_table, write_report
@@ -126,16 +126,8 @@ def save_outputs(cfg: FitConfig, policy, inputs, config_note: str = "") -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a full disk leaves the
     old file whole and raises a ``RunError`` naming ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with writing(path, f"writing {path.name}"), replaced_atomically(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(path, err, f"writing {path.name}") from err
-    except BaseException:  # Ctrl-C mid-write: no temporary file left behind either
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def publish_metrics(out: Path) -> None:
@@ -144,16 +136,9 @@ def publish_metrics(out: Path) -> None:
     csv = out / "logs" / "metrics.csv"
     if not csv.is_file():
         return
-    tmp = out / f".metrics.csv.{os.getpid()}.tmp"
-    try:
+    target = out / "metrics.csv"
+    with writing(target, "copying logs/metrics.csv"), replaced_atomically(target) as tmp:
         shutil.copyfile(csv, tmp)
-        os.replace(tmp, out / "metrics.csv")
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(out / "metrics.csv", err, "copying logs/metrics.csv") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def evaluate_run(cfg: FitConfig, inputs, policy, reference):
