@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpo_core.logit_transforms import LogitTransform
 from dpo_core.logp_types import NO_STATS, LogpOptions, TokenStats
-from dpo_core.model_parts import LogitTransform
 
 
 class _KernelPlan(NamedTuple):

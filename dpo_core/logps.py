@@ -105,12 +105,13 @@ def gather_completion_states(
 
 
 def score_states(states: ScoredStates, parts: ModelParts, options: LogpOptions) -> TokenLogps:
-    """Project the T states with the LM head (the model's own logit transform applied),
-    ``log_softmax`` in float32, and lay log-probs and statistics out on the (N, L-1) grid."""
+    """Project the T states with the LM head (after any module the model runs between backbone
+    and head, with the model's own logit transform), ``log_softmax`` in float32, and lay
+    log-probs and statistics out on the (N, L-1) grid."""
     weight = next(parts.head.parameters(), None)  # a model split over devices: the head's own
     states = states if weight is None else states.to(weight.device)
     logps, stats = selected_logps(
-        states.hidden, states.targets, parts.head, parts.logit_transform, options
+        parts.project(states.hidden), states.targets, parts.head, parts.logit_transform, options
     )
     if stats is not None:
         stats = TokenStats(*(None if v is None else _scatter(states.mask, v) for v in stats))

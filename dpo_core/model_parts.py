@@ -1,24 +1,30 @@
-"""The two halves of a causal LM that ``dpo_core.logps`` needs: the backbone and the LM head.
+"""The parts of a causal LM that ``dpo_core.logps`` needs: backbone, head, logit transform.
 
 trl's fused head (trl/trainer/utils.py:1548-1698) runs ``model.base_model`` to get the last hidden
-states and then projects them with ``model.get_output_embeddings()``, after scaling the logits the
-way the model's own forward does (utils.py:1568-1590). We do the same through
-``model.get_decoder()``, which is the same module for llama / qwen2 / mistral / gpt2 in
-transformers 5, and unwrap a peft ``PeftModel`` first: its LoRA layers live inside the base model,
-so running the base model's decoder runs the adapters too (unless ``disable_adapter()`` is active).
+states, projects them with ``model.get_output_embeddings()`` and scales the logits as it reads
+the config (utils.py:1568-1590, a list of attribute names). A model that does anything else
+(ModernBERT-decoder's prediction head between backbone and projection, RecurrentGemma's soft-cap
+kept as ``logits_soft_cap``) is scored wrong by such a reading, silently. Here the parts are
+found from the model itself: its own forward runs once on a probe (``dpo_core.probe``) with
+hooks on its children, and the logit transform is the one under which our head reproduces the
+model's own logits (``logit_transforms``); a model whose logits no candidate reproduces is
+refused. The finding is kept per model (by module names, so adapters injected later still run).
 
-peft is not imported: a ``PeftModel`` is recognised by its ``get_base_model`` method.
+A peft ``PeftModel`` is unwrapped first: its LoRA layers live inside the base model, so running
+the base model's backbone runs the adapters too (unless ``disable_adapter()`` is active). peft is
+not imported: a ``PeftModel`` is recognised by its ``get_base_model`` method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
-LogitTransform = Callable[[torch.Tensor], torch.Tensor]
+from dpo_core.logit_transforms import LogitTransform, UnknownLogitTransform, closest_transform
+from dpo_core.probe import compute_dtype, logp_bound, model_device, probe_batch, probe_mode
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -41,66 +47,146 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 @dataclass
 class ModelParts:
-    """What ``dpo_core.logps`` calls.
+    """What ``dpo_core.logps`` calls, found by ``model_parts``.
 
     Attributes:
         backbone: the decoder; ``backbone(input_ids=..., attention_mask=...)`` returns
             ``last_hidden_state`` of shape (N, L, H).
-        head: the LM head, any module mapping (n, H) -> (n, V).
-        logit_transform: the model's own logit scaling (softcap / logit_scale), or None.
+        head: the LM head, any module mapping (n, H') -> (n, V).
+        logit_transform: the model's own logit scaling / soft-capping, or None.
+        pre_head: modules the model's forward applies between the backbone and the head
+            (ModernBERT-decoder's prediction head: dense, activation, norm), in order; usually none.
+        transform_name: what ``logit_transform`` is, in words ("none", "softcap 30.0 (...)").
     """
 
     backbone: nn.Module
     head: nn.Module
     logit_transform: LogitTransform | None
+    pre_head: tuple[nn.Module, ...] = ()
+    transform_name: str = "none"
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The (n, H) backbone states as the head takes them: ``pre_head`` applied in order."""
+        for module in self.pre_head:
+            hidden = module(hidden)
+        return hidden
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """How to find a model's parts again (module names, not modules: adapters and wrappers
+    injected later are picked up) and the logit transform its own forward applies."""
+
+    backbone: str
+    pre_head: tuple[str, ...]
+    transform: LogitTransform | None
+    transform_name: str
+
+
+_recipes: WeakKeyDictionary[nn.Module, HeadRecipe] = WeakKeyDictionary()
 
 
 def model_parts(model: nn.Module) -> ModelParts:
-    """Backbone, head and logit transform of a transformers causal LM (optionally peft-wrapped)."""
+    """Backbone, head and logit transform of a transformers causal LM (optionally peft-wrapped),
+    found on a probe the first time a model is seen (``find_head_recipe``)."""
     base = unwrap_peft(model)
-    for method in ("get_decoder", "get_output_embeddings"):
-        if not callable(getattr(base, method, None)):
-            raise TypeError(
-                f"model_parts: {type(base).__name__} has no {method}(); expected a transformers "
-                "causal LM (e.g. LlamaForCausalLM) or a peft PeftModel wrapping one."
-            )
+    recipe = _recipes.get(base)
+    if recipe is None:
+        recipe = _recipes[base] = find_head_recipe(base)
+    return ModelParts(
+        backbone=base.get_submodule(recipe.backbone),
+        head=_output_head(base),
+        logit_transform=recipe.transform,
+        pre_head=tuple(base.get_submodule(name) for name in recipe.pre_head),
+        transform_name=recipe.transform_name,
+    )
+
+
+def _output_head(base: nn.Module) -> nn.Module:
+    if not callable(getattr(base, "get_output_embeddings", None)):
+        raise TypeError(
+            f"model_parts: {type(base).__name__} has no get_output_embeddings(); expected a "
+            "transformers causal LM (e.g. LlamaForCausalLM) or a peft PeftModel wrapping one."
+        )
     head = base.get_output_embeddings()
     if head is None:
         raise TypeError(f"model_parts: {type(base).__name__}.get_output_embeddings() is None.")
-    config = getattr(base, "config", None)
-    transform = logit_transform_from_config(config) if config is not None else None
-    return ModelParts(backbone=base.get_decoder(), head=head, logit_transform=transform)
+    return head
 
 
-def _logit_scale(text_config) -> float:
-    """trl's reading of the scale applied before the softcap (utils.py:1571-1584)."""
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        scaling = text_config.logits_scaling
-        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
-    return 1.0 if scale is None else scale
+def _record_calls(base: nn.Module, head: nn.Module, batch) -> tuple[list, torch.Tensor]:
+    """Run the model's own forward on the probe: the (name, output) of each direct child in call
+    order, the head's input, and the model's own logits."""
+    calls: list[tuple[str, object]] = []
+    hooks = [
+        child.register_forward_hook(lambda _m, _i, out, name=name: calls.append((name, out)))
+        for name, child in base.named_children()
+    ]
+    hooks.append(head.register_forward_hook(lambda _m, _i, _o: calls.append((_HEAD, None))))
+    try:
+        with probe_mode(base):
+            out = base(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, out.logits
 
 
-def logit_transform_from_config(config) -> LogitTransform | None:
-    """``z -> softcap * tanh(z * scale / softcap)`` as trl's kernel applies it, or None if identity.
+_HEAD = "<head>"
 
-    Source: trl/kernels/chunked_logprob.py ``_torch_transform`` (scale, then softcap, then
-    temperature, which DPO leaves at 1); the scale and softcap are read from the text config as in
-    trl/trainer/utils.py:1568-1590 (Gemma 2's ``final_logit_softcapping``, Cohere's
-    ``logit_scale``, Granite's ``logits_scaling``, ...).
+
+def _split_calls(base: nn.Module, calls: list) -> tuple[str, torch.Tensor, tuple[str, ...]]:
+    """(backbone name, its last hidden state, the children called between it and the head)."""
+    names = [name for name, _ in calls]
+    for i, (name, out) in enumerate(calls):
+        if getattr(out, "last_hidden_state", None) is not None:
+            end = names.index(_HEAD, i) if _HEAD in names[i:] else len(calls)
+            head_names = {n for n, m in base.named_children() if m is _output_head(base)}
+            between = tuple(n for n in names[i + 1 : end] if n not in head_names and n != _HEAD)
+            return name, out.last_hidden_state, between
+    raise TypeError(
+        f"model_parts: no child of {type(base).__name__} returned a last_hidden_state in its "
+        "own forward; cannot find the backbone (a transformers decoder model is expected)."
+    )
+
+
+def find_head_recipe(base: nn.Module) -> HeadRecipe:
+    """Find the backbone, the modules after it and the logit transform from the model itself.
+
+    The model's own forward runs on the probe (``dpo_core.probe``) with hooks on its children:
+    the backbone is the first child that returns a ``last_hidden_state``, ``pre_head`` the
+    children called after it and before the output embedding. The transform is the candidate
+    (``logit_transforms.candidates``: identity, every softcap and scale the config names, in any
+    combination) whose ``log_softmax(transform(head(pre_head(h))))`` is closest to the model's own
+    log-softmax; it must be within ``probe.logp_bound``, else the model is refused
+    (``UnknownLogitTransform``): it does something to its logits we would not reproduce.
     """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = _logit_scale(text_config)
-    if softcap is None and scale == 1.0:
-        return None
+    head = _output_head(base)
+    config = getattr(base, "config", None)
+    batch = probe_batch(_vocab_size(base, head), model_device(base))
+    calls, own = _record_calls(base, head, batch)
+    backbone, hidden, between = _split_calls(base, calls)
+    with probe_mode(base):
+        for name in between:
+            hidden = base.get_submodule(name)(hidden)
+        logits = head(hidden)
+    keep = batch.attention_mask.bool().to(own.device)
+    name, transform, error = closest_transform(logits[keep], own[keep], config)
+    bound = logp_bound(own[keep], compute_dtype(head))
+    if error > bound:
+        model_type = getattr(config, "model_type", type(base).__name__)
+        raise UnknownLogitTransform(
+            f"{model_type}: the model's own logits are not its LM head's output under any logit "
+            f"transform its config names (closest: {name}, log-probs off by {error:.2e}, float "
+            f"bound {bound:.1e}); dpo_core would score this model wrong, so it refuses it."
+        )
+    return HeadRecipe(backbone, between, transform, name)
 
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        z = logits * scale
-        return z if softcap is None else softcap * torch.tanh(z / softcap)
 
-    return transform
+def _vocab_size(base: nn.Module, head: nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return weight.shape[0]
+    return base.config.get_text_config().vocab_size

@@ -13,12 +13,16 @@ shaped, masked matrix). The scored hidden states are gathered from the packed ro
 (2B, L-1) grid order and go through the same head (``logps.score_states``): padding-free, no
 padding position goes through the backbone or the head.
 
-This needs a model whose attention takes a ready 4D mask and explicit ``position_ids``: the
-transformers models listed in ``SUPPORTED_MODEL_TYPES`` with ``sdpa`` or ``eager`` attention
-(their mask builders pass a 4D mask through, ``masking_utils._preprocess_mask_arguments``).
-Anything else, a sliding window shorter than the rows, or a batch whose two rows of a pair do
-not start with the same prompt (``keep_end`` truncation can cut them differently) falls back to
-the plain forward, with a warning the first time (``batch_blocker`` says why). On a GPU the
+This needs a model whose attention takes a ready 4D mask and explicit ``position_ids``
+(transformers' ``sdpa`` and ``eager`` attention: the mask builders pass a 4D mask through,
+``masking_utils._preprocess_mask_arguments``), and whose layers carry nothing from one segment
+to the next. No list of families decides it: the first time a model is seen, packed rows run
+against the plain forward on a probe (``probe_blocker``), and the model takes the fast path only
+if every log-prob agrees within float32 rounding. A model that fails (recurrent or state-space
+blocks, custom code that ignores the mask), a sliding window shorter than the rows, or a batch
+whose two rows of a pair do not start with the same prompt (``keep_end`` truncation can cut them
+differently) falls back to the plain forward, with a warning the first time (``batch_blocker``
+says why). On a GPU the
 block mask runs through SDPA's masked kernels (memory-efficient or math attention: the flash
 kernel takes no mask). FlexAttention with a block mask built from the segment ids and token
 kinds would skip the masked blocks; varlen FlashAttention cannot say "rejected sees the prompt
@@ -36,13 +40,15 @@ log-prob.
 from __future__ import annotations
 
 import warnings
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
 from dpo_core.batch import PreferenceBatch
-from dpo_core.logp_types import ScoredStates
-from dpo_core.model_parts import ModelParts, unwrap_peft
+from dpo_core.lm_head import selected_logps
+from dpo_core.logp_types import LogpOptions, ScoredStates
+from dpo_core.model_parts import ModelParts, model_parts, unwrap_peft
 from dpo_core.pair_layout import (
     Layout,
     choose_layout,
@@ -51,37 +57,87 @@ from dpo_core.pair_layout import (
     pair_spans,
     plain_cost,
 )
+from dpo_core.probe import compute_dtype, logp_bound, model_device, probe_batch, probe_mode
 
-# Families whose decoder builds its mask with transformers' masking_utils (a 4D mask passes
-# through untouched) and whose positions come from ``position_ids`` (rotary or learned). Checked
-# by tests/dpo_core/test_packing.py against the plain forward.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+# model -> ((attention kind, sliding window), why not or None): the probe runs once per model
+_verdicts: WeakKeyDictionary[nn.Module, tuple[tuple, str | None]] = WeakKeyDictionary()
 
 
 def model_blocker(model: nn.Module) -> str | None:
-    """Why ``model`` cannot run packed rows (None when it can)."""
-    config = getattr(unwrap_peft(model), "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    attention = getattr(config, "_attn_implementation", None)
+    """Why ``model`` cannot run packed rows (None when it can): its attention takes no 4D mask,
+    or packed rows did not equal the plain forward on the probe (``probe_blocker``, run once per
+    model, attention kind and window)."""
+    base = unwrap_peft(model)
+    attention = getattr(getattr(base, "config", None), "_attn_implementation", None)
     if attention not in SUPPORTED_ATTENTION:
         return f"attention {attention!r} takes no 4D mask (use one of {SUPPORTED_ATTENTION})"
+    key = (attention, _sliding_window(model))
+    verdict = _verdicts.get(base)
+    if verdict is None or verdict[0] != key:
+        verdict = _verdicts[base] = (key, probe_blocker(model))
+    return verdict[1]
+
+
+def probe_blocker(model: nn.Module) -> str | None:
+    """Packed rows against the plain forward on the probe (``dpo_core.probe``: two pairs share a
+    row): None when every completion log-prob agrees within ``probe.logp_bound``, else why not.
+
+    This is what lets any decoder take the fast path: one whose layers carry state from one
+    segment to the next (recurrent or state-space blocks), or whose attention ignores the mask
+    it is given (custom code), shows a difference far above rounding and runs plain."""
+    parts = model_parts(model)
+    vocab = unwrap_peft(model).get_input_embeddings().weight.shape[0]
+    batch = probe_batch(vocab, model_device(model))
+    p, c, r = pair_spans(batch)
+    layout = choose_layout((p + c + r).tolist(), padding_free=True)
+    with probe_mode(model):
+        try:
+            packed = pack_pairs(batch, layout)
+            packed_hidden = _scored_states(parts.backbone, model, packed, layout)
+            plain = parts.backbone(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+        except Exception as error:  # noqa: BLE001 - any failure means: not this model
+            return f"packed rows fail on a probe ({type(error).__name__}: {error})"
+        plain_hidden = plain[:, :-1][packed.mask.to(plain.device)]
+        plain_logits = parts.head(parts.project(plain_hidden))
+        got, want = (
+            selected_logps(parts.project(h), packed.targets.to(h.device), parts.head,
+                           parts.logit_transform, LogpOptions())[0]
+            for h in (packed_hidden, plain_hidden)
+        )  # fmt: skip
+    difference = float((got - want).abs().max())
+    bound = logp_bound(plain_logits, compute_dtype(parts.head))
+    if not difference <= bound:
+        return (
+            f"packed rows differ from the plain forward by {difference:.1e} on a probe (float "
+            f"bound {bound:.1e}): its layers carry state across segments or ignore the mask"
+        )
     return None
+
+
+def _sliding_window(model: nn.Module) -> int | None:
+    """The attention window of the model's sliding layers, None when no layer slides."""
+    text = unwrap_peft(model).config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and not any("sliding" in str(t) for t in layer_types):
+        return None
+    return window
 
 
 def _spans_or_blocker(model: nn.Module, batch: PreferenceBatch):
     """The pairs' (P, C, R) spans (``pair_layout.pair_spans``), or why this batch cannot be
     packed for ``model``."""
-    reason = model_blocker(model)
-    if reason is not None:
-        return reason
-    config = unwrap_peft(model).config
-    window = getattr(config.get_text_config(), "sliding_window", None)
+    window = _sliding_window(model)
     if window is not None and batch.input_ids.shape[1] > window:
         return f"rows longer than the sliding window ({window} tokens)"  # one warning, not one a length
-    return pair_spans(batch)
+    reason = model_blocker(model)
+    return reason if reason is not None else pair_spans(batch)
 
 
 def batch_blocker(model: nn.Module, batch: PreferenceBatch) -> str | None:

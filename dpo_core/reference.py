@@ -33,6 +33,7 @@ from torch import nn
 from dpo_core.batch import PreferenceBatch
 from dpo_core.logp_types import LogpOptions, SequenceLogps
 from dpo_core.logps import sequence_logps
+from dpo_core.model_checks import OwnLogitsCheck, own_logits_check
 
 
 class ReferenceSource(ABC):
@@ -57,6 +58,11 @@ class _ModelReference(ReferenceSource):
     def __call__(self, batch: PreferenceBatch, options: LogpOptions) -> SequenceLogps:
         with torch.no_grad(), self._view():
             return sequence_logps(self.model, batch, options)
+
+    def own_logits_check(self, options: LogpOptions | None = None) -> OwnLogitsCheck:
+        """``model_checks.own_logits_check`` of the reference as it runs (inside ``_view()``)."""
+        with self._view():
+            return own_logits_check(self.model, options)
 
 
 class FrozenCopyReference(_ModelReference):

@@ -27,6 +27,7 @@ from training.base.cli import config_to_yaml, resolve_config
 from training.base.config import FitConfig
 from training.base.errors import RunError, report_failure
 from training.inputs.data_module import PreferenceDataModule
+from training.inputs.logits_guard import check_run_models
 from training.inputs.model_checks import check_accelerator, check_model_source
 from training.inputs.model_loading import build_reference, load_policy
 from training.inputs.precompute import attach_precomputed_reference, resolve_precompute
@@ -190,6 +191,7 @@ def train(
         reference = attach_precomputed_reference(policy, inputs, cfg)
     else:
         reference = build_reference(policy, cfg)
+    check_run_models(policy, reference, cfg)
     data = PreferenceDataModule(inputs.data, inputs.tokenizer, cfg)
     module = DPOModule(policy, reference, cfg, total, record, resume_changes=len(plan.changes))
     timer = StepTimer()

@@ -200,16 +200,36 @@ def test_sharing_is_used_only_where_it_saves_work():
     assert torch.equal(shared.logps, plain_token_logps(model, short).logps)
 
 
-def test_unsupported_model_falls_back_with_a_warning():
-    """A model type not known to take 4D masks runs the plain forward, and says so."""
-    from tests.dpo_core.tiny import tiny_gemma2
+def test_recurrent_model_falls_back_with_a_warning():
+    """RecurrentGemma's recurrent blocks carry state from one packed segment to the next: the probe
+    sees it, and the model runs the plain forward, saying why."""
+    from parity.sides.zoo import tiny_zoo_model
 
-    model = tiny_gemma2()
+    model = tiny_zoo_model("recurrent_gemma")
     batch = pair_batch()
-    assert "gemma2" in batch_blocker(model, batch)
+    assert "differ from the plain forward" in batch_blocker(model, batch)
     with pytest.warns(UserWarning, match="prompt sharing off"):
         packed = shared_token_logps(model, batch)
     assert torch.equal(packed.logps, plain_token_logps(model, batch).logps)
+
+
+def test_model_that_ignores_the_mask_falls_back():
+    """A backbone that drops the mask and positions it is given (custom code) is caught by the
+    probe; the same model with its own forward takes the fast path."""
+    model = tiny_llama()
+    assert batch_blocker(model, pair_batch()) is None
+    own_forward = model.model.forward
+    model.model.forward = lambda input_ids, use_cache=False, **_: own_forward(
+        input_ids=input_ids, use_cache=use_cache
+    )
+    dpo_core.packing._verdicts.clear()
+    assert "differ from the plain forward" in batch_blocker(model, pair_batch())
+
+
+def test_attention_without_4d_masks_falls_back(monkeypatch):
+    model = tiny_llama()
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    assert "takes no 4D mask" in batch_blocker(model, pair_batch())
 
 
 def test_unshared_prompts_fall_back():
@@ -223,11 +243,18 @@ def test_unshared_prompts_fall_back():
 
 
 def test_sliding_window_shorter_than_rows_falls_back():
-    model = tiny_qwen2()
+    """A window shorter than the rows falls back; a window no layer uses (Qwen2-MoE keeps
+    ``sliding_window=0`` with ``use_sliding_window=False``) does not."""
+    from parity.sides.zoo import tiny_zoo_model
+
+    model = tiny_zoo_model("mistral")
     model.config.sliding_window = 4
     assert "sliding window" in batch_blocker(model, pair_batch())
     model.config.sliding_window = None
     assert batch_blocker(model, pair_batch()) is None
+    moe = tiny_zoo_model("qwen2_moe")
+    assert (moe.config.sliding_window, moe.config.use_sliding_window) == (0, False)
+    assert batch_blocker(moe, pair_batch()) is None
 
 
 def test_pack_pairs_refuses_unpackable_batches():
@@ -242,6 +269,7 @@ def test_padding_free_computes_no_padding_position():
     model = tiny_llama()
     batch = pair_batch(SPANS + [(2, 3, 4), (4, 3, 2)])  # two segments of 9 tokens: one call
     real = [p + c + r for p, c, r in SPANS + [(2, 3, 4), (4, 3, 2)]]
+    assert batch_blocker(model, batch) is None  # the probe's forwards run before counting
     seen = []
     model.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
