@@ -34,6 +34,8 @@ class LogpOptions:
         ld_alpha: LD-DPO's weight of the tokens past the pair's shared length (None: plain sums).
         stats: also trl's token statistics (entropy, mean logit, top-1): ``TokenStats``.
         wpo: also ``log Σ p²`` per token (WPO's weight); implies ``stats``.
+        router_aux: also the router's load-balancing loss of a mixture-of-experts model
+            (``dpo_core.router_aux``; nothing for a model without a router).
     Speed and memory only (the numbers agree up to float32 rounding):
         chunk_size: completion tokens projected to the vocabulary at a time.
         keep_probs_bytes: keep the (T, V) softmax for backward up to this size (0: recompute).
@@ -46,6 +48,7 @@ class LogpOptions:
     ld_alpha: float | None = None
     stats: bool = False
     wpo: bool = False
+    router_aux: bool = False
     chunk_size: int = CHUNK_SIZE
     keep_probs_bytes: int = KEEP_PROBS_BYTES
     prompt_sharing: bool = True
@@ -62,7 +65,7 @@ class LogpOptions:
 
     def without_stats(self) -> LogpOptions:
         """The same computation returning log-probs only: what a reference needs."""
-        return dataclasses.replace(self, stats=False, wpo=False)
+        return dataclasses.replace(self, stats=False, wpo=False, router_aux=False)
 
 
 class TokenStats(NamedTuple):
@@ -104,11 +107,14 @@ class TokenLogps:
             ``mask`` is False. Differentiable.
         mask: (N, L-1) bool, ``completion_mask[:, 1:]``: the tokens that are scored.
         stats: ``TokenStats`` on the same grid, or None (``LogpOptions.stats``).
+        aux_loss: the forward's router load-balancing loss (scalar, differentiable), or None
+            (``LogpOptions.router_aux``; a model without a router).
     """
 
     logps: torch.Tensor
     mask: torch.Tensor
     stats: TokenStats | None = None
+    aux_loss: torch.Tensor | None = None
 
     def row_sums(self) -> torch.Tensor:
         """``Σ_t logps[n, t]``: each row's completion log-prob, (N,). trl dpo:1302."""
@@ -163,6 +169,7 @@ class ScoredStates:
             True entries of ``mask``.
         targets: (T,) long, the token each state predicts.
         mask: (N, L-1) bool, the shifted completion mask of the (plain) batch grid.
+        aux_loss: the forward's router load-balancing loss, or None (``dpo_core.router_aux``).
     The plain forward (``dpo_core.logps.plain_states``) and packed rows
     (``dpo_core.packing.packed_states``) differ only in where ``hidden`` comes from.
     """
@@ -170,6 +177,8 @@ class ScoredStates:
     hidden: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
+    aux_loss: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> ScoredStates:
-        return ScoredStates(self.hidden.to(device), self.targets.to(device), self.mask.to(device))
+        moved = (self.hidden.to(device), self.targets.to(device), self.mask.to(device))
+        return ScoredStates(*moved, self.aux_loss)

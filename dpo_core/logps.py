@@ -45,6 +45,7 @@ from dpo_core.logp_types import (
 )
 from dpo_core.model_parts import ModelParts, model_parts
 from dpo_core.packing import packed_states
+from dpo_core.router_aux import RouterSpec, load_balancing_loss, router_logits_of, router_spec
 
 DEFAULT_OPTIONS = LogpOptions()  # frozen: safe to share as a default
 
@@ -74,19 +75,30 @@ def scored_states(
 ) -> ScoredStates:
     """The hidden states of the completion positions: from packed rows when ``prompt_sharing``
     and packing can run and saves work (``dpo_core.packing``), else from the plain forward."""
+    router = router_spec(model) if options.router_aux else None
     packed = (
-        packed_states(model, parts, batch, options.padding_free) if options.prompt_sharing else None
+        packed_states(model, parts, batch, options.padding_free, router)
+        if options.prompt_sharing
+        else None
     )
-    return packed if packed is not None else plain_states(parts, batch)
+    return packed if packed is not None else plain_states(parts, batch, router)
 
 
-def plain_states(parts: ModelParts, batch: PreferenceBatch) -> ScoredStates:
+def plain_states(
+    parts: ModelParts, batch: PreferenceBatch, router: RouterSpec | None = None
+) -> ScoredStates:
     """One forward of the padded rows, as trl's (dpo:1285-1300): ``attention_mask`` and
-    ``use_cache=False``, no ``position_ids`` (0..L-1 for every row, right padding)."""
+    ``use_cache=False``, no ``position_ids`` (0..L-1 for every row, right padding). With a
+    ``router``, also its load-balancing loss over the real tokens (``dpo_core.router_aux``)."""
+    extra = {"output_router_logits": True} if router else {}
     out = parts.backbone(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra
     )
-    return gather_completion_states(out.last_hidden_state, batch.input_ids, batch.completion_mask)
+    states = gather_completion_states(out.last_hidden_state, batch.input_ids, batch.completion_mask)
+    if router:
+        weights = batch.attention_mask.reshape(-1)
+        states.aux_loss = load_balancing_loss(router_logits_of(out), weights, router)
+    return states
 
 
 def gather_completion_states(
@@ -115,7 +127,7 @@ def score_states(states: ScoredStates, parts: ModelParts, options: LogpOptions) 
     )
     if stats is not None:
         stats = TokenStats(*(None if v is None else _scatter(states.mask, v) for v in stats))
-    return TokenLogps(logps=_scatter(states.mask, logps), mask=states.mask, stats=stats)
+    return TokenLogps(_scatter(states.mask, logps), states.mask, stats, states.aux_loss)
 
 
 def pair_logps(token: TokenLogps, batch: PreferenceBatch, ld_alpha: float | None) -> SequenceLogps:

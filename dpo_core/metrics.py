@@ -19,6 +19,7 @@ the per-micro-batch values (trl ``log``, dpo:1699-1708) — the caller's job.
 | logits/rejected       | same over rejected completion tokens            | # rejected ...            |
 | entropy               | Σ over all completion tokens of H(p)            | # completion tokens       |
 | mean_token_accuracy   | # chosen completion tokens whose target is top-1| # chosen completion tokens|
+| aux_loss (MoE only)   | the router's load-balancing loss (router_aux)   | 1                         |
 
 Completion tokens are counted on the shifted mask (``TokenLogps.mask``), as trl does. A ratio
 with count 0 is 0.0, as in trl. ``num_tokens`` (Σ attention_mask, prompt + completion, both
@@ -131,6 +132,10 @@ def metric_sums(policy: SequenceLogps, out: LossOutput) -> MetricSums:
     device = out.chosen_rewards.device
     counts = {name: torch.tensor(num_pairs, device=device) for name in PAIR_METRICS}
     counts.update(tokens.counts)
+    aux = policy.token.aux_loss if policy.token is not None else None
+    if aux is not None:  # trl's aux_loss: the MoE router's load-balancing loss (dpo:1533)
+        sums["aux_loss"] = aux.detach().float()
+        counts["aux_loss"] = torch.tensor(1, device=device)
     return MetricSums(sums, counts)
 
 

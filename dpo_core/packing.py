@@ -58,6 +58,7 @@ from dpo_core.pair_layout import (
     plain_cost,
 )
 from dpo_core.probe import compute_dtype, logp_bound, model_device, probe_batch, probe_mode
+from dpo_core.router_aux import RouterSpec, load_balancing_loss, router_logits_of
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -95,7 +96,7 @@ def probe_blocker(model: nn.Module) -> str | None:
     with probe_mode(model):
         try:
             packed = pack_pairs(batch, layout)
-            packed_hidden = _scored_states(parts.backbone, model, packed, layout)
+            packed_hidden, _ = _scored_states(parts.backbone, model, packed, layout)
             plain = parts.backbone(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state
@@ -166,8 +167,12 @@ def _warn_once(reason: str) -> None:
         )
 
 
-def _scored_states(backbone, model: nn.Module, packed, layout: Layout) -> torch.Tensor:
-    """The (T, H) last hidden states at ``packed.hidden_index`` (grid order (Nr, Lp)).
+def _scored_states(
+    backbone, model: nn.Module, packed, layout: Layout, router: RouterSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (T, H) last hidden states at ``packed.hidden_index`` (grid order (Nr, Lp)), and the
+    router's load-balancing loss over the packed tokens when ``router`` (prompt tokens weighted
+    2, ``PackedPairs.token_weights``: the plain rows' loss), else None.
 
     Padding-free (``layout.separate_rows``), the rows go through the backbone cut to their
     fills, rows of equal fill together in one call, so no padding position is computed: the
@@ -175,6 +180,8 @@ def _scored_states(backbone, model: nn.Module, packed, layout: Layout) -> torch.
     Otherwise the padded rows go through in one call."""
     dtype = unwrap_peft(model).get_input_embeddings().weight.dtype
     mask = _attention_mask(packed.allowed, model, dtype)
+    extra = {"output_router_logits": True} if router else {}
+    routed: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []
 
     def forward(rows, n: int) -> torch.Tensor:
         out = backbone(
@@ -182,9 +189,22 @@ def _scored_states(backbone, model: nn.Module, packed, layout: Layout) -> torch.
             attention_mask=mask[rows, :, :n, :n],
             position_ids=packed.position_ids[rows, :n],
             use_cache=False,
+            **extra,
         )
+        if router:
+            routed.append((router_logits_of(out), packed.token_weights[rows, :n].reshape(-1)))
         return out.last_hidden_state.flatten(0, 1)  # (len(rows) * n, H)
 
+    hidden = _gather_rows(forward, packed, layout)
+    if not router:
+        return hidden, None
+    layers = tuple(torch.cat(per_layer) for per_layer in zip(*(r for r, _ in routed)))
+    return hidden, load_balancing_loss(layers, torch.cat([w for _, w in routed]), router)
+
+
+def _gather_rows(forward, packed, layout: Layout) -> torch.Tensor:
+    """``forward(rows, n)`` over the layout's rows (one padded call, or rows of equal fill
+    together), and the states at ``packed.hidden_index``."""
     if not layout.separate_rows:
         return forward(slice(None), layout.row_length)[packed.hidden_index]
     by_fill: dict[int, list[int]] = {}
@@ -217,7 +237,11 @@ def packed_layout(model: nn.Module, batch: PreferenceBatch, padding_free: bool) 
 
 
 def packed_states(
-    model: nn.Module, parts: ModelParts, batch: PreferenceBatch, padding_free: bool = True
+    model: nn.Module,
+    parts: ModelParts,
+    batch: PreferenceBatch,
+    padding_free: bool = True,
+    router: RouterSpec | None = None,
 ) -> ScoredStates | None:
     """The scored hidden states of ``batch`` from packed rows, each prompt forwarded once per pair
     (several pairs per row when ``padding_free``): the same ``ScoredStates`` as the plain forward
@@ -227,5 +251,5 @@ def packed_states(
     if layout is None:
         return None
     packed = pack_pairs(batch, layout)
-    hidden = _scored_states(parts.backbone, model, packed, layout)
-    return ScoredStates(hidden, packed.targets, packed.mask)
+    hidden, aux_loss = _scored_states(parts.backbone, model, packed, layout, router)
+    return ScoredStates(hidden, packed.targets, packed.mask, aux_loss)

@@ -54,6 +54,9 @@ class PackedPairs:
             hidden state that predicts it in the flattened (Nr * Lp) packed states.
         mask: (2B, L-1) bool, the plain grid's scored positions, ``completion_mask[:, 1:]``.
         targets: (T,) long, the tokens scored, ``input_ids[:, 1:][mask]``.
+        token_weights: (Nr, Lp) long, how many plain-row tokens each packed position stands
+            for: 2 for a prompt token (it is in the chosen and the rejected row), 1 for a
+            completion token, 0 for padding (a MoE router's loss counts tokens this way).
     """
 
     input_ids: torch.Tensor
@@ -62,6 +65,7 @@ class PackedPairs:
     hidden_index: torch.Tensor
     mask: torch.Tensor
     targets: torch.Tensor
+    token_weights: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,7 @@ def pack_pairs(batch: PreferenceBatch, layout: Layout | None = None) -> PackedPa
         out = torch.full((layout.num_rows * lp,), fill, dtype=torch.long, device=device)
         return out.index_put_((dest,), values.long()).view(layout.num_rows, lp)
 
+    weights = scatter(torch.where(kind == 0, 2, 1), 0)  # prompt tokens stand for two
     segment, kind = scatter(pair, -1), scatter(kind, 0)  # segment -1: padding
     q = torch.arange(lp, device=device)
     causal = q.unsqueeze(-1) >= q.unsqueeze(-2)  # (Lp, Lp): key k <= query q
@@ -205,4 +210,5 @@ def pack_pairs(batch: PreferenceBatch, layout: Layout | None = None) -> PackedPa
         hidden_index=flat[mask],
         mask=mask,
         targets=batch.input_ids[:, 1:][mask],
+        token_weights=weights,
     )

@@ -48,6 +48,9 @@ class LossSettings:
     )
     discopop_tau: float = _setting(0.05, "Temperature of the discopop loss.")
     reference_free: bool = _setting(False, "Take reference log-probs as 0 (no reference model).")
+    router_aux_loss_coef: float | None = _setting(
+        None, "MoE: weight of the router's load-balancing loss (None: the model config's)."
+    )
 
     def __post_init__(self) -> None:
         check_loss_settings(self, self.option_name)

@@ -21,6 +21,7 @@ from dpo_core.logps import sequence_logps
 from dpo_core.losses import combined_dpo_loss
 from dpo_core.metrics import metric_sums
 from dpo_core.reference import NoReference, ReferenceSource
+from dpo_core.router_aux import router_spec
 from dpo_core.settings import LossSettings
 
 
@@ -42,12 +43,14 @@ class DPOSettings:
     padding_free: bool = True
 
     def policy_options(self) -> LogpOptions:
-        """The policy's log-probs: LD-weighted sums when ``ld_alpha``, trl's token statistics, and
-        WPO's ``log Σ p²`` when ``use_weighting``."""
+        """The policy's log-probs: LD-weighted sums when ``ld_alpha``, trl's token statistics,
+        WPO's ``log Σ p²`` when ``use_weighting``, and a MoE router's load-balancing loss unless
+        its coefficient is set to 0."""
         return LogpOptions(
             ld_alpha=self.loss.ld_alpha,
             stats=True,
             wpo=self.loss.use_weighting,
+            router_aux=self.loss.router_aux_loss_coef != 0,
             chunk_size=self.chunk_size,
             keep_probs_bytes=self.keep_probs_bytes,
             prompt_sharing=self.prompt_sharing,
@@ -106,14 +109,31 @@ def dpo_step(
     check_reference(reference, settings)
     policy = sequence_logps(model, batch, settings.policy_options())
     ref = reference(batch, settings.reference_options())  # every source: no grad
-    return step_from_logps(policy, ref, batch, settings)
+    return step_from_logps(policy, ref, batch, settings, router_coef(model, settings))
+
+
+def router_coef(model: torch.nn.Module, settings: DPOSettings) -> float:
+    """The weight of ``model``'s router load-balancing loss in the step's loss: trl's rule
+    (``dpo_core.router_aux.router_spec``), 0 for a model without a router."""
+    spec = router_spec(model, settings.loss.router_aux_loss_coef)
+    return spec.coef if spec else 0.0
 
 
 def step_from_logps(
-    policy: SequenceLogps, reference: SequenceLogps, batch: PreferenceBatch, settings: DPOSettings
+    policy: SequenceLogps,
+    reference: SequenceLogps,
+    batch: PreferenceBatch,
+    settings: DPOSettings,
+    router_aux_loss_coef: float = 0.0,
 ) -> StepOutput:
     """The rest of ``dpo_step`` once both models' log-probs are known (the policy's with
-    ``policy_options()``): what an evaluation that scores each model once calls."""
+    ``policy_options()``): what an evaluation that scores each model once calls. A MoE policy's
+    router loss (``policy.token.aux_loss``) is added with weight ``router_aux_loss_coef``, as
+    trl adds it (dpo:1530-1533)."""
     out = combined_dpo_loss(policy, reference.to(policy.chosen), settings.loss)
     sums, counts = metric_sums(policy, out)
-    return StepOutput(out.loss, sums, counts, int(batch.attention_mask.sum().item()))
+    loss = out.loss
+    aux = policy.token.aux_loss if policy.token is not None else None
+    if aux is not None and router_aux_loss_coef:
+        loss = loss + router_aux_loss_coef * aux.to(loss)
+    return StepOutput(loss, sums, counts, int(batch.attention_mask.sum().item()))

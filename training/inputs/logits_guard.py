@@ -5,7 +5,8 @@ switched off) each score a probe through our path, and the log-probs must equal 
 log-softmax of the model's own logits: a model whose logit transform we would not reproduce, or
 whose parts we would not find, stops the run here with one line instead of training on wrong
 numbers. A precomputed reference is computed by the policy's path (checked) and a reference-free
-run has none. Each model's finding is logged as one line.
+run has none. Each model's finding is logged as one line. A router loss weight given for a model
+without a router is refused too (it would be ignored).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from dpo_core.logit_transforms import UnknownLogitTransform
 from dpo_core.model_checks import OwnLogitsCheck, own_logits_check
 from dpo_core.reference import ReferenceSource
+from dpo_core.router_aux import check_router_setting
 from training.base.config import FitConfig
 from training.base.errors import RunError
 from training.base.settings import dpo_settings
@@ -28,6 +30,10 @@ def check_run_models(policy: nn.Module, reference: ReferenceSource | None, cfg: 
     """Run the guard on the policy and a live reference; raise ``RunError`` on a mismatch.
     Returns the findings (policy first)."""
     settings = dpo_settings(cfg)
+    try:
+        check_router_setting(policy, cfg.dpo.router_aux_loss_coef)
+    except ValueError as err:
+        raise RunError(f"--router-aux-loss-coef: {err}") from err
     checks = [("policy", lambda: own_logits_check(policy, settings.policy_options()))]
     if callable(getattr(reference, "own_logits_check", None)):
         checks.append(
