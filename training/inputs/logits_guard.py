@@ -5,7 +5,8 @@ switched off) each score a probe through our path, and the log-probs must equal 
 log-softmax of the model's own logits: a model whose logit transform we would not reproduce, or
 whose parts we would not find, stops the run here with one line instead of training on wrong
 numbers. A precomputed reference is computed by the policy's path (checked) and a reference-free
-run has none. Each model's finding is logged as one line. A router loss weight given for a model
+run has none. Each model's finding is logged as one line, and so is whether packed rows run for
+this model (``dpo_core.packing.model_blocker``, proven on the same probe). A router loss weight given for a model
 without a router is refused too (it would be ignored).
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from dpo_core.logit_transforms import UnknownLogitTransform
 from dpo_core.model_checks import OwnLogitsCheck, own_logits_check
+from dpo_core.packing import model_blocker
 from dpo_core.reference import ReferenceSource
 from dpo_core.router_aux import check_router_setting
 from training.base.config import FitConfig
@@ -44,6 +46,9 @@ def check_run_models(policy: nn.Module, reference: ReferenceSource | None, cfg: 
         finding = _checked(role, run)
         log.info(finding.line(role))
         findings.append(finding)
+    if cfg.dpo.prompt_sharing:  # decided now, on the whole model, not in a (sharded) step
+        reason = model_blocker(policy)
+        log.info("fast path (prompt sharing, padding-free): " + (reason or "on"))
     return findings
 
 
