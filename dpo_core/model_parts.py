@@ -116,7 +116,12 @@ def _output_head(base: nn.Module) -> nn.Module:
 
 def _record_calls(base: nn.Module, head: nn.Module, batch) -> tuple[list, torch.Tensor]:
     """Run the model's own forward on the probe: the (name, output) of each direct child in call
-    order, the head's input, and the model's own logits."""
+    order (the head's call marked ``_HEAD``), and the model's own logits.
+
+    The forward is the model class's own (``type(base).forward``), not an instance attribute a
+    library may have put over it: accelerate wraps ``model.forward`` in bf16 autocast under
+    mixed precision (trl's default ``bf16=True``), which would make the own logits bf16-rounded
+    and hide the transform under that rounding."""
     calls: list[tuple[str, object]] = []
     hooks = [
         child.register_forward_hook(lambda _m, _i, out, name=name: calls.append((name, out)))
@@ -125,8 +130,11 @@ def _record_calls(base: nn.Module, head: nn.Module, batch) -> tuple[list, torch.
     hooks.append(head.register_forward_hook(lambda _m, _i, _o: calls.append((_HEAD, None))))
     try:
         with probe_mode(base):
-            out = base(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            out = type(base).forward(
+                base,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                use_cache=False,
             )
     finally:
         for hook in hooks:

@@ -57,6 +57,25 @@ QWEN2_05B = {
     "tie_word_embeddings": True,
     "max_position_embeddings": 4096,
 }
+# The cpu-small shape as a mixture of experts (Mixtral): 8 experts of width 512, 2 per token,
+# the router's load-balancing loss on (trl adds it: router_aux_loss_coef 0.001).
+SMALL_MOE = {
+    **SMALL_LLAMA,
+    "model_type": "mixtral",
+    "intermediate_size": 512,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "sliding_window": None,
+}
+# The cpu-small shape as Gemma 2: soft-capped logits (30) and attention (50), alternating
+# sliding / global layers (window 4096: longer than any row here), eager attention (Gemma 2's
+# soft-capped attention has no sdpa kernel in transformers).
+SMALL_GEMMA2 = {
+    **SMALL_LLAMA,
+    "model_type": "gemma2",
+    "head_dim": 64,
+    "attn_implementation": "eager",
+}
 
 
 def _smollm2() -> pathlib.Path:
@@ -134,6 +153,20 @@ PRESETS = {
         Preset(
             "hh-rlhf",
             "llama 256x4, vocab 8,000 trained on hh-rlhf, 8 real pairs per step (variable lengths)",
+            data=str(HH_RLHF_FILE),
+        ),
+        Preset(
+            "moe",
+            "mixtral 256x4 (8 experts of 512, 2 per token), vocab 8,000 trained on hh-rlhf, "
+            "8 real pairs per step",
+            model=dict(SMALL_MOE),
+            data=str(HH_RLHF_FILE),
+        ),
+        Preset(
+            "gemma2",
+            "gemma2 256x4 (soft-capped logits and attention, eager), vocab 8,000 trained on "
+            "hh-rlhf, 8 real pairs per step",
+            model=dict(SMALL_GEMMA2),
             data=str(HH_RLHF_FILE),
         ),
         Preset(

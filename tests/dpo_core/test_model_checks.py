@@ -60,14 +60,14 @@ def test_a_transform_in_code_is_refused():
     """A model that changes its logits in code, under no config name, is refused at load, the
     model type and the difference named."""
     model = spread(tiny_zoo_model("llama"))
-    own_forward = model.forward
 
-    def forward(*args, **kwargs):
-        out = own_forward(*args, **kwargs)
-        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
-        return out
+    class CappedLlama(type(model)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+            return out
 
-    model.forward = forward
+    model.__class__ = CappedLlama
     with pytest.raises(UnknownLogitTransform, match=r"llama: .* off by \d"):
         model_parts(model)
 
@@ -100,3 +100,16 @@ def test_probe_leaves_training_flags_alone():
     model = tiny_zoo_model("llama").train()
     own_logits_check(model)
     assert all(m.training for m in model.modules())
+
+
+def test_a_forward_wrapped_in_bf16_autocast_is_read_through():
+    """accelerate (trl's default bf16=True) wraps ``model.forward`` in bf16 autocast; the parts
+    are found from the class's own forward, so the wrapper's rounding is not taken for a
+    transform."""
+    for model_type, transform in (
+        ("mixtral", "none"),
+        ("gemma2", "softcap final_logit_softcapping=30"),
+    ):
+        model = spread(tiny_zoo_model(model_type))
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+        assert model_parts(model).transform_name == transform
