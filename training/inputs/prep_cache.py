@@ -25,6 +25,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+
 from dpo_core.reference_cache import tokenizer_identity
 from dpo_core.rows import DataError, Place
 from training.base.errors import replaced_atomically
@@ -98,8 +100,6 @@ def read_entry(directory: Path, key: str):
         ValueError: the entry cannot be used (a torn or missing file, another format or key);
             the caller prepares the source again.
     """
-    import datasets
-
     meta_path = directory / META
     if not meta_path.exists():
         return None

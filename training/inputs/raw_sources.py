@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -152,8 +153,6 @@ def _from_rows(source, work_dir: Path, skip_invalid: bool, max_rows: int | None)
 
 def _write_json_rows(entries: Iterator[tuple], path: Path):
     """``(json, line, row)`` entries written to the Arrow file ``path``, read back mapped."""
-    import datasets
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, JSON_SCHEMA) as writer:
         batch: list[tuple] = []
@@ -176,8 +175,6 @@ def _json_batch(entries: list[tuple]) -> pa.RecordBatch:
 
 def _from_parquet(path: Path, work_dir: Path, max_rows: int | None) -> RawSource:
     """A parquet file streamed batch by batch into ``work_dir/raw.arrow`` (its own columns)."""
-    import datasets
-
     target = work_dir / "raw.arrow"
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
