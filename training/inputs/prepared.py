@@ -134,7 +134,7 @@ def _prepare(source, split, tokenizer, settings, data_cfg, directory, key, max_r
         num_proc=num_proc if num_proc > 1 else None,
         cache_file_name=str(directory / "records.arrow"),
         load_from_cache_file=False,
-        new_fingerprint=key,
+        new_fingerprint=key[:32],  # datasets appends a shard suffix; at most 64 characters
         desc=f"Tokenizing {settings.source} ({num_proc} process{'es' if num_proc > 1 else ''})",
     )
     (directory / "raw.arrow").unlink(missing_ok=True)

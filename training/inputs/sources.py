@@ -11,7 +11,7 @@ path as a glob):
 - ``.json`` / ``.json.gz``: a list of objects, an object of equal-length columns, one object
   (placed by data row), or JSON lines (placed by line);
 - ``.parquet``: with pyarrow (the format ``datasets`` stores), placed by data row;
-- ``.csv``: a header row, every cell a string, placed by data row and the line it ends on.
+- ``.csv`` / ``.csv.gz``: a header row, every cell a string, placed by data row and the line it ends on.
 
 A directory written by ``save_to_disk`` goes to ``datasets.load_from_disk`` (a ``DatasetDict``
 by ``split``); another directory (of split files) or a hub id to ``datasets.load_dataset``; their
@@ -153,7 +153,8 @@ def _read_parquet(path: Path, skip_invalid: bool, max_rows: int | None) -> Sourc
 def _read_csv(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
     """A CSV file with a header. Bytes that are not UTF-8 make their record an error (skipped
     with ``skip_invalid``); every record is placed by data row and the line it ends on."""
-    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     out = SourceRows(str(path), [], [], 0)
     for row in reader:
@@ -188,6 +189,7 @@ READERS = {
     ".json.gz": _read_json,
     ".parquet": _read_parquet,
     ".csv": _read_csv,
+    ".csv.gz": _read_csv,
 }
 
 
