@@ -89,7 +89,12 @@ def _trl_constructor(model: str, data: Path, work: Path, num_proc: int) -> None:
     policy = AutoModelForCausalLM.from_pretrained(model)
     rows = datasets.load_dataset("json", data_files=str(data), split="train")
     args = DPOConfig(
-        output_dir=str(work / "trl"), max_length=1024, dataset_num_proc=num_proc, report_to=[]
+        output_dir=str(work / "trl"),
+        max_length=1024,
+        dataset_num_proc=num_proc,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
     )
     DPOTrainer(model=policy, args=args, train_dataset=rows, processing_class=tokenizer)
 
