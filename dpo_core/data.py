@@ -113,13 +113,14 @@ def tokenize_row(
     Raises:
         DataError: for an invalid row, or a completion that tokenizes to nothing.
     """
-    return _tokenize(row, tokenizer, source=source, index=index)[0]
+    return tokenize_with_merges(row, tokenizer, source=source, index=index)[0]
 
 
-def _tokenize(
+def tokenize_with_merges(
     row: Mapping[str, Any], tokenizer: Any, *, source: str, index: int
 ) -> tuple[dict[str, list[int]], int]:
-    """:func:`tokenize_row`, plus how many prompt tokens merged into the completion."""
+    """:func:`tokenize_row`, plus how many prompt tokens merged into the completion (0 when the
+    prompt's tokens are a prefix of both prompt + completion)."""
     row = format_row(row, eos_token=tokenizer.eos_token, source=source, index=index)
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if isinstance(chosen, list):
@@ -230,7 +231,7 @@ def tokenize_rows(
     for index, row in enumerate(rows):
         result.num_input += 1
         try:
-            ids, merged = _tokenize(row, tokenizer, source=source, index=index)
+            ids, merged = tokenize_with_merges(row, tokenizer, source=source, index=index)
         except DataError as e:
             if not skip_invalid:
                 raise

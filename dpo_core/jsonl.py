@@ -9,7 +9,7 @@ import dataclasses
 import gzip
 import json
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,39 +69,53 @@ def read_jsonl_rows(
             after it can be read.
         max_rows: stop reading once this many rows are read (the rest of the file is not read).
     """
+    out = JsonlRows()
+    for line, entry in iter_jsonl_entries(path, max_rows=max_rows):
+        out.num_read += 1
+        if isinstance(entry, DataError):
+            if not skip_invalid:
+                raise entry
+            out.skipped.append(entry)
+        else:
+            out.rows.append(entry)
+            out.lines.append(line)
+    return out
+
+
+def iter_jsonl_entries(
+    path: str | Path, *, max_rows: int | None = None
+) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+    """``(line, row)`` for every non-blank line of a JSONL file, in order, one at a time; a bad
+    line (not UTF-8, not JSON, not an object) comes as ``(line, DataError)``, not raised.
+
+    Stops once ``max_rows`` rows (bad lines not counted) have come.
+
+    Raises:
+        DataError: a corrupt gzip stream (``bad_gzip``): nothing after it can be read.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    out = JsonlRows()
+    rows = 0
     line_no = 0
     try:
         with opener(path, "rb") as f:
             for line_no, raw in enumerate(f, start=1):
-                if max_rows is not None and len(out.rows) >= max_rows:
-                    break
-                _read_line(raw, line_no, out, source=str(path), skip_invalid=skip_invalid)
+                if max_rows is not None and rows >= max_rows:
+                    return
+                try:
+                    row = _parse_line(raw, source=str(path), line=line_no)
+                except DataError as e:
+                    yield line_no, e
+                    continue
+                if row is not None:
+                    rows += 1
+                    yield line_no, row
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(
             f"not a readable gzip stream after line {line_no} ({e})",
             source=str(path),
             reason=BAD_GZIP,
         ) from e
-    return out
-
-
-def _read_line(raw: bytes, line: int, out: JsonlRows, *, source: str, skip_invalid: bool) -> None:
-    """Add one line of a JSONL file to ``out``: a row, nothing (blank), or a skipped line."""
-    try:
-        row = _parse_line(raw, source=source, line=line)
-    except DataError as e:
-        if not skip_invalid:
-            raise
-        out.skipped.append(e)
-        out.num_read += 1
-        return
-    if row is not None:
-        out.rows.append(row)
-        out.lines.append(line)
-        out.num_read += 1
 
 
 def _parse_line(raw: bytes, *, source: str, line: int) -> dict[str, Any] | None:

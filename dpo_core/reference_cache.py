@@ -38,7 +38,7 @@ def _update_with_weights(h: hashlib._Hash, model: nn.Module) -> None:
         h.update(raw.numpy())
 
 
-def _tokenizer_identity(tokenizer) -> str:
+def tokenizer_identity(tokenizer) -> str:
     """Everything that decides token ids: the full backend (vocab, merges, normalizer, BOS/EOS
     post-processor) when there is one, the vocabulary, special tokens and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -82,7 +82,7 @@ def reference_cache_key(
     fields = {"data_fingerprint": data_fingerprint, **asdict(settings)}
     fields["dtype"] = str(fields["dtype"])
     h.update(json.dumps(fields, sort_keys=True).encode())
-    h.update(_tokenizer_identity(tokenizer).encode())
+    h.update(tokenizer_identity(tokenizer).encode())
     _update_with_weights(h, model)
     return h.hexdigest()
 

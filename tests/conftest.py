@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pathlib
+import tempfile
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ TORCH_DEFAULT_THREADS = torch.get_num_threads()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prepared (tokenized) data sets are cached per test session, not in ~/.cache/dpo/data.
+os.environ.setdefault("DPO_DATA_CACHE", tempfile.mkdtemp(prefix="dpo-data-cache-"))
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 HH_RLHF_FILE = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"

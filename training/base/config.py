@@ -83,7 +83,9 @@ class DataConfig:
     """Where the preference rows come from and how they become tokens."""
 
     dataset: str | None = _f(
-        None, "Hub id or local .jsonl/.json/.parquet/.csv file; unset = embedded default."
+        None,
+        "Hub id, local .jsonl/.json/.parquet/.csv file (also .gz), a save_to_disk directory or a "
+        "directory of split files; unset = embedded default.",
     )
     split: str = _f("train", "Split of --dataset to train on.")
     eval_dataset: str | None = _f(None, "Held-out file or hub id; unset = eval_split or a slice.")
@@ -107,6 +109,16 @@ class DataConfig:
         None,
         "Use only the first N rows of --dataset (the held-out share is taken from them).",
         ge=1,
+    )
+    prompt_column: str = _f("prompt", "Column (or JSON key) of --dataset holding the prompt.")
+    chosen_column: str = _f("chosen", "Column (or JSON key) holding the chosen completion.")
+    rejected_column: str = _f("rejected", "Column (or JSON key) holding the rejected completion.")
+    dataset_num_proc: int | None = _f(
+        None, "Processes that tokenize the rows (trl's); unset = the usable CPU cores.", ge=1
+    )
+    dataset_cache_dir: str | None = _f(
+        None,
+        "Where tokenized data sets are cached; unset = $DPO_DATA_CACHE or ~/.cache/dpo/data.",
     )
 
 

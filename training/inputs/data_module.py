@@ -7,11 +7,10 @@ The rows come from ``training.inputs.sources.read_source``, checked by
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,6 +22,8 @@ from dpo_core.collate import PreferenceCollator
 from dpo_core.data import PROMPT_FILLS_MAX_LENGTH, tokenize_row, tokenize_rows
 from dpo_core.data import logger as tokenize_rows_logger
 from dpo_core.rows import DataError
+from training.inputs.features import pair_length as pair_length  # re-exported: callers find it here
+from training.inputs.features import pair_lengths, token_fingerprint
 from training.inputs.row_checks import Part
 from training.inputs.sources import SourceRows
 
@@ -43,22 +44,19 @@ def split_heldout(
     return [rows[i] for i in train], [rows[i] for i in held]
 
 
-def features_fingerprint(features: list[dict]) -> str:
-    """sha256 over every feature's token ids: changes whenever the tokenized data changes."""
-    h = hashlib.sha256()
-    for f in features:
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            h.update(torch.tensor(f[key], dtype=torch.int64).numpy().tobytes())
-            h.update(b"|")
-    return h.hexdigest()
+def features_fingerprint(features) -> str:
+    """sha256 over every feature's token ids: changes whenever the tokenized data changes
+    (``training.inputs.features.token_fingerprint``)."""
+    return token_fingerprint(features)
 
 
 @dataclass
 class PreferenceData:
-    """Tokenized train and held-out features plus what was dropped on the way."""
+    """Tokenized train and held-out features plus what was dropped on the way (lists of feature
+    dicts, or ``training.inputs.features.FeatureRows`` read from Arrow)."""
 
-    train: list[dict]
-    heldout: list[dict]
+    train: Sequence[dict]
+    heldout: Sequence[dict]
     dropped: dict[str, int] = field(default_factory=dict)
 
 
@@ -128,17 +126,6 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
 
 # Length grouping sorts windows of this many global batches (transformers' LengthGroupedSampler).
 GROUP_WINDOW_BATCHES = 50
-
-
-def pair_length(feature: dict, max_length: int | None) -> int:
-    """Tokens of one pair, prompt + chosen + rejected, each sequence cut to ``max_length``."""
-    prompt = len(feature["prompt_ids"])
-
-    def row(completion: str) -> int:
-        n = prompt + len(feature[completion])
-        return n if max_length is None else min(n, max_length)
-
-    return row("chosen_ids") + row("rejected_ids") - prompt
 
 
 def group_by_length(order: list[int], lengths: list[int], batch_rows: int) -> list[int]:
@@ -279,7 +266,7 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def _train_lengths(self) -> list[int]:
-        return [pair_length(f, self.cfg.data.max_length) for f in self.data.train]
+        return pair_lengths(self.data.train, self.cfg.data.max_length)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

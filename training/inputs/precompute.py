@@ -28,6 +28,7 @@ from training.base.errors import writing
 from training.base.precision import AUTOCAST_DTYPES
 from training.base.settings import dpo_settings
 from training.inputs.data_module import features_fingerprint
+from training.inputs.features import set_reference_logps
 from training.inputs.model_loading import build_reference
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,6 @@ def attach_precomputed_reference(policy, inputs, cfg) -> ref.PrecomputedReferenc
         chosen, rejected = _cached_logps(
             reference, features, collator, cfg, key_model, inputs.tokenizer, name
         )
-        for i, f in enumerate(features):
-            f["ref_chosen_logps"] = float(chosen[i])
-            f["ref_rejected_logps"] = float(rejected[i])
+        set_reference_logps(features, chosen.tolist(), rejected.tolist())
     del reference
     return ref.PrecomputedReference()

@@ -1,7 +1,9 @@
 """Resolve a run's inputs: model path, tokenizer, train and held-out rows, tokenized.
 
 Unset ``--model`` / ``--dataset`` fall back to the embedded default (``training.embedded.assets``),
-which is built offline and cached on disk.
+which is built offline and cached on disk. Each source is prepared once and cached
+(``training.inputs.prepared``); its records are checked, split into train and held-out and
+accounted for file by file (``training.inputs.prepared_parts``, ``row_checks.report_source``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,22 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from dpo_core.data import PROMPT_FILLS_MAX_LENGTH
-from dpo_core.rows import detect_format, is_conversational_format
 from training.base.config import FitConfig
-from training.base.errors import RunError
 from training.embedded.assets import prepare_embedded
-from training.inputs.data_module import PreferenceData, split_heldout, tokenize_source
+from training.inputs.data_module import PreferenceData, split_heldout
 from training.inputs.gguf import as_model_dir
 from training.inputs.model_loading import load_tokenizer
-from training.inputs.row_checks import Part, check_rows, report_source
-from training.inputs.sources import SourceRows, read_source
+from training.inputs.prepared import prepare_source
+from training.inputs.prepared_parts import (
+    CheckedSource,
+    check_chat_template,
+    check_prepared,
+    tokenized_part,
+)
+from training.inputs.row_checks import Part, report_source
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +65,17 @@ class RunInputs:
     Attributes:
         model_path: directory or hub id of the starting policy.
         tokenizer: its tokenizer (pad token set).
-        data: tokenized train and held-out features.
-        train_rows, heldout_rows: the raw rows (held-out rows feed generation-based evaluation).
+        data: tokenized train and held-out features (read from Arrow on disk).
+        train_digest, heldout_digest: ``N rows, sha256 <hex>`` of the rows each part keeps, for
+            the data fingerprint ``--resume`` compares (``training.run.resume``).
         embedded: the embedded-default assets when used (with the task's judge), else None.
     """
 
     model_path: str
     tokenizer: Any
     data: PreferenceData
-    train_rows: list[dict]
-    heldout_rows: list[dict]
+    train_digest: str
+    heldout_digest: str
     embedded: Any = None
 
 
@@ -75,27 +84,31 @@ class RowSets:
     """The checked rows of the run's sources and what each part trains or evaluates on.
 
     Attributes:
-        train_file, heldout_file: every valid row of the training source, and of the held-out
-            source (None when the held-out pairs are split off the training source).
-        train, heldout: the rows of each part, each with its place in its file.
+        train_file, heldout_file: the training source's valid rows, and the held-out source's
+            (None when the held-out pairs are split off the training source).
+        train, heldout: each part's rows, as positions among its source's valid rows.
         heldout_note: for the "held-out: N pairs (...)" line.
     """
 
-    train_file: SourceRows
-    heldout_file: SourceRows | None
-    train: SourceRows
-    heldout: SourceRows
+    train_file: CheckedSource
+    heldout_file: CheckedSource | None
+    train: np.ndarray
+    heldout: np.ndarray
     heldout_note: str
 
-
-def _read(cfg: FitConfig, source, split: str, max_rows: int | None = None) -> SourceRows:
-    """The valid rows of one source (``--max-rows`` read at most), each with its place."""
-    skip = cfg.data.skip_invalid
-    rows = read_source(source, split, skip_invalid=skip, max_rows=max_rows)
-    return check_rows(rows, skip_invalid=skip)
+    @property
+    def heldout_source(self) -> CheckedSource:
+        return self.heldout_file or self.train_file
 
 
-def _rows_and_sources(cfg: FitConfig, embedded) -> RowSets:
+def _read(cfg: FitConfig, tokenizer, source, split: str, max_rows=None) -> CheckedSource:
+    """The valid rows of one source (``--max-rows`` read at most), tokenized: from the cache of
+    prepared sources, or prepared now (``training.inputs.prepared``)."""
+    prepared = prepare_source(source, split, tokenizer, cfg.data, max_rows=max_rows)
+    return check_prepared(prepared, skip_invalid=cfg.data.skip_invalid)
+
+
+def _rows_and_sources(cfg: FitConfig, tokenizer, embedded) -> RowSets:
     """The run's rows. ``--max-rows`` cuts the rows read before the held-out share is split off;
     ``--eval-max-pairs`` caps the held-out set (the first pairs of an eval set)."""
     d = cfg.data
@@ -103,28 +116,25 @@ def _rows_and_sources(cfg: FitConfig, embedded) -> RowSets:
     limit = "" if cap is None else f", at most {cap}"
     change = "--eval-max-pairs to change"
     if d.dataset is None:
-        train = _read(cfg, embedded.train_file, "train", d.max_rows)
-        held = _read(cfg, embedded.eval_file, "train")
+        train = _read(cfg, tokenizer, embedded.train_file, "train", d.max_rows)
+        held = _read(cfg, tokenizer, embedded.eval_file, "train")
     else:
-        train = _read(cfg, d.dataset, d.split, d.max_rows)
+        train = _read(cfg, tokenizer, d.dataset, d.split, d.max_rows)
         if d.eval_dataset or d.eval_split:
-            held = _read(cfg, d.eval_dataset or d.dataset, d.eval_split or d.split)
+            held = _read(cfg, tokenizer, d.eval_dataset or d.dataset, d.eval_split or d.split)
         else:
             return _split_off_heldout(cfg, train)
-    taken = (
-        f"all {len(held.rows)}"
-        if cap is None or cap >= len(held.rows)
-        else f"the first {cap} of {len(held.rows)}"
-    )
+    n = held.num_valid
+    taken = f"all {n}" if cap is None or cap >= n else f"the first {cap} of {n}"
     note = f"{taken} in {held.source}{limit}; {change}"
-    heldout = held.subset(list(range(len(held.rows)))[:cap])
-    return RowSets(train, held, train, heldout, note)
+    every = np.arange(train.num_valid)
+    return RowSets(train, held, every, np.arange(n)[:cap], note)
 
 
-def _split_off_heldout(cfg: FitConfig, rows: SourceRows) -> RowSets:
+def _split_off_heldout(cfg: FitConfig, rows: CheckedSource) -> RowSets:
     """``--eval-fraction`` of the valid rows read, at most ``--eval-max-pairs``, held out."""
     d = cfg.data
-    positions = list(range(len(rows.rows)))
+    positions = list(range(rows.num_valid))
     train, held = split_heldout(
         positions, d.eval_fraction, cfg.trainer.seed, max_rows=d.eval_max_pairs
     )
@@ -138,20 +148,7 @@ def _split_off_heldout(cfg: FitConfig, rows: SourceRows) -> RowSets:
         f"{d.eval_fraction:.0%} of the {counted}{limit}; --eval-fraction, --eval-max-pairs to "
         "change"
     )
-    return RowSets(rows, None, rows.subset(train), rows.subset(held), note)
-
-
-def check_chat_template(rows: SourceRows, tokenizer, model: str) -> None:
-    """Conversational rows are rendered by the tokenizer's chat template: a ``RunError`` naming
-    the model and the file when it has none (transformers' own message names neither)."""
-    if not rows.rows or getattr(tokenizer, "chat_template", None):
-        return
-    if is_conversational_format(detect_format(rows.rows[0], source=rows.source)):
-        raise RunError(
-            f"--model {model}: its tokenizer has no chat template, but {rows.source} holds "
-            "conversational rows (lists of role/content messages); use a model with a chat "
-            "template (an instruct model) or rows of text"
-        )
+    return RowSets(rows, None, np.asarray(train, np.int64), np.asarray(held, np.int64), note)
 
 
 def prepare_inputs(cfg: FitConfig) -> RunInputs:
@@ -163,25 +160,39 @@ def prepare_inputs(cfg: FitConfig) -> RunInputs:
     if not cfg.model.model:
         log.info("model: embedded default (%s)", model_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    rows = _rows_and_sources(cfg, embedded)
-    for part in (rows.train, rows.heldout):
-        check_chat_template(part, tokenizer, cfg.model.model or model_path)
-    train, train_part = tokenize_source(rows.train, tokenizer, cfg, "train")
-    held, held_part = tokenize_source(rows.heldout, tokenizer, cfg, "held-out")
+    rows = _rows_and_sources(cfg, tokenizer, embedded)
+    model = cfg.model.model or model_path
+    check_chat_template(rows.train_file, rows.train, model)
+    check_chat_template(rows.heldout_source, rows.heldout, model)
+    skip = cfg.data.skip_invalid
+    train, train_part, train_digest, merged = tokenized_part(
+        rows.train_file, rows.train, "train", skip_invalid=skip
+    )
+    _note_merges(rows.train_file.source, "train", merged)
+    held, held_part, held_digest, merged = tokenized_part(
+        rows.heldout_source, rows.heldout, "held-out", skip_invalid=skip
+    )
+    _note_merges(rows.heldout_source.source, "held-out", merged)
     _report(rows, train_part, held_part, cfg.data.max_length)
-    if not train:
+    if not len(train):
         raise ValueError(
-            f"{rows.train.source}: no training rows left after tokenization and filtering"
+            f"{rows.train_file.source}: no training rows left after tokenization and filtering"
         )
     log.info("held-out: %d pairs (%s)", len(held), rows.heldout_note)
     dropped = _dropped_counts(rows, train_part, held_part)
     data = PreferenceData(train=train, heldout=held, dropped=dropped)
-    kept_train = [rows.train.rows[r["index"]] for r in train]
-    kept_held = [rows.heldout.rows[r["index"]] for r in held]
-    for features in (train, held):  # from here on, index = position in the features
-        for i, f in enumerate(features):
-            f["index"] = i
-    return RunInputs(model_path, tokenizer, data, kept_train, kept_held, embedded)
+    return RunInputs(model_path, tokenizer, data, train_digest, held_digest, embedded)
+
+
+def _note_merges(source: str, name: str, merged: int) -> None:
+    if merged:
+        log.info(
+            "%s (%s): in %d rows the prompt's last tokens merged with the completion's first; "
+            "the completion starts at the merged token (as in trl)",
+            source,
+            name,
+            merged,
+        )
 
 
 def _report(rows: RowSets, train: Part, held: Part, max_length: int | None) -> None:

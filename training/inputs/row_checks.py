@@ -48,9 +48,11 @@ def check_rows(src: SourceRows, *, skip_invalid: bool) -> SourceRows:
             skipped.append(e.at(place))
             continue
         keep.append(pos)
-        shapes.setdefault(detect_format(row), []).append(place)
+        shape = detect_format(row)
+        count, first = shapes.get(shape, (0, place))
+        shapes[shape] = (count + 1, first)
     checked = src.subset(keep)
-    checked.num_read, checked.skipped = src.num_read, sorted(skipped, key=_file_order)
+    checked.num_read, checked.skipped = src.num_read, sorted(skipped, key=file_order)
     if not checked.rows:
         raise DataError(
             f"no valid rows: all {src.num_read} rows read were skipped (--skip-invalid); the "
@@ -58,21 +60,22 @@ def check_rows(src: SourceRows, *, skip_invalid: bool) -> SourceRows:
             source=src.source,
             reason=NO_ROWS,
         )
-    _note_mixed_shapes(src.source, shapes)
+    note_mixed_shapes(src.source, shapes)
     return checked
 
 
-def _file_order(err: DataError) -> tuple[int, int]:
+def file_order(err: DataError) -> tuple[int, int]:
+    """Sort key of located errors: their place in the file."""
     return (err.row or 0, err.line or 0)
 
 
-def _note_mixed_shapes(source: str, shapes: dict[str, list[Place]]) -> None:
+def note_mixed_shapes(source: str, shapes: dict[str, tuple[int, Place]]) -> None:
     """A note, not an error: our tokenizer formats row by row, so mixed shapes train, but a mix
     is often a data mistake, and trl would refuse it."""
     if len(shapes) < 2:
         return
     counts = ", ".join(
-        f"{len(places)} {shape} (first at {places[0]})" for shape, places in shapes.items()
+        f"{count} {shape} (first at {first})" for shape, (count, first) in shapes.items()
     )
     log.warning(
         "note: %s mixes row shapes: %s. Each row is formatted by its own shape; trl's "
@@ -101,14 +104,15 @@ class Part:
     too_long: list[Place]
 
 
-def report_source(src: SourceRows, parts: list[Part], max_length: int | None) -> None:
-    """Log what became of the rows of ``src`` (WARNING when some were left out, else INFO):
+def report_source(src, parts: list[Part], max_length: int | None) -> None:
+    """Log what became of the rows of ``src`` (a ``SourceRows`` or a ``CheckedSource``: its
+    ``source``, ``num_read``, ``num_valid`` and ``skipped``) (WARNING when some were left out, else INFO):
 
     ``prefs.jsonl: 40 rows read, 37 kept (35 train, 2 held-out); skipped 2 (--skip-invalid:
     1 bad_json, 1 wrong_type); dropped 1 (prompt_fills_max_length)``, then one line per skipped
     row, naming its line or row, its field and why.
     """
-    skipped = sorted(src.skipped + [e for p in parts for e in p.skipped], key=_file_order)
+    skipped = sorted(src.skipped + [e for p in parts for e in p.skipped], key=file_order)
     too_long = sorted((pl for p in parts for pl in p.too_long), key=_place_order)
     kept = ", ".join(f"{p.kept} {p.name}" for p in parts)
     head = f"{src.source}: {src.num_read} rows read, {sum(p.kept for p in parts)} kept ({kept})"
@@ -117,7 +121,7 @@ def report_source(src: SourceRows, parts: list[Part], max_length: int | None) ->
         head += f"; skipped {len(skipped)} (--skip-invalid: " + _counts(reasons) + ")"
     if too_long:
         head += f"; dropped {len(too_long)} (prompt_fills_max_length)"
-    unused = len(src.rows) - sum(p.given for p in parts)
+    unused = src.num_valid - sum(p.given for p in parts)
     if unused:
         head += f"; {unused} valid rows not used (--eval-max-pairs)"
     if not skipped and not too_long:

@@ -11,9 +11,12 @@ path as a glob):
 - ``.json`` / ``.json.gz``: a list of objects, an object of equal-length columns, one object
   (placed by data row), or JSON lines (placed by line);
 - ``.parquet``: with pyarrow (the format ``datasets`` stores), placed by data row;
-- ``.csv``: a header row, every cell a string, placed by data row and the line it ends on.
+- ``.csv`` / ``.csv.gz``: a header row, every cell a string, placed by data row and the line it ends on.
 
-A directory or a hub id goes to ``datasets.load_dataset`` (placed by data row of the split).
+A directory written by ``save_to_disk`` goes to ``datasets.load_from_disk`` (a ``DatasetDict``
+by ``split``); another directory (of split files) or a hub id to ``datasets.load_dataset``; their
+rows are placed by data row of the split. ``training.inputs.raw_sources`` reads the same sources
+into Arrow, for preparation at scale.
 A file that cannot be read at all raises one ``DataError`` naming it and the cause. Rows come
 back unchecked: ``training.inputs.row_checks`` validates them where they are placed.
 """
@@ -57,6 +60,11 @@ class SourceRows:
     places: list[Place]
     num_read: int
     skipped: list[DataError] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_valid(self) -> int:
+        """The rows held (the entries read less those skipped)."""
+        return len(self.rows)
 
     def subset(self, positions: list[int]) -> SourceRows:
         """The rows at ``positions`` (of ``rows``), with their places; nothing skipped."""
@@ -145,7 +153,8 @@ def _read_parquet(path: Path, skip_invalid: bool, max_rows: int | None) -> Sourc
 def _read_csv(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
     """A CSV file with a header. Bytes that are not UTF-8 make their record an error (skipped
     with ``skip_invalid``); every record is placed by data row and the line it ends on."""
-    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     out = SourceRows(str(path), [], [], 0)
     for row in reader:
@@ -180,6 +189,7 @@ READERS = {
     ".json.gz": _read_json,
     ".parquet": _read_parquet,
     ".csv": _read_csv,
+    ".csv.gz": _read_csv,
 }
 
 
@@ -227,22 +237,47 @@ def _read_file(reader, path: Path, skip_invalid: bool, max_rows: int | None) -> 
     except DataError:
         raise
     except Exception as err:  # pyarrow, csv, gzip, OS errors: one clear message, no traceback
-        raise DataError(
-            f"cannot read this file: {describe_error(err)}", source=str(path), reason=UNREADABLE
-        ) from err
+        raise unreadable_file(path, err) from err
+
+
+def unreadable_file(path: Path, err: BaseException) -> DataError:
+    """The one error of a file that cannot be read at all: its name and the cause."""
+    return DataError(
+        f"cannot read this file: {describe_error(err)}", source=str(path), reason=UNREADABLE
+    )
 
 
 def _load_dataset(source: str, split: str) -> list[dict]:
+    return load_dataset_split(source, split).to_list()
+
+
+def load_dataset_split(source: str, split: str):
+    """One split of a data set, as ``datasets`` holds it (Arrow, memory-mapped).
+
+    A directory written by ``save_to_disk`` is loaded with ``load_from_disk`` (a ``Dataset`` is
+    the data whatever ``split``; a ``DatasetDict`` gives ``split``); anything else (a directory
+    of split files, a hub id) with ``load_dataset``.
+
+    Raises:
+        ValueError: naming the data set, the split and the cause, when it cannot be loaded.
+    """
     # why: datasets takes ~0.6 s to import, and only a hub id or a directory needs it
     import datasets
 
+    path = Path(source)
     try:
-        ds = datasets.load_dataset(source, split=split)
+        if path.is_dir() and (path / "state.json").is_file():
+            return datasets.load_from_disk(source)
+        if path.is_dir() and (path / "dataset_dict.json").is_file():
+            saved = datasets.load_from_disk(source)
+            if split not in saved:
+                raise KeyError(f"no split {split!r}; it has " + ", ".join(map(repr, saved)))
+            return saved[split]
+        return datasets.load_dataset(source, split=split)
     except Exception as err:  # a hub/network error deep in datasets: say what was asked
         raise ValueError(
             f"could not load dataset {source!r} (split {split!r}): {describe_error(err)}"
         ) from err
-    return ds.to_list()
 
 
 def describe_error(err: BaseException) -> str:

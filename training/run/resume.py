@@ -39,6 +39,8 @@ NOT_COMPARED = {
     "trainer.save_every_n_steps",
     "trainer.num_workers",
     "trainer.evaluate",
+    "data.dataset_num_proc",
+    "data.dataset_cache_dir",
 }
 NOT_COMPARED_GROUPS = ("eval.",)
 
@@ -79,8 +81,8 @@ def data_fingerprint(cfg: FitConfig, inputs) -> dict[str, object]:
     return {
         "data.dataset_file": file_identity(cfg.data.dataset),
         "data.eval_dataset_file": file_identity(cfg.data.eval_dataset),
-        "data.train_rows": rows_digest(inputs.train_rows),
-        "data.heldout_rows": rows_digest(inputs.heldout_rows),
+        "data.train_rows": inputs.train_digest,
+        "data.heldout_rows": inputs.heldout_digest,
     }
 
 
