@@ -25,7 +25,7 @@ from typing import Any
 
 import datasets
 
-from dpo_core.data import prompt_fills_max_length, tokenize_with_merges
+from dpo_core.data import encode_formatted, format_row, prompt_fills_max_length, split_prompt
 from dpo_core.rows import DataError, Place, detect_format, is_conversational_format, validate_row
 from training.inputs.raw_sources import LINE, ROW, ROW_JSON
 
@@ -97,10 +97,15 @@ def prepare_batch(
     batch: dict[str, list], indices: list[int], *, tokenizer, settings: PrepSettings
 ) -> dict[str, list]:
     """The records (:data:`FEATURES`) of a batch of raw rows (``raw_sources`` layout)."""
-    records = [
-        prepare_row(row, place, index, tokenizer, settings)
-        for row, place, index in zip(*_rows_and_places(batch, indices), indices, strict=True)
-    ]
+    records, pending = [], []
+    for row, place, index in zip(*_rows_and_places(batch, indices), indices, strict=True):
+        record, formatted = checked_row(row, place, index, tokenizer, settings)
+        records.append(record)
+        if formatted is not None:
+            pending.append((len(records) - 1, formatted, index))
+    encoded = encode_formatted([row for _, row, _ in pending], tokenizer)  # one batched call
+    for (i, _, index), ids in zip(pending, encoded, strict=True):
+        records[i] = tokenized_record(records[i], ids, index, settings)
     return {name: [r[name] for r in records] for name in FEATURES}
 
 
@@ -115,8 +120,11 @@ def _rows_and_places(batch: dict[str, list], indices: list[int]) -> tuple[list, 
     return rows, [Place(row=i + 1) for i in indices]
 
 
-def prepare_row(row: Any, place: Place, index: int, tokenizer, settings: PrepSettings) -> dict:
-    """One row's record: its token ids, or the stage and located cause of its error."""
+def checked_row(
+    row: Any, place: Place, index: int, tokenizer, settings: PrepSettings
+) -> tuple[dict, dict | None]:
+    """A row's record so far and the row formatted for tokenizing, or its record with the stage
+    and located cause of its error and None."""
     digest = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
     record = {**_empty_record(), "line": place.line, "row": place.row, "row_sha256": digest}
     row = rename_columns(row, settings.columns)
@@ -124,17 +132,27 @@ def prepare_row(row: Any, place: Place, index: int, tokenizer, settings: PrepSet
         validate_row(row, source=settings.source, index=index)
         record["shape"] = detect_format(row)
     except DataError as err:
-        return {**record, **_error(CHECK, err, settings)}
+        return {**record, **_error(CHECK, err, settings)}, None
     if is_conversational_format(record["shape"]) and not getattr(tokenizer, "chat_template", None):
-        return {**record, "stage": NO_TEMPLATE}
+        return {**record, "stage": NO_TEMPLATE}, None
     try:
-        ids, merged = tokenize_with_merges(row, tokenizer, source=settings.source, index=index)
+        eos = tokenizer.eos_token
+        return record, format_row(row, eos_token=eos, source=settings.source, index=index)
+    except DataError as err:
+        return {**record, **_error(TOKENIZE, err, settings)}, None
+
+
+def tokenized_record(record: dict, ids: tuple, index: int, settings: PrepSettings) -> dict:
+    """``record`` with the row's ids split at the prompt (``dpo_core.data.split_prompt``), or
+    the tokenize-stage error of a completion with no token."""
+    try:
+        split, merged = split_prompt(*ids, source=settings.source, index=index)
     except DataError as err:
         return {**record, **_error(TOKENIZE, err, settings)}
     too_long = prompt_fills_max_length(
-        ids["prompt_ids"], settings.max_length, settings.truncation_mode
+        split["prompt_ids"], settings.max_length, settings.truncation_mode
     )
-    return {**record, **ids, "too_long": too_long, "merged": merged > 0}
+    return {**record, **split, "too_long": too_long, "merged": merged > 0}
 
 
 def _empty_record() -> dict:
