@@ -32,10 +32,21 @@ from dpo_core.rows import (
     validate_row,
 )
 from tests.training.conftest import base_args, fit_subprocess, preference_rows
+from training.base.config import DataConfig
 from training.fit import main
 from training.inputs.data_module import split_heldout
-from training.inputs.row_checks import check_rows
+from training.inputs.model_loading import load_tokenizer
+from training.inputs.prepared import prepare_source
+from training.inputs.prepared_parts import check_prepared
 from training.inputs.sources import read_source
+
+
+def checked_source(path, tiny_assets, tmp_path, *, skip_invalid: bool):
+    """``path`` prepared as a run prepares it (Arrow, its own cache) and checked."""
+    cfg = DataConfig(dataset_cache_dir=str(tmp_path / "data-cache"), skip_invalid=skip_invalid)
+    prepared = prepare_source(path, "train", load_tokenizer(str(tiny_assets.model_dir)), cfg)
+    return check_prepared(prepared, skip_invalid=skip_invalid)
+
 
 NUM_LINES = 40
 FRACTION = 0.05  # the default --eval-fraction: 2 of 40 rows held out
@@ -143,7 +154,7 @@ def write_format(path, rows: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("name", ["prefs.csv", "prefs.parquet", "prefs.json"])
-def test_csv_parquet_and_json_array_rows_are_numbered_from_one(tmp_path, name):
+def test_csv_parquet_and_json_array_rows_are_numbered_from_one(tiny_assets, tmp_path, name):
     rows = preference_rows(12)
     bad_row = 7
     rows[bad_row - 1] = {**rows[bad_row - 1], "chosen": ""}
@@ -151,7 +162,7 @@ def test_csv_parquet_and_json_array_rows_are_numbered_from_one(tmp_path, name):
     write_format(path, rows)
 
     with pytest.raises(DataError) as err:
-        check_rows(read_source(path), skip_invalid=False)
+        checked_source(path, tiny_assets, tmp_path, skip_invalid=False)
     where = f"row {bad_row} (line {bad_row + 1})" if name.endswith(".csv") else f"row {bad_row}"
     assert str(err.value).startswith(f"{path}, {where}, field 'chosen': is empty")
     assert err.value.row == bad_row
@@ -247,12 +258,13 @@ def test_without_skip_invalid_a_malformed_line_stops_the_run(tiny_assets, tmp_pa
     )
 
 
-def test_skip_invalid_reports_skipped_rows_of_every_reason_by_line(tmp_path):
+def test_skip_invalid_reports_skipped_rows_of_every_reason_by_line(tiny_assets, tmp_path):
     data, bad = skippable_file(tmp_path)
-    checked = check_rows(read_source(data, skip_invalid=True), skip_invalid=True)
+    checked = checked_source(data, tiny_assets, tmp_path, skip_invalid=True)
     assert [(e.line, e.reason) for e in checked.skipped] == sorted(bad.items())
-    assert checked.num_read == NUM_LINES and len(checked.rows) == NUM_LINES - len(bad)
-    assert [p.line for p in checked.places] == [n for n in range(1, NUM_LINES + 1) if n not in bad]
+    assert checked.num_read == NUM_LINES and checked.num_valid == NUM_LINES - len(bad)
+    lines = checked.prepared.records.select_columns(["line"])[checked.valid.tolist()]["line"]
+    assert lines == [n for n in range(1, NUM_LINES + 1) if n not in bad]
 
 
 # --- message roles and row shapes ---------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Preference rows -> tokenized features -> ``PreferenceBatch`` loaders.
 
-The rows come from ``training.inputs.sources.read_source``, checked by
-``training.inputs.row_checks``. Tokenization and truncation are ``dpo_core.data``'s, collation
-``dpo_core.collate``'s.
+The features come prepared from Arrow (``training.inputs.prepared``, read through
+``training.inputs.features.FeatureRows``) or as lists of dicts. Tokenization and truncation are
+``dpo_core.data``'s, collation ``dpo_core.collate``'s.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -19,13 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dpo_core.collate import PreferenceCollator
-from dpo_core.data import PROMPT_FILLS_MAX_LENGTH, tokenize_row, tokenize_rows
-from dpo_core.data import logger as tokenize_rows_logger
-from dpo_core.rows import DataError
 from training.inputs.features import pair_length as pair_length  # re-exported: callers find it here
 from training.inputs.features import pair_lengths, token_fingerprint
-from training.inputs.row_checks import Part
-from training.inputs.sources import SourceRows
 
 log = logging.getLogger(__name__)
 
@@ -58,70 +52,6 @@ class PreferenceData:
     train: Sequence[dict]
     heldout: Sequence[dict]
     dropped: dict[str, int] = field(default_factory=dict)
-
-
-def tokenize_source(rows: SourceRows, tokenizer, cfg, name: str) -> tuple[list[dict], Part]:
-    """``dpo_core.data.tokenize_rows`` with the run's truncation settings, on rows that know
-    their place in their file.
-
-    Returns the features (``index``: the row's position in ``rows``) and the account of the rows
-    left out (``training.inputs.row_checks.Part``), each located at its line or data row.
-    ``tokenize_rows``'s own summary counts the rows it is given, here one part of a file, in
-    positions: it is silenced, and ``row_checks.report_source`` gives the file's account instead.
-
-    Raises:
-        DataError: for an invalid row, naming its file, line or data row and field (unless
-            ``--skip-invalid``).
-    """
-    with _quiet(tokenize_rows_logger):
-        try:
-            result = tokenize_rows(
-                rows.rows,
-                tokenizer,
-                max_length=cfg.data.max_length,
-                truncation_mode=cfg.data.truncation_mode,
-                source=rows.source,
-                skip_invalid=cfg.data.skip_invalid,
-            )
-        except DataError as e:
-            if e.index is None:
-                raise
-            raise e.at(rows.places[e.index]) from e
-    skipped, too_long = [], []
-    for reason, positions in result.dropped.items():
-        if reason == PROMPT_FILLS_MAX_LENGTH:
-            too_long += [rows.places[i] for i in positions]
-        else:
-            skipped += [_tokenize_error(rows, i, tokenizer) for i in positions]
-    if result.num_boundary_merges:  # tokenize_rows' own note, silenced above
-        log.info(
-            "%s (%s): in %d rows the prompt's last tokens merged with the completion's first; "
-            "the completion starts at the merged token (as in trl)",
-            rows.source,
-            name,
-            result.num_boundary_merges,
-        )
-    return result.rows, Part(name, len(rows.rows), len(result.rows), skipped, too_long)
-
-
-def _tokenize_error(rows: SourceRows, position: int, tokenizer) -> DataError:
-    """The located error of a row ``tokenize_rows`` skipped (it keeps only the positions)."""
-    try:
-        tokenize_row(rows.rows[position], tokenizer, source=rows.source, index=position)
-    except DataError as e:
-        return e.at(rows.places[position])
-    raise AssertionError(f"{rows.source}: row {position} was skipped but tokenizes")
-
-
-@contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    """Hold ``logger`` to errors for the duration."""
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # Length grouping sorts windows of this many global batches (transformers' LengthGroupedSampler).

@@ -1,6 +1,5 @@
 """The records of a prepared source, checked, split into parts and accounted for, in the file's
-own places: what ``training.inputs.row_checks`` and ``data_module.tokenize_source`` do for rows
-in memory, done on the Arrow columns, so a source of any size costs a few bytes a row here.
+own places, on the Arrow columns, so a source of any size costs a few bytes a row here.
 
 - :func:`check_prepared`: the rows read validly; the first invalid one raises, named by its line
   or data row and field (unless ``--skip-invalid``: then skipped and kept for the account); a

@@ -1,11 +1,12 @@
 """The rows of one source, checked where they sit in their file, and an account of what became of
 them.
 
-:func:`check_rows` validates every row (``dpo_core.rows.validate_row``) and locates its error at
-the row's place in the file (line or data row, never a position after a split); with
-``--skip-invalid`` a bad row is left out and kept for the account. A source that mixes row shapes
-(explicit, implicit-prompt, conversational) gets a note with the count of each: each row is
-formatted by its own shape, which trl's ``DPOTrainer`` (one shape per data set) would not take.
+Rows are validated where they are prepared (``training.inputs.row_prep``, checked by
+``training.inputs.prepared_parts``), each error located at the row's place in its file (line or
+data row, never a position after a split). A source that mixes row shapes (explicit,
+implicit-prompt, conversational) gets a note with the count of each (:func:`note_mixed_shapes`):
+each row is formatted by its own shape, which trl's ``DPOTrainer`` (one shape per data set) would
+not take.
 
 :func:`report_source` logs one account per source file, in the file's own counts: rows read,
 kept (train / held-out), skipped (each with its line or row and why) and dropped because the
@@ -18,50 +19,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from dpo_core.rows import NO_ROWS, DataError, Place, detect_format, validate_row
-from training.inputs.sources import SourceRows
+from dpo_core.rows import DataError, Place
 
 log = logging.getLogger(__name__)
 
 # Skipped rows listed one per line in the account; the rest are counted.
 MAX_LISTED = 20
-
-
-def check_rows(src: SourceRows, *, skip_invalid: bool) -> SourceRows:
-    """``src`` with only valid rows; the invalid ones raise, or with ``skip_invalid`` join
-    ``skipped`` (in file order).
-
-    Raises:
-        DataError: naming the file, the row's line or data row and the field, for the first
-            invalid row (unless ``skip_invalid``); ``no_rows`` for a source with no rows, or none
-            left valid.
-    """
-    if not src.rows and not src.skipped:
-        raise DataError("no rows", source=src.source, reason=NO_ROWS)
-    keep, skipped, shapes = [], list(src.skipped), {}
-    for pos, (row, place) in enumerate(zip(src.rows, src.places, strict=True)):
-        try:
-            validate_row(row, source=src.source, index=pos)
-        except DataError as e:
-            if not skip_invalid:
-                raise e.at(place) from e
-            skipped.append(e.at(place))
-            continue
-        keep.append(pos)
-        shape = detect_format(row)
-        count, first = shapes.get(shape, (0, place))
-        shapes[shape] = (count + 1, first)
-    checked = src.subset(keep)
-    checked.num_read, checked.skipped = src.num_read, sorted(skipped, key=file_order)
-    if not checked.rows:
-        raise DataError(
-            f"no valid rows: all {src.num_read} rows read were skipped (--skip-invalid); the "
-            f"first: {checked.skipped[0]}",
-            source=src.source,
-            reason=NO_ROWS,
-        )
-    note_mixed_shapes(src.source, shapes)
-    return checked
 
 
 def file_order(err: DataError) -> tuple[int, int]:

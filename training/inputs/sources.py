@@ -66,12 +66,6 @@ class SourceRows:
         """The rows held (the entries read less those skipped)."""
         return len(self.rows)
 
-    def subset(self, positions: list[int]) -> SourceRows:
-        """The rows at ``positions`` (of ``rows``), with their places; nothing skipped."""
-        rows = [self.rows[i] for i in positions]
-        places = [self.places[i] for i in positions]
-        return SourceRows(self.source, rows, places, len(rows))
-
 
 def _by_row(source: str, rows: list, max_rows: int | None) -> SourceRows:
     """Rows placed by their 1-based data row, cut to ``max_rows``."""
