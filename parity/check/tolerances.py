@@ -45,6 +45,9 @@ packed_4bit             0           4-bit layers left in bitsandbytes' gradient-
 padding_free            2x floor    ours only: the padding-free forward's error against a float64
                                     forward, at most twice the plain path's own float32 error
                                     (parity.sides.padding_free_check); not gated when not measured
+own_logits *@1          float32     each side's step-1 logps (and the reference's, from rewards)
+                        bound       against the model's own logits in float64
+                                    (parity.sides.own_logits); the note names a side that is off
 ======================  ==========  ============================================================
 
 Trainable weights stored in bf16/fp16 (trl 1.16 casts QLoRA adapters to bf16, as the QLoRA paper
