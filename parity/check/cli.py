@@ -31,6 +31,8 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import TypeVar  # noqa: E402
 
 import datasets  # noqa: E402
 import transformers  # noqa: E402
@@ -40,6 +42,7 @@ from dpo_core.collate import TRUNCATION_MODES  # noqa: E402
 from dpo_core.settings import LossSettings  # noqa: E402
 from parity.check.compare import compare_runs  # noqa: E402
 from parity.check.noise_floor import FLOOR_RUNS, measure_floor  # noqa: E402
+from parity.check.own_logits import compare_own_logits  # noqa: E402
 from parity.check.table import format_table, write_json  # noqa: E402
 from parity.check.tolerances import CaseReport  # noqa: E402
 from parity.sides.cases import (  # noqa: E402
@@ -49,10 +52,13 @@ from parity.sides.cases import (  # noqa: E402
     LOSS_TYPES,
     PRECISIONS,
     ParityCase,
+    all_archs,
     cases_from_args,
     comparable,
 )
 from training.base.cli import add_group_flags  # noqa: E402
+
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ours forwards each prompt once per pair (its training default; parity's default "
         "is the plain path, summed in trl's order)",
     )
-    p.add_argument("--arch", nargs="+", default=["llama"], choices=[*ARCHS, "all"])
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        default=["llama"],
+        choices=[*all_archs(), "all"],
+        help=f"tiny architectures; `all`: {' '.join(ARCHS)} (the zoo's other families by name)",
+    )
     p.add_argument("--model", help="local Hugging Face causal LM directory (the policy)")
     p.add_argument("--dataset", help="local preference file: .jsonl/.json/.parquet/.csv")
     p.add_argument(
@@ -163,29 +175,50 @@ def run_case(
     Both sides get the same ``workdir``, so they train from the same prepared files. With
     ``floor_runs`` > 0, trl also trains that many times from perturbed weights (seeds 1..K)
     and the noise floor they measure bounds the comparison after step 1 (in bf16/fp16 too:
-    QLoRA's adapters are then nudged by one ulp of that dtype).
+    QLoRA's adapters are then nudged by one ulp of that dtype). Each side's step 1 is also held
+    to the model's own logits (``parity.check.own_logits``). A failure is put on the side that
+    failed: when trl fails, ours still runs and is held to the own-logits oracle alone.
     """
     ok, reason = comparable(case)
     if not ok:
         return CaseReport(name=case.name, skipped=reason)
     # why here: the sides load peft and bitsandbytes (seconds, and a banner), not for --help
+    from parity.sides import own_logits
     from parity.sides.ours_side import run_ours
     from parity.sides.trl_side import run_trl
 
+    trl, trl_failed = _attempt("trl", lambda: run_trl(case, workdir))
+    floor = None
+    if trl is not None and floor_runs > 0:
+        floors, trl_failed = _attempt(
+            "trl (floor run)",
+            lambda: [run_trl(case, workdir, perturb_seed=j) for j in range(1, floor_runs + 1)],
+        )
+        if floors is not None:
+            floor = measure_floor(trl, floors, case.precision != "32-true", case.loss)
+    other_side = (lambda: run_trl(case, workdir)) if against == "trl" else None
+    other, other_failed = _attempt(against, other_side or (lambda: run_ours(case, workdir)))
+    report = CaseReport(name=case.name, error=other_failed, trl_failed=trl_failed)
+    if trl is not None and other is not None and not trl_failed:
+        report.checks = compare_runs(case.name, trl, other, floor).checks
+    ran = trl or other
+    if ran is not None:
+        oracle, why = _attempt(
+            "own-logits oracle", lambda: own_logits.measure(case, workdir, ran.token_ids)
+        )
+        oracle = oracle or own_logits.OwnLogits(skipped=why)
+        report.checks += compare_own_logits(oracle, trl, other, case.loss.beta)
+    return report
+
+
+def _attempt(who: str, run: Callable[[], T]) -> tuple[T | None, str]:
+    """``(run(), "")``, or ``(None, "<who> failed: <the exception's first line>")`` with the
+    traceback printed: a side's failure is reported as that side's, and the case goes on."""
     try:
-        trl = run_trl(case, workdir)
-        floor = None
-        if floor_runs > 0:
-            floors = [run_trl(case, workdir, perturb_seed=j) for j in range(1, floor_runs + 1)]
-            floor = measure_floor(trl, floors, first_step=case.precision != "32-true")
-        if against == "trl":
-            other = run_trl(case, workdir)
-        else:
-            other = run_ours(case, workdir)
-    except Exception as exc:  # report and go on with the other cases
+        return run(), ""
+    except Exception as exc:  # report and go on
         traceback.print_exc()
-        return CaseReport(name=case.name, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-    return compare_runs(case.name, trl, other, floor)
+        return None, f"{who} failed: " + f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def main(argv: list[str] | None = None) -> int:

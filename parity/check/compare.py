@@ -128,6 +128,8 @@ def compare_padding_free(check: PaddingFreeCheck) -> MetricCheck:
     column, the floor) and the padding-free path's (as ours), both against float64."""
     if check.skipped:
         return MetricCheck("padding_free", None, None, 0.0, 0.0, note=check.skipped, gated=False)
+    if check.error:
+        return MetricCheck("padding_free", None, None, math.inf, 0.0, note=check.error)
     note = (
         f"{check.sequences} sequences; {check.pairs} pairs packed in {check.rows} rows; "
         f"|packed - plain| <= {check.packed_vs_plain:.2e}"

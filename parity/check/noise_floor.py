@@ -24,6 +24,9 @@ weight, its dtype's: bf16 QLoRA adapters):
   ``parity.check.tolerances`` (mean_token_accuracy: absolute).
 - token means (entropy, logits/*) are never held below ``summation_slack``: a few roundings of
   their float32 sum, which two summation orders may differ by where the floor shows none.
+- pair metrics (loss, rewards/chosen|rejected|margins, logps/*) are never held below
+  ``parity.check.pair_slack.pair_slack``: one float32 rounding of every summed log-prob at its
+  magnitude, carried through the metric (the derivation is that module's docstring).
 - ``num_tokens`` and ``learning_rate`` (exact / the float64 schedule), the step-1 checks, token ids
   and dropped rows keep their bounds. The ``eps`` terms let a difference of one float32 rounding
   pass where the floor happens to be 0.
@@ -60,6 +63,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpo_core.settings import LossSettings
+from parity.check.pair_slack import pair_slack
 from parity.check.tolerances import (
     STEP_CHECKS,
     MetricCheck,
@@ -98,6 +103,9 @@ class NoiseFloor:
     first_step: dict[str, float] = field(default_factory=dict)
     """Under autocast only: step-1 check name (``loss@1``, ...) -> the largest step-1 difference
     over the runs (``measure_floor(..., first_step=True)``)."""
+    loss: LossSettings | None = None
+    """The case's objective, for the summation slack of the pair metrics (``pair_slack``);
+    None: no such slack."""
 
 
 def abs_quantiles(x: torch.Tensor) -> dict[str, float]:
@@ -124,10 +132,16 @@ def floored_checks(trl: RunResult) -> dict[str, tuple[str, Tolerance]]:
     }
 
 
-def measure_floor(trl: RunResult, floors: list[RunResult], first_step: bool = False) -> NoiseFloor:
+def measure_floor(
+    trl: RunResult,
+    floors: list[RunResult],
+    first_step: bool = False,
+    loss: LossSettings | None = None,
+) -> NoiseFloor:
     """The floor of ``trl`` from perturbed trl runs of the same case (``run_trl(...,
     perturb_seed=j)``). ``first_step``: also the step-1 floor of the step-1 checks (cases run
     under bf16 autocast, where float32 summation order alone no longer bounds step 1).
+    ``loss``: the case's objective, for the pair metrics' summation slack (``pair_slack``).
 
     Raises:
         ValueError: without floor runs, or when one has other weights or steps than trl.
@@ -157,7 +171,7 @@ def measure_floor(trl: RunResult, floors: list[RunResult], first_step: bool = Fa
                     difference(trl.steps[0][metric], run.steps[0][metric], tol.relative)
                     for run in floors
                 )
-    return NoiseFloor(weights, metrics, len(floors), firsts)
+    return NoiseFloor(weights, metrics, len(floors), firsts, loss)
 
 
 def compare_first_step_to_floor(
@@ -210,10 +224,14 @@ def compare_metric_to_floor(
 ) -> MetricCheck:
     """The largest difference of one metric over steps 2..N, against ``METRIC_FACTOR`` times
     the floor's largest over all steps plus one float32 rounding at the metric's scale, and never
-    below the ``summation_slack`` of a token mean."""
+    below the ``summation_slack`` of a token mean or the ``pair_slack`` of a pair metric."""
     f = floor.metrics[name]
     allowed = METRIC_FACTOR * f + EPS32 * metric_scale(trl, metric, tol.relative)
-    allowed = max(allowed, summation_slack(trl, metric, tol.relative))
+    allowed = max(
+        allowed,
+        summation_slack(trl, metric, tol.relative),
+        pair_slack(trl, metric, floor.loss, tol.relative),
+    )
     check = compare_step_metric(name, metric, Tolerance(allowed, tol.relative), trl, ours, start=1)
     if len(trl.steps) < 2 and check.max_diff == 0.0:
         check.note = "no step after step 1"

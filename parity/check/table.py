@@ -5,12 +5,13 @@ Values are those at the step where the difference is largest; ``rel`` marks a re
 (``|ours - trl| / max(1, |trl|)``). A check bounded by the noise floor
 (``parity.check.noise_floor``) shows its bound and what it was made of, ``1.1e-06 (5x floor
 2.1e-07)``; a report-only row shows ``info`` (``info, over`` when above that bound). A case trl 1.16
-cannot run shows ``SKIP`` and the reason instead of numbers.
+cannot run shows ``SKIP`` and the reason instead of numbers; a side that raised shows ``ERROR:
+trl failed: ...`` or ``ERROR: ours failed: ...`` (when trl failed, ours' own-logits rows follow).
 
 The JSON has exactly this shape::
 
     {"passed": bool, "trl_version": str,
-     "cases": [{"name": str, "passed": bool,
+     "cases": [{"name": str, "passed": bool, "error": str | null,
                 "max_abs_diff": {check: float}, "tolerance": {check: float},
                 "floor": {check: float}}]}
 
@@ -52,8 +53,9 @@ def _result(check: MetricCheck) -> str:
 def _row(case: str, check: MetricCheck) -> tuple[str, ...]:
     tolerance = _tolerance(check)
     result = _result(check)
-    if check.note and (not check.passed or check.floor is not None):
-        result += f" ({check.note})"  # where it failed; for a floor check, where it is nearest
+    if check.note and (not check.passed or check.floor is not None or not check.gated):
+        # where it failed; for a floor check, where it is nearest; for a report-only row, why
+        result += f" ({check.note})"
     return (
         case,
         check.name,
@@ -72,10 +74,11 @@ def table_rows(reports: list[CaseReport]) -> list[tuple[str, ...]]:
     for report in reports:
         if report.skipped:
             rows.append((report.name, "-", "-", "-", "-", "-", f"SKIP: {report.skipped}"))
-        elif report.error:
-            rows.append((report.name, "-", "-", "-", "-", "-", f"ERROR: {report.error}"))
+        failures = [f"ERROR: {e}" for e in (report.trl_failed, report.error) if e]
+        for i, failure in enumerate(failures):
+            rows.append((report.name if i == 0 else "", "-", "-", "-", "-", "-", failure))
         for i, check in enumerate(report.checks):
-            rows.append(_row(report.name if i == 0 and not report.error else "", check))
+            rows.append(_row(report.name if i == 0 and not failures else "", check))
     return rows
 
 
@@ -103,6 +106,7 @@ def report_json(reports: list[CaseReport], trl_version: str) -> dict:
             {
                 "name": r.name,
                 "passed": r.passed,
+                "error": r.trl_failed or r.error or None,
                 "max_abs_diff": {c.name: _finite(c.max_diff) for c in r.checks},
                 "tolerance": {c.name: c.tolerance for c in r.checks},
                 "floor": {c.name: c.floor for c in r.checks if c.floor is not None},

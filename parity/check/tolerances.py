@@ -45,6 +45,9 @@ packed_4bit             0           4-bit layers left in bitsandbytes' gradient-
 padding_free            2x floor    ours only: the padding-free forward's error against a float64
                                     forward, at most twice the plain path's own float32 error
                                     (parity.sides.padding_free_check); not gated when not measured
+own_logits *@1          float32     each side's step-1 logps (and the reference's, from rewards)
+                        bound       against the model's own logits in float64
+                                    (parity.sides.own_logits); the note names a side that is off
 ======================  ==========  ============================================================
 
 Trainable weights stored in bf16/fp16 (trl 1.16 casts QLoRA adapters to bf16, as the QLoRA paper
@@ -151,17 +154,26 @@ class MetricCheck:
 
 @dataclass
 class CaseReport:
-    """The outcome of one case: its checks, or why it was not compared, or the error it hit."""
+    """The outcome of one case: its checks, or why it was not compared, or the error it hit.
+
+    Attributes:
+        skipped: why trl 1.16 has no such case (not compared; counts as passed).
+        error: what failed on our side (``"ours failed: ..."``) or in the harness.
+        trl_failed: trl raised on the case (``"trl failed: ..."``): nothing was compared with
+            trl, ours is held to the own-logits oracle alone, and the case does not pass.
+    """
 
     name: str
     checks: list[MetricCheck] = field(default_factory=list)
     skipped: str = ""
     error: str = ""
+    trl_failed: str = ""
 
     @property
     def passed(self) -> bool:
-        """No error and every check within tolerance (a case trl cannot run counts as passed)."""
-        return not self.error and all(c.passed for c in self.checks)
+        """No failure on either side and every check within tolerance (a case trl 1.16 has no
+        setting for, ``skipped``, counts as passed)."""
+        return not (self.error or self.trl_failed) and all(c.passed for c in self.checks)
 
 
 def difference(trl: float, ours: float, relative: bool) -> float:

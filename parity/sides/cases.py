@@ -25,11 +25,18 @@ from dpo_core.losses import (  # noqa: F401 (LOSS_TYPES: the command line's choi
     TRL_LABEL_SMOOTHING_LOSS_TYPES,
 )
 from dpo_core.settings import LossSettings
+from parity.sides.zoo import ZOO
 
 ARCHS = ("llama", "qwen2", "gpt2", "mistral")
+"""The tiny architectures of ``--arch all`` (parity.sides.models.tiny_config)."""
 PRECISIONS = ("32-true", "bf16-mixed")
 DEVICES = ("cpu", "cuda")
 DATA_SHAPES = ("explicit", "conversational", "implicit", "hh-rlhf", "hh-rlhf-chat")
+
+
+def all_archs() -> tuple[str, ...]:
+    """Every ``--arch``: ``ARCHS``, then the other families of the zoo (``parity.sides.zoo``)."""
+    return (*ARCHS, *(family for family in ZOO if family not in ARCHS))
 
 
 @dataclass
@@ -39,7 +46,8 @@ class ParityCase:
     name: str
     """Label used in the table and the JSON report."""
     arch: str = "llama"
-    """Tiny architecture built locally (``ARCHS``); ignored when ``model_path`` is set."""
+    """Tiny architecture built locally: one of ``ARCHS`` or a family of
+    ``parity.sides.zoo.ZOO``; ignored when ``model_path`` is set."""
     model_path: str | None = None
     """A local Hugging Face causal-LM directory used as the policy (its tokenizer too)."""
     dataset_path: str | None = None
@@ -98,8 +106,8 @@ class ParityCase:
 
     def __post_init__(self) -> None:
         # The objective's fields were checked when ``loss`` was made (dpo_core.settings).
-        if self.model_path is None and self.arch not in ARCHS:
-            raise ValueError(f"case {self.name!r}: arch {self.arch!r} not in {ARCHS}")
+        if self.model_path is None and self.arch not in all_archs():
+            raise ValueError(f"case {self.name!r}: arch {self.arch!r} not in {all_archs()}")
         if self.dataset_path is None and self.data not in DATA_SHAPES:
             raise ValueError(f"case {self.name!r}: data {self.data!r} not in {DATA_SHAPES}")
         check_truncation_mode(self.truncation_mode, f"case {self.name!r}: truncation_mode")

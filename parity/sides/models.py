@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from parity.sides.cases import ParityCase
+from parity.sides.zoo import ZOO, tiny_zoo_config
 from training.inputs.four_bit import disable_cpu_packing
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -42,7 +43,8 @@ def tiny_config(arch: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConf
 
     Dropout is 0 everywhere (trl's ``disable_dropout`` leaves float attributes such as
     ``attention_dropout`` alone). llama and mistral keep a separate LM head; gpt2 and qwen2 tie
-    it to the input embeddings, as their small released checkpoints do.
+    it to the input embeddings, as their small released checkpoints do. Any other family of
+    ``parity.sides.zoo.ZOO`` is the zoo's tiny config (``tiny_zoo_config``) with these ids.
     """
     ids = {
         "vocab_size": len(tokenizer),
@@ -76,7 +78,9 @@ def tiny_config(arch: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConf
             attn_pdrop=0.0,
             **ids,
         )
-    raise ValueError(f"unknown arch {arch!r}; expected llama, qwen2, gpt2 or mistral")
+    if arch in ZOO:
+        return tiny_zoo_config(arch, ids)
+    raise ValueError(f"unknown arch {arch!r}; expected llama, qwen2, gpt2, mistral or a zoo family")
 
 
 def build_tiny_model(arch: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:

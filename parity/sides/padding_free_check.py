@@ -9,7 +9,8 @@ module measures that on the case's own model and batches, against an independent
     packed_error = max_seq |packed32(x) - plain64(x)|    the padding-free path's
 
 over the summed completion log-probs of every sequence of the first ``MAX_BATCHES`` training
-batches, ``plain64`` being the plain forward of a float64 copy of the model. The check passes
+batches, ``plain64`` being the plain forward of a float64 twin of the model
+(``parity.sides.float64_twin``; where there is none, the row says why and is not gated). The check passes
 when the padding-free path is as accurate as the plain one: ``packed_error <= FACTOR *
 plain_error`` plus one float32 rounding at the values' scale. Two float32 computations of one
 sum that differ only in summation order have errors of the same size; a factor of 2 leaves room
@@ -19,7 +20,6 @@ pair, a wrong position) moves a log-prob by far more than its rounding error.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ from dpo_core.batch import PreferenceBatch
 from dpo_core.logp_types import LogpOptions
 from dpo_core.logps import token_logps
 from dpo_core.packing import packed_layout
-from training.inputs.four_bit import linear4bit_layers
+from parity.sides.float64_twin import float64_twin
 
 MAX_BATCHES = 4
 FACTOR = 2.0
@@ -44,7 +44,9 @@ class PaddingFreeCheck:
         scale: ``max_seq |plain64|``.
         sequences: sequences compared. rows, pairs: packed rows and pairs, over the batches
             that ran padding-free (a batch where the plain forward is cheaper runs plain).
-        skipped: why nothing was measured (then every number is 0).
+        skipped: why nothing was measured (no float64 twin, or its forward failed; then every
+            number is 0 and the row is not gated).
+        error: ours' own plain or padding-free forward failed (the row fails).
     """
 
     plain_error: float = 0.0
@@ -55,17 +57,11 @@ class PaddingFreeCheck:
     rows: int = 0
     pairs: int = 0
     skipped: str = ""
+    error: str = ""
 
     @property
     def bound(self) -> float:
         return FACTOR * self.plain_error + torch.finfo(torch.float32).eps * self.scale
-
-
-def float64_twin(model: torch.nn.Module) -> torch.nn.Module | str:
-    """A float64 copy of ``model``, or why there is none (4-bit weights have no float64 form)."""
-    if linear4bit_layers(model):
-        return "4-bit weights have no float64 twin"
-    return copy.deepcopy(model).double()
 
 
 def _sums(model, batch: PreferenceBatch, options: LogpOptions) -> torch.Tensor:
@@ -96,9 +92,15 @@ def measure(model: torch.nn.Module, batches: list[PreferenceBatch]) -> PaddingFr
         return PaddingFreeCheck(skipped=twin)
     check = PaddingFreeCheck()
     for batch in batches[:MAX_BATCHES]:
-        plain = _sums(model, batch, LogpOptions(prompt_sharing=False))
-        packed = _sums(model, batch, LogpOptions(prompt_sharing=True, padding_free=True))
-        exact = float64_sums(twin, batch)
+        try:
+            exact = float64_sums(twin, batch)
+        except Exception as exc:  # the twin cannot run this family in float64: say so
+            return PaddingFreeCheck(skipped=f"float64 twin failed: {_why(exc)}")
+        try:
+            plain = _sums(model, batch, LogpOptions(prompt_sharing=False))
+            packed = _sums(model, batch, LogpOptions(prompt_sharing=True, padding_free=True))
+        except Exception as exc:  # ours' forward: a failure of ours, reported in the row
+            return PaddingFreeCheck(error=f"ours failed: {_why(exc)}")
         layout = packed_layout(model, batch, padding_free=True)
         if layout is not None:
             check.rows, check.pairs = check.rows + layout.num_rows, check.pairs + batch.num_pairs
@@ -108,3 +110,8 @@ def measure(model: torch.nn.Module, batches: list[PreferenceBatch]) -> PaddingFr
         check.scale = max(check.scale, float(exact.abs().max()))
         check.sequences += plain.numel()
     return check
+
+
+def _why(exc: Exception) -> str:
+    """An exception as one line: its type and first line."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -72,7 +72,7 @@ def noise_floor(case: ParityCase, workdir, trl: RunResult) -> NoiseFloor:
     """The floor of ``trl`` from ``FLOOR_RUNS`` perturbed trl runs, as ``python -m parity``
     measures it (bf16 QLoRA adapters included: nudged by one bf16 ulp)."""
     runs = [run_trl(case, workdir, perturb_seed=j) for j in range(1, FLOOR_RUNS + 1)]
-    return measure_floor(trl, runs, first_step=case.precision != "32-true")
+    return measure_floor(trl, runs, case.precision != "32-true", case.loss)
 
 
 def failures(report) -> list[str]:

@@ -34,7 +34,7 @@ def test_json_has_exactly_the_documented_shape(tmp_path):
     assert set(doc) == {"passed", "trl_version", "cases"}
     assert doc["passed"] is False and doc["trl_version"] == "1.16.0"
     for case in doc["cases"]:
-        assert set(case) == {"name", "passed", "max_abs_diff", "tolerance", "floor"}
+        assert set(case) == {"name", "passed", "error", "max_abs_diff", "tolerance", "floor"}
         assert set(case["max_abs_diff"]) == set(case["tolerance"])
         assert (
             case["floor"] == {}
