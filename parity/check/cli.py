@@ -222,7 +222,8 @@ def _attempt(who: str, run: Callable[[], T]) -> tuple[T | None, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the cases the options describe; 0 if every case passed, 1 otherwise."""
+    """Run the cases the options describe; 0 if every case passed, 3 if the others failed on
+    trl's account alone (``CaseReport.trls_error``), 1 otherwise."""
     args = build_parser().parse_args(argv)
     try:
         cases = cases_from_args(args)
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(reports))
     if args.json:
         write_json(args.json, reports, trl_version)
-    return 0 if all(r.passed for r in reports) else 1
+    if all(r.passed for r in reports):
+        return 0
+    return 3 if all(r.passed or r.trls_error for r in reports) else 1
 
 
 def _dirname(name: str) -> str:

@@ -22,8 +22,9 @@ weight, its dtype's: bf16 QLoRA adapters):
 - every metric after step 1: ``max over steps 2..N of d <= METRIC_FACTOR * (max over all steps
   of f) + eps * (max over steps of |trl| / max(1, |trl|))``, ``d`` relative as in
   ``parity.check.tolerances`` (mean_token_accuracy: absolute).
-- token means (entropy, logits/*) are never held below ``summation_slack``: a few roundings of
-  their float32 sum, which two summation orders may differ by where the floor shows none.
+- token means (entropy, logits/*) and ``grad_norm`` are never held below ``summation_slack``: a
+  few roundings of their float32 sum, which two summation orders may differ by where the floor
+  shows none.
 - pair metrics (loss, rewards/chosen|rejected|margins, logps/*) are never held below
   ``parity.check.pair_slack.pair_slack``: one float32 rounding of every summed log-prob at its
   magnitude, carried through the metric (the derivation is that module's docstring).
@@ -212,7 +213,15 @@ def summation_slack(trl: RunResult, metric: str, relative: bool) -> float:
     floor of 0 would then allow one rounding, while a CPU whose vector width reorders the sum
     (measured: AVX-512, entropy 1.3 ulp apart over 8 steps) needs a few. ``n``: the largest
     ``num_tokens`` of the run (every token of both halves: no fewer than the terms averaged).
-    Other metrics: 0."""
+
+    ``grad_norm`` is ``sqrt(Σ g²)`` over the P trained parameters: its float32 sum rounds by up
+    to ``ceil(log2 P) eps`` of itself by the same bound, the square root halves that, and the two
+    sides sum in other groupings (per tensor, then over tensors), so twice that:
+    ``ceil(log2 P) eps`` of the norm (measured: 1.1 eps on a tiny Gemma where the floor run
+    showed none). Other metrics: 0."""
+    if metric == "grad_norm":
+        p = sum(w.numel() for w in trl.final_weights.values())
+        return math.ceil(math.log2(max(p, 2))) * EPS32 * metric_scale(trl, metric, relative)
     if metric not in TOKEN_MEANS:
         return 0.0
     n = max((s.get("num_tokens", 1.0) for s in trl.steps), default=1.0)

@@ -90,6 +90,12 @@ def format_table(reports: list[CaseReport]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     passed = sum(r.passed for r in reports)
     lines.append(f"{passed}/{len(reports)} cases passed")
+    lines += [
+        f"{r.name}: trl's error, not ours: {r.trls_error}; ours equals the model's own "
+        "log-probs within float32"
+        for r in reports
+        if r.trls_error
+    ]
     return "\n".join(lines)
 
 

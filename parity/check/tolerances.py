@@ -175,6 +175,22 @@ class CaseReport:
         setting for, ``skipped``, counts as passed)."""
         return not (self.error or self.trl_failed) and all(c.passed for c in self.checks)
 
+    @property
+    def trls_error(self) -> str:
+        """Why a case that did not pass failed on trl's account alone, or ``""``: trl raised, or
+        trl's step-1 log-probs are off its model's own logits, while ours ran and every
+        own-logits row holds ours within its bound (``parity.check.own_logits``). Then trl
+        against ours compares nothing: ours is held to the model's own logits instead."""
+        if self.passed or self.error:
+            return ""
+        own = [c for c in self.checks if c.name.startswith("own_logits") and c.gated]
+        if not own or any("ours off" in c.note for c in own):
+            return ""
+        if self.trl_failed:
+            return self.trl_failed
+        off = [c.note for c in own if "trl off" in c.note]
+        return f"trl's log-probs are off its model's own logits ({off[0]})" if off else ""
+
 
 def difference(trl: float, ours: float, relative: bool) -> float:
     """``|ours - trl|``, over ``max(1, |trl|)`` when ``relative``; NaN on one side only is inf,

@@ -75,3 +75,25 @@ def test_table_shows_values_results_and_reasons():
     assert "FAIL (step 1)" in loss_row
     assert "SKIP: cDPO" in table
     assert table.splitlines()[-1] == "1/2 cases passed"
+
+
+def test_a_case_failed_by_trls_own_logits_alone_is_named_trls_error():
+    """trl off its model's own logits, ours within bound: the case does not pass, and the table
+    says it is trl's error; ours off too, or ours failing, is not trl's."""
+    from parity.check.table import format_table
+    from parity.check.tolerances import CaseReport, MetricCheck
+
+    def own(note: str, diff: float) -> MetricCheck:
+        return MetricCheck("own_logits logps/chosen@1", 0.1, 1e-7, diff, 1e-5, note=note)
+
+    loss = MetricCheck("loss@1", 0.69, 0.70, 1e-2, 1e-6)
+    trl_off = CaseReport("rg", [loss, own("trl off by 0.1", 0.1)])
+    assert not trl_off.passed and "trl off by 0.1" in trl_off.trls_error
+    assert "rg: trl's error, not ours" in format_table([trl_off])
+    both_off = CaseReport("x", [loss, own("trl off by 0.1; ours off by 0.1", 0.1)])
+    assert both_off.trls_error == ""
+    ours_failed = CaseReport("y", [own("trl off by 0.1", 0.1)], error="ours failed: boom")
+    assert ours_failed.trls_error == ""
+    trl_raised = CaseReport("g", [own("oracle -50", 1e-7)], trl_failed="trl failed: num_experts")
+    assert trl_raised.trls_error == "trl failed: num_experts"
+    assert CaseReport("ok", [own("oracle -50", 1e-7)]).trls_error == ""
