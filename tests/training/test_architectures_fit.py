@@ -77,3 +77,31 @@ def test_fit_trains_on_the_fast_path(
     trained = dict(result.policy.named_parameters())
     moved = [n for n, p in initial.named_parameters() if not torch.equal(p, trained[n].detach())]
     assert moved, "no weight moved"
+
+
+def test_a_model_whose_logits_we_cannot_reproduce_is_refused_at_load(
+    tiny_assets, tmp_path, monkeypatch, capsys
+):
+    """A model class that soft-caps its logits in code, under no config name: the run stops
+    before any step with one line naming the model type and the difference; nothing is written
+    but the config."""
+    from transformers import LlamaForCausalLM
+
+    from training.fit import main
+
+    own_forward = LlamaForCausalLM.forward
+
+    def capped(self, *args, **kwargs):
+        out = own_forward(self, *args, **kwargs)
+        out.logits = 0.5 * torch.tanh(out.logits / 0.5)
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", capped)
+    out = tmp_path / "out"
+    assert main(base_args(tiny_assets, out)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: policy model refused: llama: the model's own logits are not")
+    assert "off by" in line
+    assert not (out / "model").exists() and not (out / "checkpoints").exists()
