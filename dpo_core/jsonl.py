@@ -70,16 +70,27 @@ def read_jsonl_rows(
         max_rows: stop reading once this many rows are read (the rest of the file is not read).
     """
     out = JsonlRows()
-    for line, entry in iter_jsonl_entries(path, max_rows=max_rows):
-        out.num_read += 1
-        if isinstance(entry, DataError):
-            if not skip_invalid:
-                raise entry
-            out.skipped.append(entry)
-        else:
-            out.rows.append(entry)
-            out.lines.append(line)
+    for line, row in iter_valid_rows(
+        path, skip_invalid=skip_invalid, max_rows=max_rows, skipped=out.skipped
+    ):
+        out.rows.append(row)
+        out.lines.append(line)
+    out.num_read = len(out.rows) + len(out.skipped)
     return out
+
+
+def iter_valid_rows(
+    path: str | Path, *, skip_invalid: bool, max_rows: int | None, skipped: list[DataError]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line, row)`` of every good line of a JSONL file, one at a time; a bad line raises, or
+    with ``skip_invalid`` its error is appended to ``skipped`` (lines read = rows + skipped)."""
+    for line, entry in iter_jsonl_entries(path, max_rows=max_rows):
+        if not isinstance(entry, DataError):
+            yield line, entry
+        elif skip_invalid:
+            skipped.append(entry)
+        else:
+            raise entry
 
 
 def iter_jsonl_entries(

@@ -29,7 +29,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpo_core.jsonl import iter_jsonl_entries
+from dpo_core.jsonl import iter_valid_rows
 from dpo_core.rows import UNREADABLE, DataError
 from training.inputs.sources import READERS, load_dataset_split, read_source
 
@@ -126,17 +126,10 @@ def _from_jsonl(path: Path, work_dir: Path, skip_invalid: bool, max_rows: int | 
     """A JSONL file streamed into ``work_dir/raw.arrow``, one JSON text per row with its line."""
     out = RawSource(str(path), None, 0)
 
-    def rows() -> Iterator[tuple[str, int, None]]:
-        for line, entry in iter_jsonl_entries(path, max_rows=max_rows):
-            out.num_read += 1
-            if isinstance(entry, DataError):
-                if not skip_invalid:
-                    raise entry
-                out.skipped.append(entry)
-                continue
-            yield json.dumps(entry, ensure_ascii=False), line, None
-
-    out.dataset = _write_json_rows(rows(), work_dir / "raw.arrow")
+    rows = iter_valid_rows(path, skip_invalid=skip_invalid, max_rows=max_rows, skipped=out.skipped)
+    texts = ((json.dumps(row, ensure_ascii=False), line, None) for line, row in rows)
+    out.dataset = _write_json_rows(texts, work_dir / "raw.arrow")
+    out.num_read = len(out.dataset) + len(out.skipped)
     return out
 
 
