@@ -17,6 +17,7 @@ from parity.sides import own_logits
 from parity.sides.cases import ParityCase
 from parity.sides.own_logits import QUANTITIES, OwnLogits
 from parity.sides.result import RunResult
+from tests.parity.check.test_parity_cases import failures
 
 BETA = 0.1
 ORACLE = OwnLogits(
@@ -78,14 +79,6 @@ def test_ours_only_when_trl_did_not_run_and_skipped_oracle():
 
 def tiny_case(arch: str, steps: int = 2) -> ParityCase:
     return ParityCase(name=arch, arch=arch, steps=steps, batch_size=2, max_length=64)
-
-
-def failures(report) -> list[str]:
-    return [
-        f"{c.name}: {c.max_diff:.3g} > {c.tolerance:.3g} {c.note}"
-        for c in report.checks
-        if not c.passed
-    ]
 
 
 @pytest.mark.slow
