@@ -12,18 +12,23 @@ your own model and data with ``--model`` and ``--dataset``; ``--help`` lists eve
 
 from __future__ import annotations
 
+import sys
+
+from training.base.cli import answer_help, config_to_yaml, resolve_config
+
+if __name__ == "__main__":  # --help answers before Lightning, transformers and peft load
+    answer_help(sys.argv[1:])
+
 import contextlib
 import logging
 import math
 import os
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 
-from training.base.cli import config_to_yaml, resolve_config
 from training.base.config import FitConfig
 from training.base.errors import RunError, report_failure
 from training.inputs.data_module import PreferenceDataModule
