@@ -19,7 +19,6 @@ from training.base.cli import answer_help, config_to_yaml, resolve_config
 if __name__ == "__main__":  # --help answers before Lightning, transformers and peft load
     answer_help(sys.argv[1:])
 
-import contextlib
 import logging
 import math
 import os
@@ -44,7 +43,7 @@ from training.run.callbacks import (
     StepProgressBar,
     StepTimer,
 )
-from training.run.metrics_csv import StepCSVLogger
+from training.run.loggers import make_loggers
 from training.run.module import DPOModule
 from training.run.nan_stop import NonFiniteStop, stop_message
 from training.run.outputs import (
@@ -59,7 +58,6 @@ from training.run.ownership import claim_output_dir, output_lock
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
 from training.run.signals import Interrupted, SignalStop, exit_code, take_over_signals
-from training.run.tensorboard_log import PathNamingTensorBoardLogger
 
 log = logging.getLogger("training.fit")
 
@@ -120,12 +118,9 @@ def make_trainer(
     ``earlier_rows``: the metrics rows a resumed run continues (``training.run.metrics_csv``);
     ``signals``: the run's SIGTERM / SIGINT handling (``training.run.signals``)."""
     out = Path(cfg.trainer.output_dir)
-    # every step on disk, so that an interrupted run's file holds all the steps it finished
-    loggers = [StepCSVLogger(str(out), "logs", earlier_rows)]
-    with contextlib.suppress(ImportError):  # TensorBoardLogger needs tensorboard (or tensorboardX)
-        loggers.append(
-            PathNamingTensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
-        )
+    # metrics.csv gets every step on disk (an interrupted run's file holds all it finished),
+    # then each logger --report-to names (training.run.loggers)
+    loggers = make_loggers(cfg, earlier_rows)
     signals = signals or SignalStop()
     callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), *(extra_callbacks or [])]
     # every = 0: no checkpoints (e.g. parity runs), except the one a signal's stop writes
