@@ -28,7 +28,7 @@ from pathlib import Path
 
 import lightning as L
 
-from training.base.config import FitConfig
+from training.base.config import FitConfig, changed_fields
 from training.base.errors import RunError, report_failure
 from training.inputs.data_module import PreferenceDataModule
 from training.inputs.logits_guard import check_run_models
@@ -297,11 +297,13 @@ def run(
     cfg: FitConfig, explicit: set[str] | None = None, signals: SignalStop | None = None
 ) -> FitResult:
     """The whole job for a resolved config. On the embedded default, the fields the user did not
-    set (``explicit``: names set by flag or YAML) take the embedded task's recipe. The output
+    set (``explicit``: names set by flag or YAML; None: those that differ from their defaults)
+    take the embedded task's recipe. The output
     directory is locked for the run and must not hold another run (``training.run.ownership``).
     """
     if cfg.model.model is None and cfg.data.dataset is None:
-        cfg = apply_embedded_recipe(cfg, explicit or set())
+        explicit = changed_fields(cfg) if explicit is None else explicit
+        cfg = apply_embedded_recipe(cfg, explicit)
     check_before_loading(cfg)
     with output_lock(Path(cfg.trainer.output_dir)):
         claim_output_dir(cfg)

@@ -362,3 +362,15 @@ def field_names() -> dict[str, str]:
             assert f.name not in out, f"duplicate config field {f.name}"
             out[f.name] = group
     return out
+
+
+def changed_fields(cfg: FitConfig) -> set[str]:
+    """The names of the fields whose value differs from their default (a config built in
+    Python: what its author set)."""
+    default = FitConfig()
+    return {
+        f.name
+        for group in GROUPS
+        for f in fields(GROUPS[group])
+        if getattr(getattr(cfg, group), f.name) != getattr(getattr(default, group), f.name)
+    }
