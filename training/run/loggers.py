@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 
 from training.base.config import FitConfig
 from training.base.errors import RunError
@@ -97,6 +98,8 @@ class TrlSteps(Logger):
     def finalize(self, status: str) -> None:
         self._flush()
         self.inner.finalize(status)
+        if isinstance(self.inner, WandbLogger):  # Lightning leaves the wandb run open:
+            self.inner.experiment.finish()  # a second run in this process would join it
 
 
 def make_loggers(cfg: FitConfig, earlier_rows: list[dict] | None = None) -> list[Logger]:
@@ -134,8 +137,6 @@ def run_name(cfg: FitConfig) -> str:
 def wandb_logger(cfg: FitConfig, out: Path) -> Logger:
     """Lightning's ``WandbLogger``: offline unless ``WANDB_MODE=online``."""
     _need("wandb", "wandb")
-    from lightning.pytorch.loggers import WandbLogger
-
     online = os.environ.get("WANDB_MODE", "offline") == "online"
     return WandbLogger(
         name=run_name(cfg),
@@ -149,8 +150,6 @@ def mlflow_logger(cfg: FitConfig, out: Path) -> Logger:
     """Lightning's ``MLFlowLogger``: a file store in ``<out>/mlruns`` unless
     ``MLFLOW_TRACKING_URI`` is set."""
     _need("mlflow", "mlflow-skinny")
-    from lightning.pytorch.loggers import MLFlowLogger
-
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         uri = (out.resolve() / "mlruns").as_uri()
@@ -165,8 +164,6 @@ def mlflow_logger(cfg: FitConfig, out: Path) -> Logger:
 
 def _need(module: str, package: str) -> None:
     """A ``RunError`` naming the package to install when ``module`` cannot be imported."""
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         raise RunError(f"--report-to {module} needs the {module} package: pip install {package}")
 
