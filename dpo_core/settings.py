@@ -6,7 +6,8 @@ Each field has trl 1.16's ``DPOConfig`` name and default and a one-line descript
 flag (``training.base.config.DPOConfig``), and a parity case holds one (``parity.sides.cases``), which
 trl's side passes on unchanged: the names are trl's.
 
-Example: ``LossSettings(beta=0.2, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])``.
+Example: ``LossSettings(beta=0.2, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])``;
+one loss may be given as a name, as trl takes it: ``LossSettings(loss_type="ipo")``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class LossSettings:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):  # trl's DPOConfig wraps one name in a list
+            self.loss_type = [self.loss_type]
+        if isinstance(self.loss_weights, int | float):
+            self.loss_weights = [float(self.loss_weights)]
         check_loss_settings(self, self.option_name)
 
     def option_name(self, field_name: str) -> str:

@@ -12,19 +12,23 @@ your own model and data with ``--model`` and ``--dataset``; ``--help`` lists eve
 
 from __future__ import annotations
 
-import contextlib
+import sys
+
+from training.base.cli import answer_help, config_to_yaml, resolve_config
+
+if __name__ == "__main__":  # --help answers before Lightning, transformers and peft load
+    answer_help(sys.argv[1:])
+
 import logging
 import math
 import os
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 
-from training.base.cli import config_to_yaml, resolve_config
-from training.base.config import FitConfig
+from training.base.config import FitConfig, changed_fields
 from training.base.errors import RunError, report_failure
 from training.inputs.data_module import PreferenceDataModule
 from training.inputs.logits_guard import check_run_models
@@ -39,7 +43,7 @@ from training.run.callbacks import (
     StepProgressBar,
     StepTimer,
 )
-from training.run.metrics_csv import StepCSVLogger
+from training.run.loggers import make_loggers
 from training.run.module import DPOModule
 from training.run.nan_stop import NonFiniteStop, stop_message
 from training.run.outputs import (
@@ -54,7 +58,6 @@ from training.run.ownership import claim_output_dir, output_lock
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
 from training.run.signals import Interrupted, SignalStop, exit_code, take_over_signals
-from training.run.tensorboard_log import PathNamingTensorBoardLogger
 
 log = logging.getLogger("training.fit")
 
@@ -115,12 +118,9 @@ def make_trainer(
     ``earlier_rows``: the metrics rows a resumed run continues (``training.run.metrics_csv``);
     ``signals``: the run's SIGTERM / SIGINT handling (``training.run.signals``)."""
     out = Path(cfg.trainer.output_dir)
-    # every step on disk, so that an interrupted run's file holds all the steps it finished
-    loggers = [StepCSVLogger(str(out), "logs", earlier_rows)]
-    with contextlib.suppress(ImportError):  # TensorBoardLogger needs tensorboard (or tensorboardX)
-        loggers.append(
-            PathNamingTensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
-        )
+    # metrics.csv gets every step on disk (an interrupted run's file holds all it finished),
+    # then each logger --report-to names (training.run.loggers)
+    loggers = make_loggers(cfg, earlier_rows)
     signals = signals or SignalStop()
     callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), *(extra_callbacks or [])]
     # every = 0: no checkpoints (e.g. parity runs), except the one a signal's stop writes
@@ -297,11 +297,13 @@ def run(
     cfg: FitConfig, explicit: set[str] | None = None, signals: SignalStop | None = None
 ) -> FitResult:
     """The whole job for a resolved config. On the embedded default, the fields the user did not
-    set (``explicit``: names set by flag or YAML) take the embedded task's recipe. The output
+    set (``explicit``: names set by flag or YAML; None: those that differ from their defaults)
+    take the embedded task's recipe. The output
     directory is locked for the run and must not hold another run (``training.run.ownership``).
     """
     if cfg.model.model is None and cfg.data.dataset is None:
-        cfg = apply_embedded_recipe(cfg, explicit or set())
+        explicit = changed_fields(cfg) if explicit is None else explicit
+        cfg = apply_embedded_recipe(cfg, explicit)
     check_before_loading(cfg)
     with output_lock(Path(cfg.trainer.output_dir)):
         claim_output_dir(cfg)

@@ -29,6 +29,8 @@ LR_SCHEDULER_TYPES = (
     "constant_with_warmup",
 )
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# --report-to: the loggers a run can write to (training.run.loggers), or none of them.
+REPORT_TO = ("csv", "tensorboard", "wandb", "mlflow", "none")
 # Lightning 2's precision names (lightning.fabric.connector._PRECISION_INPUT_STR) and aliases.
 PRECISIONS = (
     "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
@@ -245,6 +247,22 @@ class TrainerConfig:
     )
     evaluate: bool = _f(True, "Evaluate before vs after and write the report at the end.")
     num_workers: int = _f(0, "DataLoader workers.", ge=0)
+    report_to: list[str] = _f(
+        ["csv", "tensorboard"],
+        "Loggers, one or several (none: metrics.csv alone, which every run writes; wandb runs "
+        "offline unless WANDB_MODE=online; mlflow logs to output_dir/mlruns unless "
+        "MLFLOW_TRACKING_URI is set).",
+        choices=REPORT_TO,
+    )
+    logging_steps: int = _f(
+        1,
+        "Send the loggers one row every N optimizer steps, averaged over them as trl does "
+        "(trl's default is 10); metrics.csv keeps every step.",
+        ge=1,
+    )
+    run_name: str | None = _f(
+        None, "The run's name in wandb and MLflow; unset = output_dir's folder name."
+    )
 
     @property
     def world_size(self) -> int:
@@ -321,6 +339,8 @@ def check_config(cfg: FitConfig) -> None:
             "--lr-scheduler-type constant has no warm-up (as transformers' get_scheduler): "
             "use constant_with_warmup, or --warmup-steps 0 and --warmup-ratio 0"
         )
+    if "none" in cfg.trainer.report_to and len(cfg.trainer.report_to) > 1:
+        raise ValueError(f"--report-to none cannot go with others: {cfg.trainer.report_to}")
     if cfg.lora.load_in_4bit or cfg.model.adapter:
         cfg.lora.lora = True  # 4-bit weights cannot be trained directly: QLoRA trains adapters.
 
@@ -342,3 +362,15 @@ def field_names() -> dict[str, str]:
             assert f.name not in out, f"duplicate config field {f.name}"
             out[f.name] = group
     return out
+
+
+def changed_fields(cfg: FitConfig) -> set[str]:
+    """The names of the fields whose value differs from their default (a config built in
+    Python: what its author set)."""
+    default = FitConfig()
+    return {
+        f.name
+        for group in GROUPS
+        for f in fields(GROUPS[group])
+        if getattr(getattr(cfg, group), f.name) != getattr(getattr(default, group), f.name)
+    }

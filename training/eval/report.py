@@ -78,7 +78,8 @@ def evaluation_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _markdown_table(report: dict) -> list[str]:
+def markdown_table(report: dict) -> list[str]:
+    """The lines of an eval.json ``report`` as a markdown table: before, after and the change."""
     lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
     for key, label in MARKDOWN_ROWS:
         b, a = report["before"].get(key), report["after"].get(key)
@@ -162,7 +163,7 @@ def render_markdown(evaluation, plot_files: list[Path], extra: dict) -> str:
         f"{evaluation.n_pairs} held-out preference pairs, {evaluation.n_prompts} held-out "
         f"prompts sampled; judge: {evaluation.judge or 'none'}.",
         "",
-        *_markdown_table(report),
+        *markdown_table(report),
         "",
     ]
     if likelihood_displacement(evaluation.before.pairs, evaluation.after.pairs):

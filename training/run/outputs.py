@@ -3,7 +3,8 @@
 ::
 
     <output-dir>/
-      model/            save_pretrained: full weights, or the LoRA adapter; the tokenizer
+      model/            save_pretrained: full weights, or the LoRA adapter; the tokenizer; a
+                        model card, README.md (training.run.model_card)
       model-merged/     with --merge-adapter: adapter merged into the base weights
       config.yaml       the resolved config
       metrics.csv       per-step metrics, trl's names (logs/metrics.csv, copied when a run ends)
@@ -32,6 +33,7 @@ from training.base.errors import RunError, replaced_atomically, write_failure, w
 from training.eval.before_after import evaluate
 from training.eval.loading import build_models
 from training.eval.report import evaluation_table, write_report
+from training.run.model_card import write_model_cards
 
 # The folders a run writes into, under --output-dir (each checked when it already exists).
 OUTPUT_SUBDIRS = ("checkpoints", "logs", "tensorboard", "model")
@@ -111,8 +113,9 @@ def save_model(cfg: FitConfig, policy: torch.nn.Module, tokenizer, model_path: s
 
 
 def save_outputs(cfg: FitConfig, policy, inputs, config_note: str = "") -> None:
-    """Model, tokenizer, resolved config and the flat metrics CSV (rank zero only). A failed
-    write (a full disk) is a ``RunError`` naming the file; the checkpoints are not touched.
+    """Model, tokenizer, resolved config, the flat metrics CSV and the model card (rank zero
+    only). A failed write (a full disk) is a ``RunError`` naming the file; the checkpoints are
+    not touched.
     ``config_note``: YAML comment lines put at the top of config.yaml (a resume's changes)."""
     out = Path(cfg.trainer.output_dir)
     try:
@@ -121,6 +124,7 @@ def save_outputs(cfg: FitConfig, policy, inputs, config_note: str = "") -> None:
         raise write_failure(out / "model", err, "saving the trained model") from err
     write_atomic(out / "config.yaml", config_note + config_to_yaml(cfg))
     publish_metrics(out)
+    write_model_cards(cfg, inputs)  # written again with the before/after table (evaluate_run)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -157,6 +161,7 @@ def evaluate_run(cfg: FitConfig, inputs, policy, reference):
         validation=evaluation.validation(),
         dropped_rows=inputs.data.dropped,
     )
+    write_model_cards(cfg, inputs, evaluation.to_json())
     return evaluation, paths
 
 

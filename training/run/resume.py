@@ -39,6 +39,9 @@ NOT_COMPARED = {
     "trainer.save_every_n_steps",
     "trainer.num_workers",
     "trainer.evaluate",
+    "trainer.report_to",
+    "trainer.logging_steps",
+    "trainer.run_name",
     "data.dataset_num_proc",
     "data.dataset_cache_dir",
 }
