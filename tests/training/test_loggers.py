@@ -30,7 +30,7 @@ def test_every_logger_at_once_with_trl_names_and_windows(tiny_assets, tmp_path, 
     assert [int(r["step"]) for r in steps] == [0, 1, 2, 3]  # metrics.csv: every step
     with open(tmp_path / "metrics.csv", newline="") as f:
         held_out = [int(r["step"]) for r in csv.DictReader(f) if r.get("eval_loss")]
-    assert held_out == [2, 4]  # as trl: the held-out pass after the 2nd step is at step 2
+    assert held_out == [1, 3]  # metrics.csv: the held-out pass after the 2nd step, at its row
     # MLflow: one row per 2 steps, at trl's steps, the mean over the window (learning_rate: last)
     loss = mlflow_series(tmp_path, "loss")
     assert [s for s, _ in loss] == [2, 4]

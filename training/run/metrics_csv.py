@@ -159,13 +159,6 @@ class StepCSVLogger(CSVLogger):
         super().__init__(save_dir=save_dir, name=name, version="", flush_logs_every_n_steps=1)
         self._earlier_rows = earlier
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """A row per step; a held-out row at trl's count: after the k-th optimizer step, k
-        (Lightning passes k - 1, the index of that step, which the training rows keep)."""
-        if step is not None and any(k.startswith("eval_") for k in metrics):
-            step += 1
-        super().log_metrics(metrics, step)
-
     @property
     @rank_zero_experiment
     def experiment(self) -> MergingWriter:
