@@ -53,6 +53,7 @@ from training.run.outputs import (
 from training.run.ownership import claim_output_dir, output_lock
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
+from training.run.sharding import gathered, is_sharded, lightning_strategy
 from training.run.signals import Interrupted, SignalStop, exit_code, take_over_signals
 from training.run.tensorboard_log import PathNamingTensorBoardLogger
 
@@ -135,7 +136,7 @@ def make_trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=lightning_strategy(cfg),
         precision=cfg.trainer.precision,
         logger=loggers,
         callbacks=callbacks,
@@ -198,10 +199,16 @@ def train(
     epochs = epochs_needed(cfg, len(inputs.data.train), total)
     trainer = make_trainer(cfg, total, epochs, timer, callbacks, plan.earlier_rows, signals)
     check_world_size(trainer, cfg)
-    module.reference_to(trainer.strategy.root_device)
+    if not is_sharded(cfg):  # a sharded reference is placed by fully_shard, shard by shard
+        module.reference_to(trainer.strategy.root_device)
     with signals.deferred():
         fit_module(trainer, module, data, plan, cfg)
     last_step = check_trained(module, plan, total) or module.last_logged
+    if is_sharded(cfg):  # every process gathers; rank 0 saves and evaluates an ordinary model
+        policy = gathered(
+            policy, lambda: load_policy(inputs.model_path, cfg), trainer.is_global_zero
+        )
+        reference = None  # the evaluation loads the starting model itself
     evaluation = report = None
     before: dict[str, float] = {}
     after: dict[str, float] = {}
