@@ -35,6 +35,7 @@ from training.inputs.prepare import RunInputs, apply_embedded_recipe, prepare_in
 from training.run.callbacks import (
     PREVIOUS_NAME,
     AtomicCheckpointIO,
+    MemoryReport,
     StepCheckpoint,
     StepProgressBar,
     StepTimer,
@@ -123,7 +124,8 @@ def make_trainer(
             PathNamingTensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
         )
     signals = signals or SignalStop()
-    callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), *(extra_callbacks or [])]
+    callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), MemoryReport()]
+    callbacks += extra_callbacks or []
     # every = 0: no checkpoints (e.g. parity runs), except the one a signal's stop writes
     every = cfg.trainer.save_every_n_steps
     callbacks += [signals, StepCheckpoint(out / "checkpoints", every, signals)]
