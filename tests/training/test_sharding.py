@@ -21,6 +21,8 @@ import torch
 
 from tests.conftest import load_hh_rows
 from tests.training.conftest import (
+    STEP_KEYS,
+    STEP_TOL,
     assert_steps_close,
     assert_weights_close,
     base_args,
@@ -85,7 +87,7 @@ def assert_half_held(output: str) -> None:
             assert whole > 0 and abs(held - whole / 2) <= 0.05 * whole, line
 
 
-def compare(tiny_assets, tmp_path, **options):
+def compare(tiny_assets, tmp_path, grad_norm_tol: float = STEP_TOL, **options):
     """2 sharded processes x 2 pairs against 1 process x 4 pairs; returns the sharded output."""
     sharded = tmp_path / "fsdp"
     output = fit_sharded(base_args(tiny_assets, sharded, batch_size=2, **options))
@@ -94,7 +96,8 @@ def compare(tiny_assets, tmp_path, **options):
     assert rows[-1]["rewards/margins"] != 0
     # Both halves of every step's rows were seen: the token count adds up exactly.
     assert [r["num_tokens"] for r in rows] == [r["num_tokens"] for r in one.history]
-    assert_steps_close(rows, one.history)
+    assert_steps_close(rows, one.history, keys=tuple(k for k in STEP_KEYS if k != "grad_norm"))
+    assert_steps_close(rows, one.history, keys=("grad_norm",), tol=grad_norm_tol)
     return output, one
 
 
@@ -184,9 +187,16 @@ SMOLLM2 = dict(max_steps=2, learning_rate=1e-4, max_length=48)
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_sharded_smollm2_equals_one_process(smollm2, tiny_assets, tmp_path, lora):
-    """SmolLM2-135M-Instruct (tied embeddings: embedding and head in the root unit)."""
+    """SmolLM2-135M-Instruct (tied embeddings: embedding and head in the root unit).
+
+    grad_norm: each parameter's gathered gradient equals one process's within 2.5e-7 relative
+    (measured), but a sharded gradient's norm is summed shard by shard, a float32 order that
+    differs from the whole tensor's: 1.5e-5 relative measured on SmolLM2's 28M-element
+    embedding; 1e-4 bounds that, while a gradient of the wrong rows or scale moves it by 1e-2."""
     options = dict(model=smollm2, lora=lora, **SMOLLM2)
-    compare(tiny_assets, tmp_path, **options)
+    compare(tiny_assets, tmp_path, grad_norm_tol=1e-4, **options)
+    if not lora:
+        assert_weights_close(tmp_path / "fsdp" / "model", tmp_path / "single" / "model", smollm2)
 
 
 def test_fsdp_maps_to_fsdp2_on_every_process():
