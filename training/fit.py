@@ -54,7 +54,7 @@ from training.run.outputs import (
 from training.run.ownership import claim_output_dir, output_lock
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
-from training.run.sharding import gathered, is_sharded, lightning_strategy
+from training.run.sharding import check_strategy, gathered, is_sharded, lightning_strategy
 from training.run.signals import Interrupted, SignalStop, exit_code, take_over_signals
 from training.run.tensorboard_log import PathNamingTensorBoardLogger
 
@@ -290,7 +290,8 @@ def check_trained(module: DPOModule, plan: ResumePlan, total: int) -> dict[str, 
 
 def check_before_loading(cfg: FitConfig) -> None:
     """What can fail without loading anything, checked first: the model paths exist and look
-    like models, a GPU is visible if asked for (nothing is written if not), then the output
+    like models, a GPU is visible if asked for (nothing is written if not), the strategy can run
+    (``training.run.sharding.check_strategy``), then the output
     directory is writable (``RunError`` otherwise)."""
     for flag, name in (("--model", cfg.model.model), ("--ref-model", cfg.model.ref_model)):
         if name:
@@ -299,6 +300,7 @@ def check_before_loading(cfg: FitConfig) -> None:
     if adapter and not Path(adapter).expanduser().exists():
         raise RunError(f"--adapter {adapter}: no such directory")
     check_accelerator(cfg.trainer.accelerator)
+    check_strategy(cfg)
     check_output_dir(cfg.trainer.output_dir)
 
 

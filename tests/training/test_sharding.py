@@ -224,3 +224,33 @@ def test_decoder_layers_are_the_no_split_modules(tiny_assets):
     assert decoder_layers(model) == list(model.model.layers)
     with pytest.raises(RunError, match="names no decoder layer class"):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--strategy", "deepspeed"], "needs the deepspeed package, which is not installed"),
+        (["--strategy", "fsdp", "--precision", "16-mixed"], "--strategy fsdp takes --precision"),
+        (["--strategy", "fsdp", "--lora", "--load-in-4bit"], "cannot shard 4-bit weights"),
+    ],
+)
+def test_an_unusable_strategy_is_one_line_before_loading(
+    flags, message, tmp_path, capsys, monkeypatch
+):
+    """No traceback, nothing loaded or written (deepspeed shown as missing, wherever it is)."""
+    import importlib.util
+
+    from training.fit import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a),
+    )
+
+    out = tmp_path / "run"
+    assert main([*flags, "--accelerator", "cpu", "--output-dir", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists()

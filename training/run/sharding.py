@@ -24,6 +24,7 @@ ordinary model on rank 0, which saves ``model/`` and runs the evaluation.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import types
 from collections.abc import Callable
@@ -48,6 +49,30 @@ _IN_FORWARD = "dpo_in_root_forward"  # the method FSDP2 wraps with the root's fo
 def is_sharded(cfg: FitConfig) -> bool:
     """Whether the run shards its models (``--strategy fsdp``)."""
     return cfg.trainer.strategy == SHARDED
+
+
+def check_strategy(cfg: FitConfig) -> None:
+    """One line (``RunError``), before anything loads, for a strategy this run cannot use:
+    DeepSpeed without its package or without a GPU (it is passed to Lightning untested), and
+    the combinations ``--strategy fsdp`` does not support."""
+    strategy, accelerator = cfg.trainer.strategy, cfg.trainer.accelerator
+    if strategy.startswith("deepspeed"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RunError(
+                f"--strategy {strategy} needs the deepspeed package, which is not installed "
+                "(pip install deepspeed); --strategy fsdp shards without it, on CPU or GPU"
+            )
+        if accelerator == "cpu":
+            raise RunError(f"--strategy {strategy} needs a GPU; --strategy fsdp shards on CPU")
+    if not is_sharded(cfg):
+        return
+    if cfg.trainer.precision in ("16-mixed", "16"):
+        raise RunError(
+            "--strategy fsdp takes --precision 32-true, bf16-mixed, bf16-true or 16-true, not "
+            f"{cfg.trainer.precision} (Lightning's ModelParallelStrategy has no loss scaler)"
+        )
+    if cfg.lora.load_in_4bit:
+        raise RunError("--strategy fsdp cannot shard 4-bit weights: use --lora without 4-bit")
 
 
 def lightning_strategy(cfg: FitConfig):
