@@ -158,9 +158,11 @@ def test_sharded_bf16_mixed_equals_one_process(tiny_assets, tmp_path):
     options = dict(precision="bf16-mixed", **STEPS)
     fit_sharded(base_args(tiny_assets, sharded, batch_size=2, **options))
     one = single(base_args(tiny_assets, tmp_path / "single", batch_size=4, **options))
-    # bf16 products, rounded once per element either way: the rows are the same, only their
-    # grouping into calls differs, which changes no bf16 product; 1e-3 is ~1/4 of a bf16 ulp.
-    assert_steps_close(read_metrics(sharded), one.history, tol=1e-3)
+    # bf16 products over a differently grouped call (one padded call per process against the
+    # one process's padding-free calls) round differently: measured up to 8e-4 relative on these
+    # metrics; 4e-3 is one bf16 ulp (2^-8), while a changed row or a lost micro-batch moves them
+    # by >= 1e-2 (STEP_TOL's reasoning).
+    assert_steps_close(read_metrics(sharded), one.history, tol=4e-3)
 
 
 @pytest.mark.slow
