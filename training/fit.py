@@ -39,6 +39,7 @@ from training.inputs.prepare import RunInputs, apply_embedded_recipe, prepare_in
 from training.run.callbacks import (
     PREVIOUS_NAME,
     AtomicCheckpointIO,
+    MemoryReport,
     StepCheckpoint,
     StepProgressBar,
     StepTimer,
@@ -57,6 +58,7 @@ from training.run.outputs import (
 from training.run.ownership import claim_output_dir, output_lock
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
+from training.run.sharding import check_strategy, gathered, is_sharded, lightning_strategy
 from training.run.signals import Interrupted, SignalStop, exit_code, take_over_signals
 
 log = logging.getLogger("training.fit")
@@ -122,7 +124,8 @@ def make_trainer(
     # then each logger --report-to names (training.run.loggers)
     loggers = make_loggers(cfg, earlier_rows)
     signals = signals or SignalStop()
-    callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), *(extra_callbacks or [])]
+    callbacks: list[L.Callback] = [timer, StepProgressBar(total_steps), MemoryReport()]
+    callbacks += extra_callbacks or []
     # every = 0: no checkpoints (e.g. parity runs), except the one a signal's stop writes
     every = cfg.trainer.save_every_n_steps
     callbacks += [signals, StepCheckpoint(out / "checkpoints", every, signals)]
@@ -135,7 +138,7 @@ def make_trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=lightning_strategy(cfg),
         precision=cfg.trainer.precision,
         logger=loggers,
         callbacks=callbacks,
@@ -198,10 +201,16 @@ def train(
     epochs = epochs_needed(cfg, len(inputs.data.train), total)
     trainer = make_trainer(cfg, total, epochs, timer, callbacks, plan.earlier_rows, signals)
     check_world_size(trainer, cfg)
-    module.reference_to(trainer.strategy.root_device)
+    if not is_sharded(cfg):  # a sharded reference is placed by fully_shard, shard by shard
+        module.reference_to(trainer.strategy.root_device)
     with signals.deferred():
         fit_module(trainer, module, data, plan, cfg)
     last_step = check_trained(module, plan, total) or module.last_logged
+    if is_sharded(cfg):  # every process gathers; rank 0 saves and evaluates an ordinary model
+        policy = gathered(
+            policy, lambda: load_policy(inputs.model_path, cfg), trainer.is_global_zero
+        )
+        reference = None  # the evaluation loads the starting model itself
     evaluation = report = None
     before: dict[str, float] = {}
     after: dict[str, float] = {}
@@ -281,7 +290,8 @@ def check_trained(module: DPOModule, plan: ResumePlan, total: int) -> dict[str, 
 
 def check_before_loading(cfg: FitConfig) -> None:
     """What can fail without loading anything, checked first: the model paths exist and look
-    like models, a GPU is visible if asked for (nothing is written if not), then the output
+    like models, a GPU is visible if asked for (nothing is written if not), the strategy can run
+    (``training.run.sharding.check_strategy``), then the output
     directory is writable (``RunError`` otherwise)."""
     for flag, name in (("--model", cfg.model.model), ("--ref-model", cfg.model.ref_model)):
         if name:
@@ -290,6 +300,7 @@ def check_before_loading(cfg: FitConfig) -> None:
     if adapter and not Path(adapter).expanduser().exists():
         raise RunError(f"--adapter {adapter}: no such directory")
     check_accelerator(cfg.trainer.accelerator)
+    check_strategy(cfg)
     check_output_dir(cfg.trainer.output_dir)
 
 

@@ -1,9 +1,11 @@
-"""Lightning plug-ins of the training job: atomic checkpoints, step timing and a progress bar
-that counts optimizer steps."""
+"""Lightning plug-ins of the training job: atomic checkpoints, step timing, a progress bar
+that counts optimizer steps, and a report of the memory each process holds."""
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -15,6 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from training.base.errors import RunError, is_no_space, write_failure
+
+log = logging.getLogger("training.fit")
 
 # The checkpoint that ``last.ckpt`` replaced, kept beside it (training.run.nan_stop falls back
 # to it when the last one already holds the weights of a non-finite step).
@@ -198,3 +202,49 @@ def read_checkpoint(path: Path) -> dict:
     step, its run record or a finiteness check. Lightning checkpoints hold loop and callback
     state besides tensors, hence ``weights_only=False`` (the file is this run's own)."""
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def held_bytes(tensors) -> tuple[int, int]:
+    """(bytes this process holds, bytes of the whole tensors) of ``tensors``: a sharded
+    (DTensor) one holds its local shard only."""
+    held = whole = 0
+    for t in tensors:
+        local = t.to_local() if callable(getattr(t, "to_local", None)) else t
+        held += local.numel() * local.element_size()
+        whole += t.numel() * t.element_size()
+    return held, whole
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MemoryReport(L.Callback):
+    """One line per process after the first optimizer step (when the optimizer state exists):
+    the bytes of parameters, gradients and optimizer state it holds against the whole model's
+    (1/N of them each under ``--strategy fsdp``), and its peak RSS. Kept in ``self.line``."""
+
+    def __init__(self) -> None:
+        self.line: str | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.line is not None or trainer.global_step < 1:  # after the first optimizer step
+            return
+        optimizer = trainer.optimizers[0]
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        frozen = [p for p in pl_module.model.parameters() if not p.requires_grad]
+        state = [t for s in optimizer.state.values() for t in s.values() if t.dim() > 0]
+        parts = {
+            "parameters": held_bytes([*params, *frozen]),
+            "gradients": held_bytes([p.grad for p in params if p.grad is not None]),
+            "optimizer": held_bytes(state),
+        }
+        held = ", ".join(
+            f"{k} {h / 2**20:.1f} of {w / 2**20:.1f} MiB" for k, (h, w) in parts.items()
+        )
+        rank, world = trainer.global_rank, trainer.world_size
+        self.line = (
+            f"memory (process {rank + 1} of {world}): {held}; peak RSS {peak_rss_mib():.0f} MiB"
+        )
+        log.info(self.line)

@@ -28,6 +28,14 @@ from training.inputs.four_bit import check_not_packed
 from training.run import rng
 from training.run.nan_stop import NonFiniteStop
 from training.run.schedules import lr_multiplier
+from training.run.sharding import (
+    ShardedReference,
+    full_value,
+    in_root_forward,
+    is_sharded,
+    shard_model,
+    sharded_settings,
+)
 
 # Shown in the progress bar (all metrics go to the loggers).
 PROGRESS_BAR_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -80,7 +88,9 @@ class DPOModule(L.LightningModule):
         self.model = model
         self.reference = reference  # a dpo_core.reference source; not a registered submodule
         self.cfg = cfg
-        self.settings = dpo_settings(cfg)
+        self.settings = (
+            sharded_settings(dpo_settings(cfg)) if is_sharded(cfg) else dpo_settings(cfg)
+        )
         self.total_steps = total_steps
         self._micro: list[StepOutput] = []
         self.num_tokens = 0.0
@@ -93,7 +103,22 @@ class DPOModule(L.LightningModule):
 
     # -- the shared step ----------------------------------------------------------------------
     def step(self, batch) -> StepOutput:
-        return dpo_step(self.model, batch, self.reference, self.settings)
+        # a sharded model's dpo_core calls run inside its root's forward (training.run.sharding)
+        return in_root_forward(
+            self.model, dpo_step, self.model, batch, self.reference, self.settings
+        )
+
+    def configure_model(self) -> None:
+        """Under ``--strategy fsdp``, shard the policy and a live frozen reference across the
+        data-parallel mesh (``training.run.sharding``); once, however often Lightning calls."""
+        if not is_sharded(self.cfg) or hasattr(self.model, "reshard"):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        shard_model(self.model, mesh, self.cfg.dpo.prompt_sharing)
+        ref_model = getattr(self.reference, "model", None)
+        if ref_model is not None and ref_model is not self.model:
+            shard_model(ref_model, mesh, self.cfg.dpo.prompt_sharing)
+            self.reference = ShardedReference(self.reference)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         out = self.step(batch)
@@ -141,7 +166,8 @@ class DPOModule(L.LightningModule):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # The pre-clip total norm as clip_grad_norm_ computes it (in the gradients' dtype), which
         # is what transformers' Trainer logs as grad_norm.
-        grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+        # (sharded gradients: the norm over every process's shards, as clipping takes it)
+        grad_norm = full_value(torch.nn.utils.get_total_norm(grads)).item() if grads else 0.0
         if not math.isfinite(grad_norm):  # the update would write nan/inf into every weight
             self._stop(f"non-finite gradient norm ({grad_norm})", "before the optimizer step")
         values = self._reduce(self._micro)

@@ -1,0 +1,258 @@
+"""``--strategy fsdp``: FSDP2 ``fully_shard`` on CPU processes over gloo (``training.run.sharding``).
+
+- 2 sharded processes x B/2 pairs train as 1 process x B pairs, step by step (loss, rewards,
+  log-probs, grad_norm within ``STEP_TOL``; token counts exact) and to the same final weights
+  (``WEIGHTS_REL_TOL``): full fine-tuning with a live sharded reference (with gradient
+  accumulation and clipping that bites, so the clipped norm must be the global one), with a
+  precomputed reference, LoRA (base sharded too), uneven padding-free rows, bf16-mixed, and
+  SmolLM2-135M (full and LoRA);
+- each process holds half the parameters, gradients and optimizer state (its memory line);
+- ``model/`` is an ordinary Hugging Face directory (``from_pretrained`` / ``PeftModel``);
+- ``--resume`` from a sharded run's checkpoint continues it bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from tests.conftest import load_hh_rows
+from tests.training.conftest import (
+    STEP_KEYS,
+    STEP_TOL,
+    assert_steps_close,
+    assert_weights_close,
+    base_args,
+    child_env,
+    fit,
+    load_weights,
+    read_metrics,
+)
+from training.base.cli import resolve_config
+from training.base.errors import RunError
+from training.run.sharding import decoder_layers, lightning_strategy, sharded_settings
+
+# Three steps at a high learning rate: rewards are non-zero from step 1 and depend on every row.
+STEPS = {"max_steps": 3, "learning_rate": 5e-3}
+MEMORY = re.compile(r"memory \(process (\d) of (\d)\): parameters ([\d.]+) of ([\d.]+) MiB, "
+                    r"gradients ([\d.]+) of ([\d.]+) MiB, optimizer ([\d.]+) of ([\d.]+) MiB")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hh_file(tmp_path_factory):
+    """32 real hh-rlhf rows (implicit prompts, uneven lengths)."""
+    path = tmp_path_factory.mktemp("hh") / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in load_hh_rows(32)))
+    return path
+
+
+def fit_sharded(argv: list[str], timeout: float = 600) -> str:
+    """``python -m training.fit argv --strategy fsdp --devices 2`` in a child, one thread per
+    process (2 in all: this machine's cores); its output, after checking it succeeded."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    env = child_env() | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "training.fit", *argv, "--strategy", "fsdp", "--devices", "2"]
+    child = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    return child.stdout + child.stderr
+
+
+def single(argv: list[str]):
+    """The one-process run, at one thread (as each sharded process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fit(argv)
+    finally:
+        torch.set_num_threads(before)
+
+
+def assert_half_held(output: str) -> None:
+    """Both processes report holding half of the parameters, gradients and optimizer state
+    (FSDP2 pads each shard to equal rows: within 5% of half, on models of ~0.1-0.5 MiB)."""
+    lines = MEMORY.findall(output)
+    assert sorted(line[0] for line in lines) == ["1", "2"], output[-2000:]
+    for line in lines:
+        values = [float(v) for v in line[2:]]
+        for held, whole in zip(values[::2], values[1::2], strict=True):
+            assert whole > 0 and abs(held - whole / 2) <= 0.05 * whole, line
+
+
+def compare(tiny_assets, tmp_path, grad_norm_tol: float = STEP_TOL, **options):
+    """2 sharded processes x 2 pairs against 1 process x 4 pairs; returns the sharded output."""
+    sharded = tmp_path / "fsdp"
+    output = fit_sharded(base_args(tiny_assets, sharded, batch_size=2, **options))
+    one = single(base_args(tiny_assets, tmp_path / "single", batch_size=4, **options))
+    rows = read_metrics(sharded)
+    assert rows[-1]["rewards/margins"] != 0
+    # Both halves of every step's rows were seen: the token count adds up exactly.
+    assert [r["num_tokens"] for r in rows] == [r["num_tokens"] for r in one.history]
+    assert_steps_close(rows, one.history, keys=tuple(k for k in STEP_KEYS if k != "grad_norm"))
+    assert_steps_close(rows, one.history, keys=("grad_norm",), tol=grad_norm_tol)
+    return output, one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed"])
+def test_two_sharded_processes_equal_one_process(tiny_assets, tmp_path, precompute):
+    """With 2 micro-batches accumulated and a clipping norm below every step's gradient norm:
+    clipping each process's shard by its own norm would update differently."""
+    from transformers import AutoModelForCausalLM
+
+    options = dict(
+        precompute_ref_log_probs=precompute,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.05,
+        **STEPS,
+    )
+    output, one = compare(tiny_assets, tmp_path, **options)
+    assert all(r["grad_norm"] > 0.05 for r in one.history)  # clipping bit on every step
+    assert_half_held(output)
+    model_dir = tmp_path / "fsdp" / "model"
+    assert_weights_close(model_dir, one.model_dir, tiny_assets.model_dir)
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    saved = load_weights(model_dir)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, saved.get(name, tensor)), name
+    assert (tmp_path / "fsdp" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_sharded_lora_equals_one_process(tiny_assets, tmp_path):
+    """LoRA with its frozen base sharded; the reference is the policy with adapters off."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    compare(tiny_assets, tmp_path, lora=True, lora_r=4, **STEPS)
+    adapters = [load_weights(tmp_path / run / "model") for run in ("fsdp", "single")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in (n for n in adapters[0] if "lora_B" in n):  # B starts at 0: its norm is travel
+        a, b = adapters[0][name], adapters[1][name]
+        assert torch.linalg.vector_norm(a - b) <= 1e-3 * torch.linalg.vector_norm(b), name
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets.model_dir)
+    PeftModel.from_pretrained(base, tmp_path / "fsdp" / "model")
+
+
+@pytest.mark.slow
+def test_sharded_uneven_padding_free_rows_equal_one_process(tiny_assets, tmp_path, hh_file):
+    """Real hh-rlhf rows of uneven lengths: one process runs them padding-free (one backbone
+    call per row fill); each sharded process runs its packed rows in one padded call
+    (``sharded_settings``), else the two processes' call counts differ and their collectives
+    mismatch."""
+    compare(tiny_assets, tmp_path, dataset=hh_file, max_length=128, **STEPS)
+
+
+@pytest.mark.slow
+def test_sharded_bf16_mixed_equals_one_process(tiny_assets, tmp_path):
+    """bf16 autocast over float32 sharded weights (all-gathered in float32)."""
+    sharded = tmp_path / "fsdp"
+    options = dict(precision="bf16-mixed", **STEPS)
+    fit_sharded(base_args(tiny_assets, sharded, batch_size=2, **options))
+    one = single(base_args(tiny_assets, tmp_path / "single", batch_size=4, **options))
+    # bf16 products over a differently grouped call (one padded call per process against the
+    # one process's padding-free calls) round differently: measured up to 8e-4 relative on these
+    # metrics; 4e-3 is one bf16 ulp (2^-8), while a changed row or a lost micro-batch moves them
+    # by >= 1e-2 (STEP_TOL's reasoning).
+    assert_steps_close(read_metrics(sharded), one.history, tol=4e-3)
+
+
+@pytest.mark.slow
+def test_resume_of_a_sharded_run_is_exact(tiny_assets, tmp_path):
+    """3 steps, then a resume to 6 (a constant learning rate: the longer run's schedule is the
+    same), equals 6 steps in one go, bit for bit in every metric and weight."""
+    options = dict(lr_scheduler_type="constant", warmup_ratio=0.0, save_every_n_steps=1)
+    options |= dict(learning_rate=5e-3, batch_size=2)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    fit_sharded(base_args(tiny_assets, whole, max_steps=6, **options))
+    fit_sharded(base_args(tiny_assets, parts, max_steps=3, **options))
+    fit_sharded([*base_args(tiny_assets, parts, max_steps=6, **options), "--resume",
+                 "--resume-allow-changes"])  # fmt: skip
+    keys = ("loss", "rewards/margins", "logps/chosen", "grad_norm", "num_tokens")
+    theirs, ours = read_metrics(whole), read_metrics(parts)
+    assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in theirs]
+    a, b = load_weights(parts / "model"), load_weights(whole / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SMOLLM2 = dict(max_steps=2, learning_rate=1e-4, max_length=48)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sharded_smollm2_equals_one_process(smollm2, tiny_assets, tmp_path, lora):
+    """SmolLM2-135M-Instruct (tied embeddings: embedding and head in the root unit).
+
+    grad_norm: each parameter's gathered gradient equals one process's within 2.5e-7 relative
+    (measured), but a sharded gradient's norm is summed shard by shard, a float32 order that
+    differs from the whole tensor's: 1.5e-5 relative measured on SmolLM2's 28M-element
+    embedding; 1e-4 bounds that, while a gradient of the wrong rows or scale moves it by 1e-2."""
+    options = dict(model=smollm2, lora=lora, **SMOLLM2)
+    compare(tiny_assets, tmp_path, grad_norm_tol=1e-4, **options)
+    if not lora:
+        assert_weights_close(tmp_path / "fsdp" / "model", tmp_path / "single" / "model", smollm2)
+
+
+def test_fsdp_maps_to_fsdp2_on_every_process():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    cfg, _ = resolve_config(["--strategy", "fsdp", "--devices", "2", "--num-nodes", "2"])
+    strategy = lightning_strategy(cfg)
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 1)
+    ddp, _ = resolve_config(["--strategy", "ddp"])
+    assert lightning_strategy(ddp) == "ddp"
+
+
+def test_sharded_steps_run_packed_rows_in_one_call():
+    from dpo_core.step import DPOSettings
+
+    assert sharded_settings(DPOSettings()).padding_free is False
+    assert sharded_settings(DPOSettings()).prompt_sharing is True
+
+
+def test_decoder_layers_are_the_no_split_modules(tiny_assets):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets.model_dir)
+    assert decoder_layers(model) == list(model.model.layers)
+    with pytest.raises(RunError, match="names no decoder layer class"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--strategy", "deepspeed"], "needs the deepspeed package, which is not installed"),
+        (["--strategy", "fsdp", "--precision", "16-mixed"], "--strategy fsdp takes --precision"),
+        (["--strategy", "fsdp", "--lora", "--load-in-4bit"], "cannot shard 4-bit weights"),
+    ],
+)
+def test_an_unusable_strategy_is_one_line_before_loading(
+    flags, message, tmp_path, capsys, monkeypatch
+):
+    """No traceback, nothing loaded or written (deepspeed shown as missing, wherever it is)."""
+    import importlib.util
+
+    from training.fit import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a),
+    )
+
+    out = tmp_path / "run"
+    assert main([*flags, "--accelerator", "cpu", "--output-dir", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists()
