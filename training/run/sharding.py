@@ -31,7 +31,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 from dpo_core.model_parts import model_parts, unwrap_peft
 from dpo_core.packing import model_blocker
@@ -82,8 +85,6 @@ def lightning_strategy(cfg: FitConfig):
     (``training.run.callbacks.AtomicCheckpointIO`` writes it, ``--resume`` reads it)."""
     if not is_sharded(cfg):
         return cfg.trainer.strategy
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     return ModelParallelStrategy(
         data_parallel_size=cfg.trainer.world_size,
         tensor_parallel_size=1,
@@ -123,8 +124,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def shard_model(model: nn.Module, mesh, prompt_sharing: bool) -> None:
     """Shard ``model`` in place across ``mesh``: each decoder layer, then the root (see the
     module docstring). Its parts and fast-path verdict are found first, on the whole model."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
     model_parts(model)  # cached per model (by module names): never probed once sharded
     if prompt_sharing:
         model_blocker(model)
@@ -173,8 +172,6 @@ def gathered(model: nn.Module, rebuild: Callable[[], nn.Module], is_global_zero:
     """The sharded ``model``'s weights as an ordinary model on rank 0 (None elsewhere): every
     process takes part in gathering the full state dict; rank 0 loads it into ``rebuild()``, a
     freshly loaded model of the same structure (adapters included), all keys matching."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     if not is_global_zero:
