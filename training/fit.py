@@ -60,6 +60,7 @@ from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
 from training.run.sharding import check_strategy, gathered, is_sharded, lightning_strategy
 from training.run.signals import Interrupted, SignalStop, exit_code, take_over_signals
+from training.run.threads import apply_thread_layout
 
 log = logging.getLogger("training.fit")
 
@@ -316,6 +317,7 @@ def run(
         explicit = changed_fields(cfg) if explicit is None else explicit
         cfg = apply_embedded_recipe(cfg, explicit)
     check_before_loading(cfg)
+    apply_thread_layout(cfg)
     with output_lock(Path(cfg.trainer.output_dir)):
         claim_output_dir(cfg)
         L.seed_everything(cfg.trainer.seed, verbose=False)

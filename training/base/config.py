@@ -224,6 +224,11 @@ class TrainerConfig:
     devices: int = _f(1, "Devices (processes) per machine to train on.", ge=1, also=(-1,))
     num_nodes: int = _f(1, "Machines (nodes) to train on; Lightning's num_nodes.", ge=1)
     strategy: str = _f("auto", "Lightning strategy.", choices=STRATEGIES)
+    threads: int | None = _f(
+        None,
+        "torch CPU threads per process (unset: OMP_NUM_THREADS, else usable cores / processes).",
+        ge=1,
+    )
     precision: str = _f("32-true", "Lightning precision.", choices=PRECISIONS)
     save_every_n_steps: int = _f(
         50, "Write a checkpoint every N optimizer steps (0 = no checkpoints).", ge=0

@@ -38,6 +38,7 @@ NOT_COMPARED = {
     "trainer.output_dir",
     "trainer.save_every_n_steps",
     "trainer.num_workers",
+    "trainer.threads",
     "trainer.evaluate",
     "trainer.report_to",
     "trainer.logging_steps",
