@@ -99,14 +99,17 @@ def test_report_and_plots_are_written(evaluated_run):
     assert "| preference accuracy (implicit reward; a tie counts 1/2) | 0.5000 |" in text
     assert text.count("```text") == 2  # num_examples
     assert result.evaluation.after.completions[0] in text
-    for name in ("training_curves.png", "before_after.png", "frontier.png"):
-        assert f"]({name})" in text
-        assert_png(out / name)
-    assert [p.name for p in result.report.plots] == [
+    names = [
         "training_curves.png",
+        "optimization.png",
+        "heldout_curves.png",
         "before_after.png",
         "frontier.png",
     ]
+    for name in names:
+        assert f"]({name})" in text
+        assert_png(out / name)
+    assert [p.name for p in result.report.plots] == names
 
 
 def test_standalone_evaluation_reproduces_the_runs_numbers(evaluated_run, tmp_path, capsys):

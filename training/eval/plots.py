@@ -8,8 +8,8 @@ functions: a pure one that computes what is drawn (``curve_series``, ``bar_value
   rewards/accuracies over optimizer steps, from ``metrics.csv``;
 - ``optimization_curves``: learning rate, grad norm and the log-probs of the chosen and
   rejected completions over optimizer steps, from ``metrics.csv``;
-- ``heldout_curves``: trl's held-out metrics over steps done: the evaluation's before (0 steps)
-  and after (every step) points, and the held-out passes during training (``--eval-steps``);
+- ``heldout_curves``: trl's held-out metrics over the steps done: the evaluation's before (0
+  steps) and after (all steps) points, with the passes of ``--eval-every-n-steps`` between;
 - ``before_after_bars``: eval.json's headline numbers, before vs after;
 - ``frontier``: win rate against KL(π ‖ π_ref), one point per policy, like Figure 2 (left) of
   the DPO paper (Rafailov et al. 2023); ``training.sweep`` draws one point per β.
