@@ -12,7 +12,8 @@
 
 Each policy's object in eval.json holds ``preference_accuracy``, ``reward_margin``,
 ``win_rate`` and ``kl`` (null when not measured: no prompts, or ``--judge none``) and
-``kl_stderr`` (the KL estimate's standard error; null under 2 samples), then ``reward_chosen``, ``reward_rejected``, ``logp_accuracy``, ``logps_chosen`` and
+``kl_stderr`` (the KL estimate's standard error; null under 2 samples), then
+``reward_chosen``, ``reward_rejected``, ``logp_accuracy``, ``logps_chosen`` and
 ``logps_rejected``; ``dpo_core.evaluation`` defines each.
 """
 
