@@ -112,6 +112,22 @@ def sequence_kl(policy_logps: Tensor, ref_logps: Tensor) -> float:
     return implicit_reward(policy_logps.double(), ref_logps.double(), 1.0).mean().item()
 
 
+def sequence_kl_stderr(policy_logps: Tensor, ref_logps: Tensor) -> float | None:
+    """The standard error of ``sequence_kl``: the sample standard deviation (N - 1 in the
+    denominator) of the per-sample log-ratios, over ``sqrt(N)``; None for fewer than 2 samples.
+
+    Example: log-ratios 1 and 2 -> standard deviation sqrt(0.5), standard error 0.5.
+
+    Args:
+        policy_logps: (N,) summed log-probs of the sampled completions under the policy.
+        ref_logps: (N,) the same completions under the reference.
+    """
+    if policy_logps.numel() < 2:
+        return None
+    ratios = implicit_reward(policy_logps.double(), ref_logps.double(), 1.0)
+    return (ratios.std(correction=1) / ratios.numel() ** 0.5).item()
+
+
 def likelihood_displacement(before: PreferenceSummary, after: PreferenceSummary) -> bool:
     """True when training lowered the mean log-prob of both chosen and rejected completions:
     DPO widened the margin by pushing both down ("likelihood displacement")."""

@@ -6,7 +6,15 @@ line, errors, precision table, dpo_core settings) < ``embedded`` < ``inputs`` < 
 
 From Python: ``from training import train`` (``training.api``): trl's names as keywords, a
 ``datasets.Dataset`` as the data.
+
+Importing ``training`` makes torch's OpenMP threads sleep while they wait, unless the
+environment says otherwise (``training.base.threads``: on shared cores spinning waits made the
+evaluation 8x slower).
 """
+
+from training.base.threads import passive_openmp_waits
+
+passive_openmp_waits()
 
 
 def __getattr__(name: str):

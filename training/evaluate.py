@@ -99,7 +99,7 @@ def print_report(evaluation: Evaluation, paths) -> None:
     """The before/after table and where the files are."""
     print()
     print(evaluation_table(evaluation.to_json()))
-    print(f"\nevaluation: {evaluation.seconds:.0f} s")
+    print(f"\nevaluation: {evaluation.timing()}")
     print(f"report: {paths.report_md}\neval.json: {paths.eval_json}")
     for plot in paths.plots:
         print(f"plot: {plot}")

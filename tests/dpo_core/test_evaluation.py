@@ -10,6 +10,7 @@ from dpo_core.evaluation import (
     likelihood_displacement,
     preference_summary,
     sequence_kl,
+    sequence_kl_stderr,
     win_scores,
 )
 
@@ -63,6 +64,16 @@ def test_summary_rejects_mismatched_shapes():
 def test_sequence_kl_is_the_mean_log_ratio_and_zero_for_the_same_model():
     assert sequence_kl(t(-5, -7), t(-6, -9)) == pytest.approx(1.5)
     assert sequence_kl(t(-5.25, -7.5), t(-5.25, -7.5)) == 0.0
+
+
+def test_sequence_kl_stderr_is_the_sample_deviation_over_root_n():
+    """Log-ratios 1 and 2: mean 1.5, deviations ±0.5, sample variance (0.25 + 0.25) / 1 = 0.5,
+    standard error sqrt(0.5) / sqrt(2) = 0.5. Log-ratios 0, 0, 3: mean 1, sample variance
+    (1 + 1 + 4) / 2 = 3, standard error sqrt(3 / 3) = 1. (Exact in float64.)"""
+    assert sequence_kl_stderr(t(-5, -7), t(-6, -9)) == pytest.approx(0.5, rel=1e-12)
+    assert sequence_kl_stderr(t(-1, -2, 0), t(-1, -2, -3)) == pytest.approx(1.0, rel=1e-12)
+    assert sequence_kl_stderr(t(-5.25, -7.5), t(-5.25, -7.5)) == 0.0  # the same model
+    assert sequence_kl_stderr(t(-5), t(-6)) is None  # one sample: no spread to measure
 
 
 def test_likelihood_displacement_needs_both_log_probs_to_fall():

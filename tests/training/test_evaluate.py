@@ -67,12 +67,14 @@ def test_before_training_every_pair_is_a_tie_and_kl_is_zero(evaluated_run):
     assert before["preference_accuracy"] == 0.5
     assert before["reward_margin"] == before["reward_chosen"] == before["reward_rejected"] == 0
     assert before["kl"] == 0.0
+    assert before["kl_stderr"] == 0.0  # every sample's log-ratio is 0: no spread
 
 
 def test_after_training_the_numbers_moved_and_agree_with_the_loop(evaluated_run):
     _, result = evaluated_run
     after = result.evaluation.to_json()["after"]
     assert after["reward_margin"] != 0 and after["kl"] != 0
+    assert after["kl_stderr"] > 0  # 4 samples whose log-ratios differ
     # The held-out rewards of the training loop (trl's metric names) are the same numbers: the
     # same float32 per-pair values, which the loop sums in float32 per batch (StepOutput.sums)
     # and eval.json averages in float64. A float32 sum of n <= 8 same-sign terms (every margin
@@ -97,14 +99,17 @@ def test_report_and_plots_are_written(evaluated_run):
     assert "| preference accuracy (implicit reward; a tie counts 1/2) | 0.5000 |" in text
     assert text.count("```text") == 2  # num_examples
     assert result.evaluation.after.completions[0] in text
-    for name in ("training_curves.png", "before_after.png", "frontier.png"):
-        assert f"]({name})" in text
-        assert_png(out / name)
-    assert [p.name for p in result.report.plots] == [
+    names = [
         "training_curves.png",
+        "optimization.png",
+        "heldout_curves.png",
         "before_after.png",
         "frontier.png",
     ]
+    for name in names:
+        assert f"]({name})" in text
+        assert_png(out / name)
+    assert [p.name for p in result.report.plots] == names
 
 
 def test_standalone_evaluation_reproduces_the_runs_numbers(evaluated_run, tmp_path, capsys):

@@ -88,6 +88,68 @@ def test_curve_series_x_falls_back_to_the_row_index_and_empty_metrics_draw_nothi
     assert lines["reward, chosen"] == []  # never logged: an empty panel, not a line of nothing
 
 
+OPTIMIZATION_CSV = (
+    "step,loss,learning_rate,grad_norm,logps/chosen,logps/rejected,eval_loss,eval_logps/chosen\n"
+    "0,0.69,1e-3,2.5,-20.0,-22.0,,\n"
+    "1,0.6,5e-4,1.5,-19.0,-23.0,,\n"
+    "1,,,,,,0.65,-19.5\n"  # the held-out pass after the 2nd step (numbered as that step's row)
+)
+
+
+def test_optimization_curves_draw_lr_grad_norm_and_both_log_probs(tmp_path, drawn):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text(OPTIMIZATION_CSV)
+    path = plots.optimization_curves(csv, tmp_path / "optimization.png")
+    (fig,) = drawn
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert list(panels) == [title for title, _ in plots.OPTIMIZATION_PANELS]
+    drawn_lines = {
+        title: [
+            (line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines()
+        ]
+        for title, ax in panels.items()
+    }
+    assert drawn_lines["learning rate"] == [("learning_rate", [0, 1], [1e-3, 5e-4])]
+    assert drawn_lines["grad norm (before clipping)"] == [("grad_norm", [0, 1], [2.5, 1.5])]
+    assert drawn_lines["mean log π(y | x)"] == [  # the held-out row is not a training step
+        ("chosen", [0, 1], [-20.0, -19.0]),
+        ("rejected", [0, 1], [-22.0, -23.0]),
+    ]
+    assert panels["mean log π(y | x)"].get_legend() is not None
+    assert_png(path)
+
+
+def test_heldout_series_puts_before_at_zero_and_after_at_the_steps_done(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text(OPTIMIZATION_CSV)
+    heldout = plots.read_heldout(csv)
+    assert [r["step"] for r in heldout] == [1]
+    before = {"eval_loss": 0.69, "eval_logps/chosen": -20.0, "eval_rewards/margins": 0.0}
+    after = {"eval_loss": 0.6, "eval_logps/chosen": -19.0}
+    series = plots.heldout_series(heldout, before, after, steps_done=4)
+    assert series["eval_loss"] == ([0, 2, 4], [0.69, 0.65, 0.6])  # the csv row: after 2 steps
+    assert series["eval_logps/chosen"] == ([0, 2, 4], [-20.0, -19.5, -19.0])
+    assert series["eval_rewards/margins"] == ([0], [0.0])  # after did not measure it
+    assert series["eval_logps/rejected"] == ([], [])
+    # A held-out pass after the last step is the after point already: drawn once.
+    assert plots.heldout_series(heldout, before, after, steps_done=2)["eval_loss"] == (
+        [0, 2],
+        [0.69, 0.65],
+    )
+
+
+def test_heldout_curves_draw_each_series(tmp_path, drawn):
+    series = plots.heldout_series([], {"eval_loss": 0.69}, {"eval_loss": 0.5}, steps_done=3)
+    path = plots.heldout_curves(series, tmp_path / "heldout_curves.png")
+    (fig,) = drawn
+    panels = {ax.get_title(): ax.get_lines() for ax in fig.axes}
+    (line,) = panels["held-out loss"]
+    assert (list(line.get_xdata()), list(line.get_ydata())) == ([0, 3], [0.69, 0.5])
+    assert panels["held-out reward accuracy"] == []
+    assert_png(path)
+
+
 REPORT = {
     "before": {"preference_accuracy": 0.5, "reward_margin": 0.0, "win_rate": 0.4, "kl": 0.0},
     "after": {"preference_accuracy": 0.9, "reward_margin": 1.2, "win_rate": None},  # no kl

@@ -64,7 +64,7 @@ def test_a_run_prints_its_held_out_size_and_evaluation_time(tiny_assets, tmp_pat
     with caplog.at_level(logging.INFO):
         fit(base_args(tiny_assets, tmp_path, max_steps=1, **flags))
     captured = capsys.readouterr()
-    assert re.search(r"^evaluation: \d+ s$", captured.out, re.MULTILINE)
+    assert re.search(r"^evaluation: \d+ s \(CPU \d+ s\)$", captured.out, re.MULTILINE)
     assert "held-out: 8 pairs (25% of the 32 rows read" in caplog.text
     passes = ("held-out pairs (before = reference)", "held-out pairs (after)", "sampling (after)")
     for desc in (*passes, "KL: before"):

@@ -20,7 +20,12 @@ import time
 from dataclasses import dataclass, field
 
 from dpo_core.collate import PreferenceCollator
-from dpo_core.evaluation import PreferenceSummary, preference_summary, sequence_kl
+from dpo_core.evaluation import (
+    PreferenceSummary,
+    preference_summary,
+    sequence_kl,
+    sequence_kl_stderr,
+)
 from training.base.config import FitConfig
 from training.base.settings import dpo_settings
 from training.eval.heldout import HeldOutPairs
@@ -41,18 +46,21 @@ class PolicyResult:
     pairs: PreferenceSummary
     trl_metrics: dict[str, float] = field(default_factory=dict)
     kl: float | None = None
+    kl_stderr: float | None = None  # the KL estimate's standard error (None: under 2 samples)
     win_rate: float | None = None
     completions: list[str] = field(default_factory=list)
     verdicts: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float | None]:
-        """eval.json's per-policy object: the four headline numbers first."""
+        """eval.json's per-policy object: the four headline numbers (and the KL's standard
+        error) first."""
         pairs = self.pairs.as_dict()
         head = {
             "preference_accuracy": pairs.pop("preference_accuracy"),
             "reward_margin": pairs.pop("reward_margin"),
             "win_rate": self.win_rate,
             "kl": self.kl,
+            "kl_stderr": self.kl_stderr,
         }
         return head | pairs
 
@@ -69,10 +77,16 @@ class Evaluation:
     settings: SamplingSettings
     beta: float
     seconds: float = 0.0  # wall time of the whole evaluation
+    cpu_seconds: float = 0.0  # CPU time of this process over it (all threads)
 
     @property
     def n_prompts(self) -> int:
         return len(self.prompts)
+
+    def timing(self) -> str:
+        """``"25 s (CPU 32 s)"``: CPU time far above wall time x threads means threads waited
+        by spinning (``training.base.threads``)."""
+        return f"{self.seconds:.0f} s (CPU {self.cpu_seconds:.0f} s)"
 
     def validation(self) -> dict[str, dict[str, float]]:
         """trl's ``eval_*`` metrics, ``{"before": {...}, "after": {...}}``."""
@@ -111,8 +125,9 @@ def sample_policy(
     inputs: RunInputs,
     cfg: FitConfig,
     scores: CompletionScores,
-) -> tuple[Candidates, float]:
-    """Sample one completion per prompt; the candidates for the judge and the KL estimate."""
+) -> tuple[Candidates, tuple[float, float | None]]:
+    """Sample one completion per prompt; the candidates for the judge, and the KL estimate with
+    its standard error."""
     tok, e = inputs.tokenizer, cfg.eval
     prompt_ids = [f["prompt_ids"] for f in picked]
     settings = sampling_settings(cfg)
@@ -128,7 +143,7 @@ def sample_policy(
         baseline_ids=baseline_ids,
         baselines=[_decode(tok, b) for b in baseline_ids],
     )
-    return candidates, sequence_kl(pi, ref)
+    return candidates, (sequence_kl(pi, ref), sequence_kl_stderr(pi, ref))
 
 
 def sampling_settings(cfg: FitConfig) -> SamplingSettings:
@@ -166,7 +181,7 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
     """Measure both policies on ``inputs``' held-out pairs and prompts (module docstring)."""
     if not inputs.data.heldout:
         raise ValueError("evaluation needs held-out pairs; none were given or kept")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     picked_rows = distinct_prompts(inputs.data.heldout, cfg.eval.num_prompts)
     picked = [inputs.data.heldout[i] for i in picked_rows]
     scores = CompletionScores(inputs.tokenizer.pad_token_id, batch_size=cfg.trainer.eval_batch_size)
@@ -190,7 +205,7 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
     for name, view in (("before", models.before), ("after", models.after)):
         if not picked:
             break
-        candidates, results[name].kl = sample_policy(
+        candidates, (results[name].kl, results[name].kl_stderr) = sample_policy(
             name, view, models, picked, inputs, cfg, scores
         )
         prompts = candidates.prompts
@@ -208,4 +223,5 @@ def evaluate(models: EvalModels, inputs: RunInputs, cfg: FitConfig) -> Evaluatio
         settings=sampling_settings(cfg),
         beta=cfg.dpo.beta,
         seconds=time.perf_counter() - start,
+        cpu_seconds=time.process_time() - cpu_start,
     )

@@ -6,6 +6,10 @@ functions: a pure one that computes what is drawn (``curve_series``, ``bar_value
 
 - ``training_curves``: loss, rewards/chosen, rewards/rejected, rewards/margins and
   rewards/accuracies over optimizer steps, from ``metrics.csv``;
+- ``optimization_curves``: learning rate, grad norm and the log-probs of the chosen and
+  rejected completions over optimizer steps, from ``metrics.csv``;
+- ``heldout_curves``: trl's held-out metrics over the steps done: the evaluation's before (0
+  steps) and after (all steps) points, with the passes of ``--eval-every-n-steps`` between;
 - ``before_after_bars``: eval.json's headline numbers, before vs after;
 - ``frontier``: win rate against KL(π ‖ π_ref), one point per policy, like Figure 2 (left) of
   the DPO paper (Rafailov et al. 2023); ``training.sweep`` draws one point per β.
@@ -33,6 +37,18 @@ CURVES = (
     ("rewards/margins", "reward margin"),
     ("rewards/accuracies", "reward accuracy"),
 )
+# (panel title, the metrics drawn in it): a panel of two metrics draws two lines and a legend.
+OPTIMIZATION_PANELS = (
+    ("learning rate", ("learning_rate",)),
+    ("grad norm (before clipping)", ("grad_norm",)),
+    ("mean log π(y | x)", ("logps/chosen", "logps/rejected")),
+)
+HELDOUT_PANELS = (
+    ("held-out loss", ("eval_loss",)),
+    ("held-out reward accuracy", ("eval_rewards/accuracies",)),
+    ("held-out reward margin", ("eval_rewards/margins",)),
+    ("held-out mean log π(y | x)", ("eval_logps/chosen", "eval_logps/rejected")),
+)
 BARS = (
     ("preference_accuracy", "preference accuracy"),
     ("win_rate", "win rate"),
@@ -41,37 +57,101 @@ BARS = (
 )
 
 
-def read_steps(metrics_csv: Path) -> list[dict[str, float]]:
-    """The training rows of ``metrics.csv`` (those with a ``loss``), values as floats."""
+def _read_rows(metrics_csv: Path) -> list[dict[str, float]]:
     with open(metrics_csv, newline="") as f:
-        rows = [
+        return [
             {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
         ]
-    return [r for r in rows if "loss" in r]
+
+
+def read_steps(metrics_csv: Path) -> list[dict[str, float]]:
+    """The training rows of ``metrics.csv`` (those with a ``loss``), values as floats."""
+    return [r for r in _read_rows(metrics_csv) if "loss" in r]
+
+
+def read_heldout(metrics_csv: Path) -> list[dict[str, float]]:
+    """The held-out rows of ``metrics.csv`` (those with an ``eval_loss``), values as floats."""
+    return [r for r in _read_rows(metrics_csv) if "eval_loss" in r]
 
 
 def curve_series(steps: Sequence[dict[str, float]]) -> dict[str, tuple[list, list]]:
     """Per ``CURVES`` metric, the (steps, values) drawn: a row that did not log the metric
     gives no point (x is the row's ``step``, else its index)."""
-    series = {}
-    for key, _ in CURVES:
-        points = [(r.get("step", i), r[key]) for i, r in enumerate(steps) if key in r]
-        series[key] = ([x for x, _ in points], [y for _, y in points])
-    return series
+    return panel_series(steps, _curve_panels())
+
+
+def _curve_panels() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple((label, (key,)) for key, label in CURVES)
 
 
 def training_curves(metrics_csv: Path, path: Path) -> Path:
     """Five panels, one per ``CURVES`` metric, against the optimizer step."""
     series = curve_series(read_steps(metrics_csv))
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), squeeze=False)
-    for ax, (key, label) in zip(axes[0], CURVES):
-        xs, ys = series[key]
-        if xs:
-            ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
+    return _draw_panels(series, _curve_panels(), "optimizer step", "Training curves", path)
+
+
+def panel_series(
+    steps: Sequence[dict[str, float]], panels: Sequence[tuple[str, tuple[str, ...]]]
+) -> dict[str, tuple[list, list]]:
+    """Per metric of ``panels``, the (steps, values) drawn: a row that did not log the metric
+    gives no point (x is the row's ``step``, else its index)."""
+    series = {}
+    for _, keys in panels:
+        for key in keys:
+            points = [(r.get("step", i), r[key]) for i, r in enumerate(steps) if key in r]
+            series[key] = ([x for x, _ in points], [y for _, y in points])
+    return series
+
+
+def heldout_series(
+    heldout: Sequence[dict[str, float]],
+    before: dict[str, float],
+    after: dict[str, float],
+    steps_done: int,
+) -> dict[str, tuple[list, list]]:
+    """Per ``HELDOUT_PANELS`` metric, (optimizer steps done, value): ``before`` at 0, each
+    held-out row of metrics.csv at its ``step`` + 1 (metrics.csv numbers the pass after the
+    k-th step k - 1, like that step's row), ``after`` at ``steps_done`` unless a row is there
+    already (the same model on the same pairs). A side that lacks a metric gives no point."""
+    series = {}
+    for _, keys in HELDOUT_PANELS:
+        for key in keys:
+            points = [(0, before[key])] if key in before else []
+            points += [(int(r["step"]) + 1, r[key]) for r in heldout if key in r and "step" in r]
+            if key in after and steps_done not in [x for x, _ in points]:
+                points.append((steps_done, after[key]))
+            points.sort(key=lambda p: p[0])
+            series[key] = ([x for x, _ in points], [y for _, y in points])
+    return series
+
+
+def optimization_curves(metrics_csv: Path, path: Path) -> Path:
+    """Learning rate, grad norm and the chosen / rejected log-probs against the step."""
+    series = panel_series(read_steps(metrics_csv), OPTIMIZATION_PANELS)
+    return _draw_panels(series, OPTIMIZATION_PANELS, "optimizer step", "Optimization", path)
+
+
+def heldout_curves(series: dict[str, tuple[list, list]], path: Path) -> Path:
+    """``heldout_series`` drawn: the held-out metrics against the optimizer steps done."""
+    return _draw_panels(
+        series, HELDOUT_PANELS, "optimizer steps done", "Held-out metrics (trl's names)", path
+    )
+
+
+def _draw_panels(series, panels, xlabel: str, title: str, path: Path) -> Path:
+    """One panel per ``panels`` entry, a line per metric (a legend when there are two)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (label, keys) in zip(axes[0], panels):
+        for key in keys:
+            xs, ys = series[key]
+            if xs:
+                ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=key.split("/")[-1])
+        if len(keys) > 1 and ax.get_lines():
+            ax.legend()
         ax.set_title(label)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    fig.suptitle("Training curves")
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -5,11 +5,14 @@
     eval.json             {"before": {...}, "after": {...}, "n_pairs": int, "n_prompts": int}
     report.md             the tables, warnings, definitions and side-by-side examples
     training_curves.png   loss, rewards and accuracy over steps (when metrics.csv exists)
+    optimization.png      learning rate, grad norm, chosen / rejected log-probs over steps (idem)
+    heldout_curves.png    trl's held-out metrics over steps: before, during, after (idem)
     before_after.png      the headline numbers, before vs after
     frontier.png          win rate against KL, before and after
 
 Each policy's object in eval.json holds ``preference_accuracy``, ``reward_margin``,
-``win_rate`` and ``kl`` (null when not measured: no prompts, or ``--judge none``), then
+``win_rate`` and ``kl`` (null when not measured: no prompts, or ``--judge none``) and
+``kl_stderr`` (the KL estimate's standard error; null under 2 samples), then
 ``reward_chosen``, ``reward_rejected``, ``logp_accuracy``, ``logps_chosen`` and
 ``logps_rejected``; ``dpo_core.evaluation`` defines each.
 """
@@ -44,7 +47,10 @@ MARKDOWN_ROWS = (
     ("logps_rejected", "mean log π(rejected \\| prompt)"),
     ("win_rate", "win rate of sampled completions"),
     ("kl", "KL(π ‖ π_ref), sequence level, on samples"),
+    ("kl_stderr", "standard error of the KL estimate"),
 )
+NO_CHANGE = {"kl_stderr"}  # rows whose after - before means nothing
+KL_NOISE_SES = 2.0  # a negative KL within this many standard errors of 0 is noise (~95%)
 DISPLACEMENT_WARNING = (
     "**Warning: likelihood displacement.** The mean log-probability of both the chosen and the "
     "rejected completions fell during training: DPO widened the margin by pushing both down, so "
@@ -83,9 +89,46 @@ def markdown_table(report: dict) -> list[str]:
     lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
     for key, label in MARKDOWN_ROWS:
         b, a = report["before"].get(key), report["after"].get(key)
-        change = None if b is None or a is None else a - b
+        change = None if b is None or a is None or key in NO_CHANGE else a - b
         lines.append(f"| {label} | {_fmt(b)} | {_fmt(a)} | {_fmt(change)} |")
     return lines
+
+
+def kl_note(side: str, kl: float | None, stderr: float | None, n: int) -> str | None:
+    """What report.md says of a negative KL estimate (None when it is not negative).
+
+    The true KL is never negative, but its Monte-Carlo estimate is: within ``KL_NOISE_SES``
+    standard errors of 0 that is sampling noise; beyond them it is flagged, as a sign that the
+    samples were not scored as they were drawn."""
+    if kl is None or math.isnan(kl) or kl >= 0:
+        return None
+    if stderr is None:
+        return (
+            f"- The {side} policy's KL estimate is negative ({kl:.4g}) from {n} sample: no "
+            "standard error to judge it by; sample more prompts (`--num-prompts`)."
+        )
+    k = -kl / stderr if stderr > 0 else math.inf
+    measured = f"{kl:.4g} nats, standard error {stderr:.2g} over {n} samples"
+    if k <= KL_NOISE_SES:
+        return (
+            f"- The {side} policy's KL estimate is negative ({measured}): within {k:.1f} "
+            "standard errors of 0, sampling noise (the true KL is ≥ 0)."
+        )
+    return (
+        f"- **Warning: negative KL beyond sampling noise.** The {side} policy's KL estimate "
+        f"({measured}) is {k:.1f} standard errors below 0, and the true KL is ≥ 0: the samples "
+        "were likely not scored as they were drawn (temperature or top-p ≠ 1, a truncated "
+        "prompt, or the policy and reference scoring differently)."
+    )
+
+
+def _kl_notes(evaluation) -> list[str]:
+    notes = [
+        kl_note(side, result.kl, result.kl_stderr, evaluation.n_prompts)
+        for side, result in (("before", evaluation.before), ("after", evaluation.after))
+    ]
+    notes = [n for n in notes if n is not None]
+    return [*notes, ""] if notes else []
 
 
 def _definitions(evaluation) -> list[str]:
@@ -102,7 +145,9 @@ def _definitions(evaluation) -> list[str]:
         f"prompts, `generate` with seed {s.seed}, temperature {s.temperature}, top-p {s.top_p}, "
         f"no top-k, at most {s.max_new_tokens} new tokens.",
         "- **KL**: the mean over samples y ~ π of log π(y|x) − log π_ref(y|x) (nats per "
-        "completion); unbiased at temperature 1 and top-p 1, exactly 0 when π is π_ref.",
+        "completion); unbiased at temperature 1 and top-p 1, exactly 0 when π is π_ref. Its "
+        "standard error is the sample standard deviation of the per-sample log-ratios over √n; "
+        f"a negative estimate within {KL_NOISE_SES:g} standard errors of 0 is sampling noise.",
         f"- **Win rate**: the mean verdict of the judge ({evaluation.judge or 'none'}) over "
         "the samples: a score in [0, 1] for a rule or callable judge; for a reward judge, "
         "1 if the sample outscores the held-out pair's reference completion, 1/2 on a tie.",
@@ -168,6 +213,7 @@ def render_markdown(evaluation, plot_files: list[Path], extra: dict) -> str:
     ]
     if likelihood_displacement(evaluation.before.pairs, evaluation.after.pairs):
         lines += [DISPLACEMENT_WARNING, ""]
+    lines += _kl_notes(evaluation)
     lines += _definitions(evaluation)
     if plot_files:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plot_files] + [""]
@@ -177,6 +223,28 @@ def render_markdown(evaluation, plot_files: list[Path], extra: dict) -> str:
         lines += ["## Rows left out", ""]
         lines += [f"- {k}: {v}" for k, v in sorted(extra["dropped_rows"].items())] + [""]
     return "\n".join(lines)
+
+
+def _curve_plots(out_dir: Path, metrics_csv: Path | None, validation: dict) -> list[Path]:
+    """The plots over steps, drawn when ``metrics_csv`` has training rows: training curves,
+    optimization, and the held-out metrics (the evaluation's before / after, ``validation``,
+    with the held-out passes during training)."""
+    if metrics_csv is None or not Path(metrics_csv).is_file():
+        return []
+    steps = plots.read_steps(metrics_csv)
+    if not steps:
+        return []
+    files = [
+        plots.training_curves(metrics_csv, out_dir / "training_curves.png"),
+        plots.optimization_curves(metrics_csv, out_dir / "optimization.png"),
+    ]
+    heldout = plots.read_heldout(metrics_csv)
+    before, after = validation.get("before") or {}, validation.get("after") or {}
+    if heldout or before or after:
+        steps_done = int(max(r.get("step", i) for i, r in enumerate(steps))) + 1
+        series = plots.heldout_series(heldout, before, after, steps_done)
+        files.append(plots.heldout_curves(series, out_dir / "heldout_curves.png"))
+    return files
 
 
 def write_report(
@@ -196,9 +264,7 @@ def write_report(
     eval_json = out_dir / "eval.json"
     with writing(eval_json, "writing the evaluation"):
         eval_json.write_text(json.dumps(report, indent=2) + "\n")
-    files = []
-    if metrics_csv is not None and Path(metrics_csv).is_file() and plots.read_steps(metrics_csv):
-        files.append(plots.training_curves(metrics_csv, out_dir / "training_curves.png"))
+    files = _curve_plots(out_dir, metrics_csv, validation or {})
     files.append(plots.before_after_bars(report, out_dir / "before_after.png"))
     if report["after"]["win_rate"] is not None:
         points = [

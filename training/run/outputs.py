@@ -190,7 +190,7 @@ def print_summary(result) -> None:
         f"metrics in {result.output_dir / 'metrics.csv'}"
     )
     if result.evaluation is not None:
-        print(f"evaluation: {result.evaluation.seconds:.0f} s")
+        print(f"evaluation: {result.evaluation.timing()}")
     if result.report is not None:
         print(f"report: {result.report.report_md}\neval.json: {result.report.eval_json}")
         for plot in result.report.plots:
