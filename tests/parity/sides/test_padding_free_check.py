@@ -48,7 +48,11 @@ def test_padding_free_is_as_accurate_as_plain_and_packs_pairs():
 
 def test_a_mask_without_blocks_fails_the_check(monkeypatch):
     """A plain causal mask over each packed row: rejected tokens see the chosen ones and later
-    pairs see earlier ones. A real difference, far above the floor."""
+    pairs see earlier ones. A real difference, far above the floor. (The load-time probe,
+    ``dpo_core.packing.probe_blocker``, would catch this leak and run plain; here the leak comes
+    after the probe passed, as a packing bug the probe's few tokens missed would.)"""
+    model = tiny_llama()
+    assert dpo_core.packing.model_blocker(model) is None  # the verdict, taken before the leak
     real_pack = dpo_core.packing.pack_pairs
 
     def leaky_pack(batch, layout=None):
@@ -59,7 +63,6 @@ def test_a_mask_without_blocks_fails_the_check(monkeypatch):
         return packed
 
     monkeypatch.setattr(dpo_core.packing, "pack_pairs", leaky_pack)
-    model = tiny_llama()
     check = padding_free_check.measure(model, uneven_batches(model.config.vocab_size))
     assert check.packed_error > 100 * check.bound
     assert not compare_padding_free(check).passed
