@@ -60,6 +60,10 @@ from dpo_core.pair_layout import (
 from dpo_core.probe import compute_dtype, logp_bound, model_device, probe_batch, probe_mode
 from dpo_core.router_aux import RouterSpec, load_balancing_loss, router_logits_of
 
+# Kernels given the block mask as a ready 4D mask. Not flash attention (it takes no mask: a varlen
+# kernel cannot say "rejected sees the prompt but not chosen"), not flex_attention (a 4D tensor
+# mask goes into its score_mod; on torch 2.13's CPU kernel that corrupts memory and kills the
+# process, measured on a tiny Llama: a BlockMask built from the segments would be the way).
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 # model -> ((attention kind, sliding window), why not or None): the probe runs once per model
