@@ -173,7 +173,7 @@ def find_head_recipe(base: nn.Module) -> HeadRecipe:
     """
     head = _output_head(base)
     config = getattr(base, "config", None)
-    batch = probe_batch(_vocab_size(base, head), model_device(base))
+    batch = probe_batch(_vocab_size(base), model_device(base))
     calls, own = _record_calls(base, head, batch)
     backbone, hidden, between = _split_calls(base, calls)
     with probe_mode(base):
@@ -193,8 +193,10 @@ def find_head_recipe(base: nn.Module) -> HeadRecipe:
     return HeadRecipe(backbone, between, transform, name)
 
 
-def _vocab_size(base: nn.Module, head: nn.Module) -> int:
-    weight = getattr(head, "weight", None)
-    if weight is not None and weight.dim() == 2:
-        return weight.shape[0]
+def _vocab_size(base: nn.Module) -> int:
+    """The ids the probe may use: the input embedding's rows (never quantized, unlike a 4-bit
+    head whose packed weight has another shape)."""
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "num_embeddings"):
+        return embeddings.num_embeddings
     return base.config.get_text_config().vocab_size
