@@ -67,13 +67,9 @@ def fit_sharded(argv: list[str], timeout: float = 600) -> str:
 
 
 def single(argv: list[str]):
-    """The one-process run, at one thread (as each sharded process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fit(argv)
-    finally:
-        torch.set_num_threads(before)
+    """The one-process run, at one thread (as each sharded process: a run sets its own thread
+    layout, ``training.run.threads``, so the count is a flag, not the caller's setting)."""
+    return fit([*argv, "--threads", "1"])
 
 
 def assert_half_held(output: str) -> None:
