@@ -23,7 +23,7 @@ from torch import nn
 from dpo_core.logp_types import LogpOptions
 from dpo_core.logps import token_logps
 from dpo_core.model_parts import model_parts, unwrap_peft
-from dpo_core.probe import compute_dtype, logp_bound, model_device, probe_batch, probe_mode
+from dpo_core.probe import compute_dtype, logp_bound, model_probe_batch, probe_mode
 
 
 class OwnLogitsMismatch(ValueError):
@@ -75,7 +75,7 @@ def own_logits_check(model: nn.Module, options: LogpOptions | None = None) -> Ow
     options = replace((options or LogpOptions()).without_stats(), **plain)
     parts = model_parts(model)
     base = unwrap_peft(model)
-    batch = probe_batch(base.get_input_embeddings().weight.shape[0], model_device(model))
+    batch = model_probe_batch(model)
     with probe_mode(model):
         ours = token_logps(model, batch, options)
         want, logits = own_logps(model, batch)

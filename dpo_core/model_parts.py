@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dpo_core.logit_transforms import LogitTransform, UnknownLogitTransform, closest_transform
-from dpo_core.probe import compute_dtype, logp_bound, model_device, probe_batch, probe_mode
+from dpo_core.probe import compute_dtype, logp_bound, model_probe_batch, probe_mode
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -173,7 +173,7 @@ def find_head_recipe(base: nn.Module) -> HeadRecipe:
     """
     head = _output_head(base)
     config = getattr(base, "config", None)
-    batch = probe_batch(_vocab_size(base), model_device(base))
+    batch = model_probe_batch(base)
     calls, own = _record_calls(base, head, batch)
     backbone, hidden, between = _split_calls(base, calls)
     with probe_mode(base):
@@ -191,12 +191,3 @@ def find_head_recipe(base: nn.Module) -> HeadRecipe:
             f"bound {bound:.1e}); dpo_core would score this model wrong, so it refuses it."
         )
     return HeadRecipe(backbone, between, transform, name)
-
-
-def _vocab_size(base: nn.Module) -> int:
-    """The ids the probe may use: the input embedding's rows (never quantized, unlike a 4-bit
-    head whose packed weight has another shape)."""
-    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    if embeddings is not None and hasattr(embeddings, "num_embeddings"):
-        return embeddings.num_embeddings
-    return base.config.get_text_config().vocab_size

@@ -57,7 +57,7 @@ from dpo_core.pair_layout import (
     pair_spans,
     plain_cost,
 )
-from dpo_core.probe import compute_dtype, logp_bound, model_device, probe_batch, probe_mode
+from dpo_core.probe import compute_dtype, logp_bound, model_probe_batch, probe_mode
 from dpo_core.router_aux import RouterSpec, load_balancing_loss, router_logits_of
 
 # Kernels given the block mask as a ready 4D mask. Not flash attention (it takes no mask: a varlen
@@ -93,8 +93,7 @@ def probe_blocker(model: nn.Module) -> str | None:
     segment to the next (recurrent or state-space blocks), or whose attention ignores the mask
     it is given (custom code), shows a difference far above rounding and runs plain."""
     parts = model_parts(model)
-    vocab = unwrap_peft(model).get_input_embeddings().weight.shape[0]
-    batch = probe_batch(vocab, model_device(model))
+    batch = model_probe_batch(model)
     p, c, r = pair_spans(batch)
     layout = choose_layout((p + c + r).tolist(), padding_free=True)
     with probe_mode(model):

@@ -48,6 +48,13 @@ def probe_batch(vocab_size: int, device: torch.device | str = "cpu") -> Preferen
     return batch.to(device)
 
 
+def model_probe_batch(model: nn.Module) -> PreferenceBatch:
+    """``probe_batch`` for ``model``: ids within its input embedding's rows (never quantized,
+    unlike a 4-bit head whose packed weight has another shape), on its device."""
+    embeddings = model.get_input_embeddings()
+    return probe_batch(embeddings.weight.shape[0], model_device(model))
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's input embeddings live (the probe's ids go there)."""
     return next(model.parameters()).device
