@@ -213,6 +213,7 @@ def build_report(
     if preset.device == "cuda":
         report["peak_cuda_memory_ratio"] = ratio(sides, "ours", "trl", "peak_cuda_mb")
     report["speedup_vs_trl_defaults"] = ratio(sides, "trl_defaults", "ours", "seconds_per_step")
+    report["bf16_speedup"] = ratio(sides, "ours", "ours_bf16", "seconds_per_step")
     report["variants"] = {k: v for k, v in sides.items() if k not in HEADLINE}
     report["peak_flops_per_s"] = peaks.get("float32")
     report["peak_flops_per_s_by_dtype"] = peaks

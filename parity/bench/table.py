@@ -78,6 +78,7 @@ def bench_table(report: dict) -> str:
     for key, label in (
         ("speedup", "speedup, trl parity s/step / ours"),
         ("speedup_vs_trl_defaults", "speedup, trl defaults s/step / ours"),
+        ("bf16_speedup", "bf16 speedup, ours fp32 s/step / ours_bf16"),
         ("peak_memory_ratio", "peak RSS, ours / trl parity"),
         ("peak_cuda_memory_ratio", "peak CUDA memory, ours / trl parity"),
     ):

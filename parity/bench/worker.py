@@ -78,6 +78,14 @@ SIDES = {
         description="ours, --no-prompt-sharing --no-precompute-ref-log-probs: the path parity "
         "checks (each prompt forwarded twice, live reference)",
     ),
+    "ours_bf16": Side(
+        "ours",
+        {"precision": "bf16-mixed"},
+        exact=False,
+        description="ours, --precision bf16-mixed: bf16 autocast, fp32 weights and optimizer "
+        "(bf16 rounding: losses differ from trl's fp32 run; `python -m parity --precision "
+        "bf16-mixed` checks it against trl's bf16)",
+    ),
     "ours_group_by_length": Side(
         "ours",
         {"group_by_length": True},

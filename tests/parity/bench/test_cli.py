@@ -48,16 +48,18 @@ SIDE_KEYS = {
 }  # fmt: skip
 REPORT_KEYS = {
     "ours", "trl", "trl_defaults", "speedup", "peak_memory_ratio", "speedup_vs_trl_defaults",
+    "bf16_speedup",
     "variants", "peak_flops_per_s", "peak_flops_per_s_by_dtype", "loss_check", "config",
 }  # fmt: skip
 
 
 @pytest.mark.slow
 def test_tiny_preset_end_to_end(tmp_path):
-    """ours, trl (parity) and trl (defaults), each in its own process, on the tiny preset."""
+    """ours, trl (parity), trl (defaults) and ours in bf16, each in its own process, on the tiny
+    preset."""
     out = tmp_path / "bench.json"
     status = main(["--preset", "tiny", "--workdir", str(tmp_path / "work"), "--json", str(out),
-                   "--sides", "trl", "ours", "trl_defaults", "--profile"])  # fmt: skip
+                   "--sides", "trl", "ours", "trl_defaults", "ours_bf16", "--profile"])  # fmt: skip
     assert status == 0
     report = json.loads(out.read_text())
     assert set(report) == REPORT_KEYS
@@ -100,7 +102,16 @@ def test_tiny_preset_end_to_end(tmp_path):
     }
     # bf16 autocast moves trl's own losses far more than float32 rounding does
     assert check["max_diff"]["trl_defaults"] > 10 * check["max_diff"]["ours"]
-    assert report["config"]["preset"] == "tiny" and report["variants"] == {}
+    # ours_bf16 runs its matmuls in bf16 and is measured against the bf16 matmul peak
+    bf16 = report["variants"]["ours_bf16"]
+    assert bf16["compute_dtype"] == bf16["peak_dtype"] == "bfloat16"
+    assert bf16["peak_flops_per_s"] == report["peak_flops_per_s_by_dtype"]["bfloat16"]
+    assert report["ours"]["peak_dtype"] == "float32"
+    assert report["bf16_speedup"] == pytest.approx(
+        report["ours"]["seconds_per_step"] / bf16["seconds_per_step"]
+    )
+    assert check["max_diff"]["ours_bf16"] > 10 * check["max_diff"]["ours"]  # bf16 rounding
+    assert report["config"]["preset"] == "tiny" and set(report["variants"]) == {"ours_bf16"}
     assert report["config"]["lora"] is None
     assert report["config"]["training"] == "full fine-tuning"
     check_flops(report, tmp_path / "work" / "assets" / "model")
