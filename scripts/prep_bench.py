@@ -10,7 +10,8 @@ For each size it writes that many hh-rlhf-like rows (the real harmless-base rows
 each in a fresh process: our whole 1-step run (``python -m training.fit --max-steps 1``) with an
 empty cache, the same run again (the cache warm), our preparation alone, and trl's
 ``DPOTrainer`` constructor on the same rows (``dataset_num_proc`` as ours). Each line gives the
-wall time and the process's peak RSS; ``--json`` writes them all.
+wall time, the process's peak RSS and the largest peak RSS of its finished child processes (the
+``Dataset.map`` workers); ``--json`` writes them all.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def _child(kind: str, model: str, data: Path, work: Path, num_proc: int) -> None
         if main(argv) != 0:
             raise SystemExit(1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": peak}))
+    # the largest of its finished children: the dataset_num_proc workers of Dataset.map
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak, "worker_peak_rss_gib": workers}))
 
 
 def _our_preparation(model: str, data: Path, work: Path, num_proc: int) -> None:
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 print(
                     f"{n:>9} rows  {side:<6} {result['seconds']:8.1f} s  "
-                    f"peak RSS {result['peak_rss_gib']:.2f} GiB",
+                    f"peak RSS {result['peak_rss_gib']:.2f} GiB "
+                    f"(largest worker {result['worker_peak_rss_gib']:.2f} GiB)",
                     flush=True,
                 )
                 results.append(result)
