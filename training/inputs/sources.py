@@ -231,7 +231,9 @@ def read_source(
         split: the split of a directory or hub data set; a file is one split.
         skip_invalid: skip malformed entries (a JSON line that is not UTF-8, not JSON or not an
             object; a CSV record with bytes that are not UTF-8), kept in ``skipped``.
-        max_rows: read at most this many rows (JSON lines: the rest of the file is not read).
+        max_rows: read at most this many rows (JSON lines, parquet and a plain CSV: the rest
+            of the file is not read; a JSON document is parsed, and a gzipped file decompressed,
+            to its end, so that a broken file is refused whatever ``max_rows``).
 
     Raises:
         FileNotFoundError: ``source`` ends like a data file (``.jsonl``, ...) but does not exist.
