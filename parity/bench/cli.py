@@ -22,6 +22,10 @@ run's within ``--loss-tolerance``; otherwise the table says so and the exit stat
     python -m parity.bench --preset cpu-bigvocab --sides ours trl
     python -m parity.bench --preset smollm2 --sides trl ours --lora   # real model, LoRA
     python -m parity.bench --model ./my-model --dataset prefs.jsonl --steps 20 --batch-size 4
+    python -m parity.bench --preset hh-rlhf --sides trl ours --busy 1 --busy-kind torch
+
+``--busy N`` runs N busy processes beside the sides for the whole measurement (``--busy-kind``
+loop or torch: ``parity.bench.busy``); the report records them (``config.busy``).
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ import torch
 import transformers
 import trl
 
+from parity.bench.busy import KINDS, busy_processes
 from parity.bench.presets import PRESETS, Preset, prepare_assets, with_overrides
-from parity.bench.table import HEADLINE, bench_table
+from parity.bench.table import HEADLINE, bench_table, busy_label
 from parity.bench.worker import SIDES
 from parity.check.tolerances import ALL_STEPS
 
@@ -83,9 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run each side's last step under torch.profiler (top ops in the JSON, step untimed)",
     )
+    p.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy processes beside the sides, from before the first to the end (a "
+        "shared machine; parity.bench.busy)",
+    )
+    p.add_argument(
+        "--busy-kind",
+        choices=KINDS,
+        help="what each busy process runs: loop (pure Python, one core; the default with "
+        "--busy) or torch (matmuls on torch's default thread count)",
+    )
     p.add_argument("--json", type=pathlib.Path, help="write the report here")
     p.add_argument("--workdir", type=pathlib.Path, help="keep models, data and runs here")
     return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; ``--busy-kind`` without ``--busy N`` is refused (it would do nothing)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.busy < 0:
+        parser.error(f"--busy {args.busy}: want a number of processes >= 0")
+    if args.busy_kind is not None and args.busy == 0:
+        parser.error(f"--busy-kind {args.busy_kind} needs --busy N (N >= 1 busy processes)")
+    if args.busy and args.busy_kind is None:
+        args.busy_kind = "loop"
+    return args
 
 
 def resolve_preset(args: argparse.Namespace) -> Preset:
@@ -202,10 +234,10 @@ def ratio(sides: dict, num: str, den: str, key: str) -> float | None:
 
 
 def build_report(
-    preset: Preset, case, sides: dict[str, dict], check: dict, load, peaks: dict[str, float]
+    preset: Preset, case, sides: dict[str, dict], check: dict, beside: dict, peaks: dict
 ) -> dict:
     """The JSON report: headline sides, ratios, the matmul peaks, the loss check and the
-    settings."""
+    settings; ``beside``: the machine's ``load`` and the ``busy`` processes beside the sides."""
     sides = {name: with_utilisation(side, peaks) for name, side in sides.items()}
     report = {name: sides.get(name) for name in HEADLINE}
     report["speedup"] = ratio(sides, "trl", "ours", "seconds_per_step")
@@ -227,11 +259,12 @@ def build_report(
         "rows": case.num_rows,
         "training": training_label(case),
         "lora": lora_settings(case),
+        "busy": beside["busy"],
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "cpu_features": cpu_features(),
-            "load": load,
+            "load": beside["load"],
         },
         "versions": {
             "torch": torch.__version__,
@@ -292,20 +325,24 @@ def run(args: argparse.Namespace, workdir: pathlib.Path) -> dict:
     spec_path.write_text(json.dumps(spec, indent=1))
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {side: [] for side in args.sides}
-    for _ in range(args.repeat):
-        for side in args.sides:
-            print(f"[bench] {preset.name}: {side}", file=sys.stderr, flush=True)
-            raw = run_worker(spec_path, side, workdir, preset.threads)
-            runs[side].append(summarize(raw, preset.warmup))
+    with busy_processes(args.busy, args.busy_kind) as busy:
+        if args.busy:
+            print(f"[bench] beside the sides: {busy_label(busy.describe())}", file=sys.stderr)
+        for _ in range(args.repeat):
+            for side in args.sides:
+                print(f"[bench] {preset.name}: {side}", file=sys.stderr, flush=True)
+                raw = run_worker(spec_path, side, workdir, preset.threads)
+                runs[side].append(summarize(raw, preset.warmup))
+        load = {"before": load_before, "after": os.getloadavg()}
     sides = {side: best_of(r) for side, r in runs.items()}
     peaks = matmul_peaks([run for r in runs.values() for run in r])
     check = loss_check(sides, args.loss_tolerance)
-    load = {"before": load_before, "after": os.getloadavg()}
-    return build_report(preset, case, sides, check, load, peaks)
+    beside = {"load": load, "busy": busy.describe()}
+    return build_report(preset, case, sides, check, beside, peaks)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = (args.workdir or pathlib.Path(tmp)).resolve()
         report = run(args, workdir)

@@ -37,6 +37,16 @@ def flop_lines(report: dict, sides: dict[str, dict]) -> list[str]:
     return lines
 
 
+def busy_label(busy: dict | None) -> str:
+    """``1 busy process (torch, 2 threads)``, or ``nothing`` (``--busy 0``)."""
+    if not busy or not busy["processes"]:
+        return "nothing (--busy 0)"
+    count = busy["processes"]
+    threads = "/".join(str(t) for t in sorted(set(busy["threads"])))
+    each = f"{threads} thread{'' if threads == '1' else 's'}" + (" each" if count > 1 else "")
+    return f"{count} busy process{'es' if count > 1 else ''} ({busy['kind']}, {each})"
+
+
 def bench_table(report: dict) -> str:
     """A markdown table of every side and the headline ratios."""
     rows = [
@@ -67,6 +77,7 @@ def bench_table(report: dict) -> str:
     config = report.get("config")
     if config:
         lines.append(f"{config['preset']}: {config['training']}, {config['model_path']}")
+        lines.append(f"beside the sides: {busy_label(config.get('busy'))}")
     counts = [
         f"{name} {s['trainable_parameters']:,} of {s['parameters']:,}"
         for name, s in sides.items()

@@ -178,3 +178,35 @@ def test_the_rows_read_skipped_by_a_cached_run_still_stop_a_run_without_skip_inv
     again = prepare_source(path, "train", tokenizer, data_cfg(tmp_path))
     with pytest.raises(DataError, match=r"p.jsonl, line 7: malformed JSON"):
         check_prepared(again, skip_invalid=False)
+
+
+@pytest.mark.parametrize("name", ["p.json", "p.json.gz", "p.csv"])
+def test_a_streamed_json_or_csv_source_is_cached_by_its_bytes(tokenizer, tmp_path, caplog, name):
+    rows = preference_rows(12)
+    write_jsonl(rows, tmp_path / "p.jsonl")
+    path = tmp_path / name
+
+    def write(indent):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "wt", newline="", encoding="utf-8") as f:
+            if name.endswith(".csv"):
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator=indent)
+                writer.writeheader()
+                writer.writerows(rows)
+            else:
+                f.write(json.dumps(rows, indent=len(indent)))
+
+    cfg = data_cfg(tmp_path)
+    write("\n")
+    first = prepare_source(path, "train", tokenizer, cfg)
+    assert as_lists(features(path, tokenizer, cfg)) == as_lists(
+        features(tmp_path / "p.jsonl", tokenizer, cfg)
+    )
+    with caplog.at_level(logging.INFO):
+        again = prepare_source(path, "train", tokenizer, cfg)
+    assert "read from the cache" in caplog.text and again.location == first.location
+    write("\r\n")  # the same rows in other bytes: another entry
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        other = prepare_source(path, "train", tokenizer, cfg)
+    assert "rows tokenized in" in caplog.text and other.location != first.location

@@ -3,12 +3,11 @@
 :func:`open_raw` turns any source ``training.inputs.sources`` reads into a ``datasets.Dataset``
 whose rows can be mapped over in several processes without being held in memory:
 
-- ``.jsonl`` / ``.jsonl.gz``: streamed line by line into an Arrow file (each row kept as its JSON
-  text, so rows of any mix of types survive, with its line); a bad line raises, or with
-  ``skip_invalid`` joins ``skipped``, exactly as ``dpo_core.jsonl`` reads it;
+- ``.jsonl``, ``.json`` and ``.csv`` (also gzipped): streamed row by row
+  (``training.inputs.sources.consume_file``) into an Arrow file, each row kept as its JSON text
+  (so rows of any mix of types survive) with its place (line, data row); a bad entry raises,
+  or with ``skip_invalid`` joins ``skipped``, exactly as ``read_source`` reads it;
 - ``.parquet``: streamed batch by batch into an Arrow file, its own columns;
-- ``.json`` (also gzipped) and ``.csv``: read by ``training.inputs.sources`` (one document), then
-  written as JSON text with each row's place;
 - a directory written by ``Dataset.save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` and its
   ``split``), a directory of split files or a hub id: the Arrow data ``datasets`` already holds.
 
@@ -29,9 +28,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpo_core.jsonl import iter_valid_rows
 from dpo_core.rows import UNREADABLE, DataError
-from training.inputs.sources import READERS, load_dataset_split, read_source
+from training.inputs.sources import READERS, consume_file, load_dataset_split, read_source
 
 # The columns of a source stored as JSON text: the row, its line and its 1-based data row.
 ROW_JSON, LINE, ROW = "__row_json", "__line", "__row"
@@ -110,38 +108,31 @@ def open_raw(
         set ``datasets`` cannot load.
     """
     path = Path(source)
-    if path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
-        return _from_jsonl(path, work_dir, skip_invalid, max_rows)
     if path.is_file() and path.name.endswith(".parquet"):
         return _from_parquet(path, work_dir, max_rows)
+    if path.is_file() and path.name.endswith(tuple(READERS)):
+        return _from_file(path, work_dir, skip_invalid, max_rows)
     if path.is_file() or (path.name.endswith(tuple(READERS)) and not path.exists()):
-        return _from_rows(source, work_dir, skip_invalid, max_rows)  # its errors, or the rows
+        read_source(source)  # its error: an unsupported file type, or not found
     dataset = load_dataset_split(str(source), split)
     if max_rows is not None and max_rows < len(dataset):
         dataset = dataset.select(range(max_rows))
     return RawSource(source_name(source, split), dataset, len(dataset))
 
 
-def _from_jsonl(path: Path, work_dir: Path, skip_invalid: bool, max_rows: int | None) -> RawSource:
-    """A JSONL file streamed into ``work_dir/raw.arrow``, one JSON text per row with its line."""
-    out = RawSource(str(path), None, 0)
+def _from_file(path: Path, work_dir: Path, skip_invalid: bool, max_rows: int | None) -> RawSource:
+    """A JSON lines, JSON or CSV file streamed into ``work_dir/raw.arrow``: one JSON text per row,
+    with its line and data row (those its place has)."""
 
-    rows = iter_valid_rows(path, skip_invalid=skip_invalid, max_rows=max_rows, skipped=out.skipped)
-    texts = ((json.dumps(row, ensure_ascii=False), line, None) for line, row in rows)
-    out.dataset = _write_json_rows(texts, work_dir / "raw.arrow")
-    out.num_read = len(out.dataset) + len(out.skipped)
-    return out
+    def write(entries) -> object:
+        texts = (
+            (json.dumps(row, ensure_ascii=False, default=str), place.line, place.row)
+            for row, place in entries
+        )
+        return _write_json_rows(texts, work_dir / "raw.arrow")
 
-
-def _from_rows(source, work_dir: Path, skip_invalid: bool, max_rows: int | None) -> RawSource:
-    """A file read whole by ``read_source`` (``.json``, ``.csv``), written as JSON text."""
-    read = read_source(source, skip_invalid=skip_invalid, max_rows=max_rows)
-    entries = (
-        (json.dumps(row, ensure_ascii=False, default=str), place.line, place.row)
-        for row, place in zip(read.rows, read.places, strict=True)
-    )
-    dataset = _write_json_rows(entries, work_dir / "raw.arrow")
-    return RawSource(read.source, dataset, read.num_read, read.skipped)
+    dataset, skipped = consume_file(path, write, skip_invalid=skip_invalid, max_rows=max_rows)
+    return RawSource(str(path), dataset, len(dataset) + len(skipped), skipped)
 
 
 def _write_json_rows(entries: Iterator[tuple], path: Path):

@@ -17,6 +17,11 @@ A directory written by ``save_to_disk`` goes to ``datasets.load_from_disk`` (a `
 by ``split``); another directory (of split files) or a hub id to ``datasets.load_dataset``; their
 rows are placed by data row of the split. ``training.inputs.raw_sources`` reads the same sources
 into Arrow, for preparation at scale.
+
+A file is read as a stream of rows (:func:`consume_file`), in the memory of one row: JSON lines
+and CSV record by record, parquet batch by batch, a JSON array element by element
+(``training.inputs.json_document``). A JSON document that is an object (of columns, or one row)
+is one value, parsed whole.
 A file that cannot be read at all raises one ``DataError`` naming it and the cause. Rows come
 back unchecked: ``training.inputs.row_checks`` validates them where they are placed.
 """
@@ -27,20 +32,22 @@ import csv
 import dataclasses
 import gzip
 import io
-import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.parquet as pq
 
-from dpo_core.rows import (
-    BAD_JSON,
-    NOT_UTF8,
-    UNREADABLE,
-    DataError,
-    Place,
-    read_jsonl_rows,
-)
+from dpo_core.jsonl import iter_valid_rows
+from dpo_core.rows import BAD_JSON, NOT_UTF8, UNREADABLE, DataError, Place
+from training.inputs.json_document import NotOneDocument, iter_document_rows
+
+# One row of a file and its place there.
+Entry = tuple[object, Place]
+T = TypeVar("T")
+# Rows per batch read from a parquet file.
+PARQUET_BATCH_ROWS = 1000
 
 
 @dataclass
@@ -73,60 +80,59 @@ def _by_row(source: str, rows: list, max_rows: int | None) -> SourceRows:
     return SourceRows(source, rows, [Place(row=i + 1) for i in range(len(rows))], len(rows))
 
 
-def _read_jsonl(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
-    read = read_jsonl_rows(path, skip_invalid=skip_invalid, max_rows=max_rows)
-    places = [Place(line=n) for n in read.lines]
-    return SourceRows(str(path), read.rows, places, read.num_read, read.skipped)
+def _open_binary(path: Path):
+    """``path`` opened to read bytes, decompressed when its name ends in ``.gz``."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _read_json(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
+class _ReadAsJsonLines(Exception):
+    """A ``.json`` file turned out to be JSON lines after rows of it were given out."""
+
+
+def _iter_jsonl(path: Path, skip_invalid: bool, max_rows, skipped: list) -> Iterator[Entry]:
+    for line, row in iter_valid_rows(
+        path, skip_invalid=skip_invalid, max_rows=max_rows, skipped=skipped
+    ):
+        yield row, Place(line=line)
+
+
+def _iter_json(path: Path, skip_invalid: bool, max_rows, skipped: list) -> Iterator[Entry]:
     """A JSON file: a list of objects, an object of columns, one object, or JSON lines.
 
-    A file whose first line is JSON by itself may be JSON lines: unless it parses as one
-    document, it is read line by line (each bad line located, ``skip_invalid`` applies). Any other
-    file is one document (an array, a pretty-printed object): an error in it ends the reading,
-    reported at its line.
+    The file is read as one document (``json_document``: an array's rows one at a time, placed
+    by data row; the whole file is parsed, whatever ``max_rows``). Unless it parses as one, a
+    file whose first line is JSON by itself is read as JSON lines (each bad line located,
+    ``skip_invalid`` applies); any other error ends the reading, reported at its line.
     """
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        if _first_line_is_json(raw):
-            return _read_jsonl(path, skip_invalid, max_rows)
-        raise _document_error(e, raw, str(path)) from e
-    return _by_row(str(path), _json_rows(data, str(path)), max_rows)
+    given = 0
+    with _open_binary(path) as f:
+        try:
+            for n, row in enumerate(iter_document_rows(f, lambda v: _json_rows(v, path)), 1):
+                if max_rows is None or n <= max_rows:
+                    given += 1
+                    yield row, Place(row=n)
+            return
+        except NotOneDocument as err:
+            if not err.first_line_alone:
+                raise _document_error(err, str(path)) from None
+    if given:  # a first line holding a whole array, then more lines
+        raise _ReadAsJsonLines
+    yield from _iter_jsonl(path, skip_invalid, max_rows, skipped)
 
 
-def _document_error(
-    err: UnicodeDecodeError | json.JSONDecodeError, raw: bytes, source: str
-) -> DataError:
+def _document_error(err: NotOneDocument, source: str) -> DataError:
     """Where and why a one-document JSON file does not parse."""
     note = "(read as one JSON document: its first line is not JSON by itself)"
-    if isinstance(err, UnicodeDecodeError):
-        line = raw[: err.start].count(b"\n") + 1
-        bad = raw[err.start : err.end]
-        detail = f"bytes {bad!r} are not valid UTF-8 {note}"
-        return DataError(detail, source=source, place=Place(line=line), reason=NOT_UTF8)
-    detail = f"malformed JSON at column {err.colno}: {err.msg} {note}"
-    return DataError(detail, source=source, place=Place(line=err.lineno), reason=BAD_JSON)
+    place = Place(line=err.line)
+    if err.bad_bytes is not None:
+        detail = f"bytes {err.bad_bytes!r} are not valid UTF-8 {note}"
+        return DataError(detail, source=source, place=place, reason=NOT_UTF8)
+    detail = f"malformed JSON at column {err.column}: {err.msg} {note}"
+    return DataError(detail, source=source, place=place, reason=BAD_JSON)
 
 
-def _first_line_is_json(raw: bytes) -> bool:
-    """Whether the first non-blank line parses alone: the file may be JSON lines."""
-    first = next((line for line in raw.splitlines() if line.strip()), b"")
-    try:
-        json.loads(first.decode("utf-8-sig"))
-    except ValueError:
-        return False
-    return True
-
-
-def _json_rows(data, source: str) -> list:
-    """The rows of one JSON document: a list, an object of columns, or one row."""
-    if isinstance(data, list):
-        return data
+def _json_rows(data, path: Path) -> list:
+    """The rows of one JSON document that is not an array: an object of columns, or one row."""
     if not isinstance(data, dict):
         return [data]  # the row check names what it is
     chosen = data.get("chosen")
@@ -135,39 +141,63 @@ def _json_rows(data, source: str) -> list:
     lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
     if len(lengths) != 1:
         raise DataError(
-            "columns of different lengths or non-list columns", source=source, reason=UNREADABLE
+            "columns of different lengths or non-list columns", source=str(path), reason=UNREADABLE
         )
     return [dict(zip(data, values)) for values in zip(*data.values())]
 
 
-def _read_parquet(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
-    return _by_row(str(path), pq.read_table(path).to_pylist(), max_rows)
+def _iter_parquet(path: Path, skip_invalid: bool, max_rows, skipped: list) -> Iterator[Entry]:
+    """A parquet file batch by batch (pyarrow), placed by data row."""
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        for row in batch.to_pylist():
+            if max_rows is not None and n >= max_rows:
+                return
+            n += 1
+            yield row, Place(row=n)
 
 
-def _read_csv(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
-    """A CSV file with a header. Bytes that are not UTF-8 make their record an error (skipped
-    with ``skip_invalid``); every record is placed by data row and the line it ends on."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    text = raw.decode("utf-8-sig", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    out = SourceRows(str(path), [], [], 0)
+def _iter_csv(path: Path, skip_invalid: bool, max_rows, skipped: list) -> Iterator[Entry]:
+    """A CSV file with a header, record by record. Bytes that are not UTF-8 make their record an
+    error (skipped with ``skip_invalid``); every record is placed by data row and the line it
+    ends on. A gzipped file is read to its end whatever is kept, so that a corrupt gzip stream
+    is its error, as when it was decompressed whole."""
+    failure = None
+    with _open_binary(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        try:
+            yield from _csv_records(csv.DictReader(text), path, skip_invalid, max_rows, skipped)
+        except Exception as err:  # raised below, unless a corrupt gzip stream comes first
+            failure = err
+        _read_to_end(raw)
+    if failure is not None:
+        raise failure
+
+
+def _read_to_end(raw) -> None:
+    """Read a gzip stream to its end (its corruption raises); a plain file needs no reading."""
+    if isinstance(raw, gzip.GzipFile):
+        while raw.read(1 << 16):  # a read allocates its whole size: keep it small
+            pass
+
+
+def _csv_records(reader, path: Path, skip_invalid: bool, max_rows, skipped: list):
+    read = 0
     for row in reader:
-        if max_rows is not None and len(out.rows) >= max_rows:
-            break
-        place = Place(row=out.num_read + 1, line=reader.line_num)
-        out.num_read += 1
+        if max_rows is not None and read - len(skipped) >= max_rows:
+            return
+        read += 1
+        place = Place(row=read, line=reader.line_num)
         bad = next((k for k, v in row.items() if _has_bad_bytes(k) or _has_bad_bytes(v)), None)
         if bad is None:
-            out.rows.append(row)
-            out.places.append(place)
+            yield row, place
             continue
         error = DataError(
             "bytes that are not valid UTF-8", source=str(path), reason=NOT_UTF8, field=str(bad)
         ).at(place)
         if not skip_invalid:
             raise error
-        out.skipped.append(error)
-    return out
+        skipped.append(error)
 
 
 def _has_bad_bytes(value) -> bool:
@@ -177,13 +207,13 @@ def _has_bad_bytes(value) -> bool:
 
 # File name endings and their readers; a name matches at most one.
 READERS = {
-    ".jsonl": _read_jsonl,
-    ".jsonl.gz": _read_jsonl,
-    ".json": _read_json,
-    ".json.gz": _read_json,
-    ".parquet": _read_parquet,
-    ".csv": _read_csv,
-    ".csv.gz": _read_csv,
+    ".jsonl": _iter_jsonl,
+    ".jsonl.gz": _iter_jsonl,
+    ".json": _iter_json,
+    ".json.gz": _iter_json,
+    ".parquet": _iter_parquet,
+    ".csv": _iter_csv,
+    ".csv.gz": _iter_csv,
 }
 
 
@@ -201,7 +231,9 @@ def read_source(
         split: the split of a directory or hub data set; a file is one split.
         skip_invalid: skip malformed entries (a JSON line that is not UTF-8, not JSON or not an
             object; a CSV record with bytes that are not UTF-8), kept in ``skipped``.
-        max_rows: read at most this many rows (JSON lines: the rest of the file is not read).
+        max_rows: read at most this many rows (JSON lines, parquet and a plain CSV: the rest
+            of the file is not read; a JSON document is parsed, and a gzipped file decompressed,
+            to its end, so that a broken file is refused whatever ``max_rows``).
 
     Raises:
         FileNotFoundError: ``source`` ends like a data file (``.jsonl``, ...) but does not exist.
@@ -218,19 +250,53 @@ def read_source(
                 source=str(path),
                 reason=UNREADABLE,
             )
-        return _read_file(reader, path, skip_invalid, max_rows)
+        return _read_file(path, skip_invalid, max_rows)
     if reader is not None and not path.exists():
         raise FileNotFoundError(f"preference file {path} not found")
     return _by_row(f"{source}[{split}]", _load_dataset(str(source), split), max_rows)
 
 
-def _read_file(reader, path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
-    """``reader``'s rows; anything but a located ``DataError`` becomes one naming the file."""
+def _read_file(path: Path, skip_invalid: bool, max_rows: int | None) -> SourceRows:
+    """All rows of the file ``path`` (:func:`consume_file` kept in lists)."""
+    entries, skipped = consume_file(path, list, skip_invalid=skip_invalid, max_rows=max_rows)
+    rows = [row for row, _ in entries]
+    return SourceRows(str(path), rows, [p for _, p in entries], len(rows) + len(skipped), skipped)
+
+
+def consume_file(
+    path: Path,
+    consume: Callable[[Iterator[Entry]], T],
+    *,
+    skip_invalid: bool = False,
+    max_rows: int | None = None,
+) -> tuple[T, list[DataError]]:
+    """``consume`` run over the ``(row, place)`` entries of the data file ``path`` as they are
+    read (one at a time, in bounded memory), and the errors of the entries skipped.
+
+    A ``.json`` file whose first line is a whole array and whose next lines hold more is JSON
+    lines after all: once that shows, ``consume`` runs again over the file read as JSON lines.
+
+    Raises:
+        As :func:`read_source` for a file: anything but a located ``DataError`` from the
+        reading becomes one ``DataError`` naming the file (not what ``consume`` raises).
+    """
+    reader = next(r for end, r in READERS.items() if path.name.endswith(end))
     try:
-        return reader(path, skip_invalid, max_rows)
-    except DataError:
+        skipped: list[DataError] = []
+        return consume(_named(path, reader(path, skip_invalid, max_rows, skipped))), skipped
+    except _ReadAsJsonLines:
+        skipped = []
+        return consume(_named(path, _iter_jsonl(path, skip_invalid, max_rows, skipped))), skipped
+
+
+def _named(path: Path, entries: Iterator[Entry]) -> Iterator[Entry]:
+    """``entries``, with an error of the reading (pyarrow, csv, gzip, OS) made one ``DataError``
+    naming the file: one clear message, no traceback."""
+    try:
+        yield from entries
+    except (DataError, _ReadAsJsonLines):
         raise
-    except Exception as err:  # pyarrow, csv, gzip, OS errors: one clear message, no traceback
+    except Exception as err:
         raise unreadable_file(path, err) from err
 
 
