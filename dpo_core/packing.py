@@ -1,4 +1,4 @@
-"""Prompt sharing and padding-free rows: each prompt forwarded once, no padding computed.
+"""Prompt sharing and padding-free rows: each prompt forwarded once, pairs packed into rows.
 
 The plain batch holds every prompt twice, in ``prompt + chosen`` and ``prompt + rejected``, and
 pads every row to the longest. Here pair i becomes one segment ``prompt + chosen + rejected``
