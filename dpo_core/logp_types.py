@@ -40,7 +40,7 @@ class LogpOptions:
         chunk_size: completion tokens projected to the vocabulary at a time.
         keep_probs_bytes: keep the (T, V) softmax for backward up to this size (0: recompute).
         prompt_sharing: each prompt forwarded once per pair (``dpo_core.packing``).
-        padding_free: several pairs per row, no padding computed; needs ``prompt_sharing``.
+        padding_free: several pairs per row (all rows in one call); needs ``prompt_sharing``.
     The model's own logit transform (soft-cap, scaling) is not an option: it is read from the
     model (``dpo_core.model_parts``), so it cannot disagree with it.
     """

@@ -1,17 +1,19 @@
-"""Prompt sharing and padding-free rows: each prompt forwarded once, no padding computed.
+"""Prompt sharing and padding-free rows: each prompt forwarded once, pairs packed into rows.
 
 The plain batch holds every prompt twice, in ``prompt + chosen`` and ``prompt + rejected``, and
 pads every row to the longest. Here pair i becomes one segment ``prompt + chosen + rejected``
 (``dpo_core.pair_layout``): rejected tokens do not see the chosen ones and their positions
 restart after the prompt, so every token sees exactly the tokens, at exactly the positions, that
 it sees in its plain row. Padding-free (``padding_free``, the default) lays several segments end
-to end in a row (bin packing) under a block mask, positions restarting per segment, and sends
-each row through the backbone at its own length (rows of equal fill in one call); without it
-each segment has its own row and the rows go through padded, in one call. Each hidden state
-equals its plain counterpart up to float32 rounding (the attention sums run over a differently
-shaped, masked matrix). The scored hidden states are gathered from the packed rows in the plain
-(2B, L-1) grid order and go through the same head (``logps.score_states``): padding-free, no
-padding position goes through the backbone or the head.
+to end in a row (bin packing) under a block mask, positions restarting per segment; without it
+each segment has its own row. Either way every packed row of a forward goes through the backbone
+in ONE call, right padded to the longest row (padding-free rows come out nearly full; the row
+width is chosen by ``pair_layout.layout_cost``), as the plain forward is one call: a forward
+runs each layer once, whichever path a batch takes, which FSDP2 needs of every process. Each
+hidden state equals its plain counterpart up to float32 rounding (the attention sums run over a
+differently shaped, masked matrix). The scored hidden states are gathered from the packed rows
+in the plain (2B, L-1) grid order and go through the same head (``logps.score_states``): no
+padding position goes through the head, and padding positions weigh 0 in a MoE router's loss.
 
 This needs a model whose attention takes a ready 4D mask and explicit ``position_ids``
 (transformers' ``sdpa`` and ``eager`` attention: the mask builders pass a 4D mask through,
@@ -52,6 +54,7 @@ from dpo_core.model_parts import ModelParts, model_parts, unwrap_peft
 from dpo_core.pair_layout import (
     Layout,
     choose_layout,
+    first_fit_decreasing,
     layout_cost,
     pack_pairs,
     pair_spans,
@@ -95,11 +98,12 @@ def probe_blocker(model: nn.Module) -> str | None:
     parts = model_parts(model)
     batch = model_probe_batch(model)
     p, c, r = pair_spans(batch)
-    layout = choose_layout((p + c + r).tolist(), padding_free=True)
+    lengths = (p + c + r).tolist()
+    layout = first_fit_decreasing(lengths, max(lengths))  # the two short pairs share a row
     with probe_mode(model):
         try:
             packed = pack_pairs(batch, layout)
-            packed_hidden, _ = _scored_states(parts.backbone, model, packed, layout)
+            packed_hidden, _ = _scored_states(parts.backbone, model, packed)
             plain = parts.backbone(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state
@@ -171,58 +175,26 @@ def _warn_once(reason: str) -> None:
 
 
 def _scored_states(
-    backbone, model: nn.Module, packed, layout: Layout, router: RouterSpec | None = None
+    backbone, model: nn.Module, packed, router: RouterSpec | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (T, H) last hidden states at ``packed.hidden_index`` (grid order (Nr, Lp)), and the
-    router's load-balancing loss over the packed tokens when ``router`` (prompt tokens weighted
-    2, ``PackedPairs.token_weights``: the plain rows' loss), else None.
-
-    Padding-free (``layout.separate_rows``), the rows go through the backbone cut to their
-    fills, rows of equal fill together in one call, so no padding position is computed: the
-    calls' states are concatenated and grid index ``r * Lp + q`` becomes ``start_r + q``.
-    Otherwise the padded rows go through in one call."""
+    """The (T, H) last hidden states at ``packed.hidden_index`` (grid order (Nr, Lp)) from one
+    backbone call over all the packed rows, and the router's load-balancing loss over the packed
+    tokens when ``router`` (prompt tokens weighted 2, padding 0, ``PackedPairs.token_weights``:
+    the plain rows' loss), else None."""
     dtype = unwrap_peft(model).get_input_embeddings().weight.dtype
-    mask = _attention_mask(packed.allowed, model, dtype)
     extra = {"output_router_logits": True} if router else {}
-    routed: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []
-
-    def forward(rows, n: int) -> torch.Tensor:
-        out = backbone(
-            input_ids=packed.input_ids[rows, :n],
-            attention_mask=mask[rows, :, :n, :n],
-            position_ids=packed.position_ids[rows, :n],
-            use_cache=False,
-            **extra,
-        )
-        if router:
-            routed.append((router_logits_of(out), packed.token_weights[rows, :n].reshape(-1)))
-        return out.last_hidden_state.flatten(0, 1)  # (len(rows) * n, H)
-
-    hidden = _gather_rows(forward, packed, layout)
+    out = backbone(
+        input_ids=packed.input_ids,
+        attention_mask=_attention_mask(packed.allowed, model, dtype),
+        position_ids=packed.position_ids,
+        use_cache=False,
+        **extra,
+    )
+    hidden = out.last_hidden_state.flatten(0, 1)[packed.hidden_index]  # (Nr * Lp, H) -> (T, H)
     if not router:
         return hidden, None
-    layers = tuple(torch.cat(per_layer) for per_layer in zip(*(r for r, _ in routed)))
-    return hidden, load_balancing_loss(layers, torch.cat([w for _, w in routed]), router)
-
-
-def _gather_rows(forward, packed, layout: Layout) -> torch.Tensor:
-    """``forward(rows, n)`` over the layout's rows (one padded call, or rows of equal fill
-    together), and the states at ``packed.hidden_index``."""
-    if not layout.separate_rows:
-        return forward(slice(None), layout.row_length)[packed.hidden_index]
-    by_fill: dict[int, list[int]] = {}
-    for r, n in enumerate(layout.fills):
-        by_fill.setdefault(n, []).append(r)
-    states, start, offset = [], [0] * layout.num_rows, 0
-    for n, rows in by_fill.items():
-        states.append(forward(rows, n))
-        for j, r in enumerate(rows):
-            start[r] = offset + j * n
-        offset += len(rows) * n
-    row = packed.hidden_index.div(layout.row_length, rounding_mode="floor")
-    q = packed.hidden_index - row * layout.row_length
-    starts = torch.tensor(start, device=q.device)
-    return torch.cat(states)[starts[row] + q]
+    weights = packed.token_weights.reshape(-1)
+    return hidden, load_balancing_loss(router_logits_of(out), weights, router)
 
 
 def packed_layout(model: nn.Module, batch: PreferenceBatch, padding_free: bool) -> Layout | None:
@@ -235,7 +207,7 @@ def packed_layout(model: nn.Module, batch: PreferenceBatch, padding_free: bool) 
         return None
     hidden_size = unwrap_peft(model).config.get_text_config().hidden_size
     p, c, r = spans
-    layout = choose_layout((p + c + r).tolist(), padding_free)
+    layout = choose_layout((p + c + r).tolist(), hidden_size, padding_free)
     return layout if layout_cost(layout, hidden_size) < plain_cost(batch, hidden_size) else None
 
 
@@ -254,5 +226,5 @@ def packed_states(
     if layout is None:
         return None
     packed = pack_pairs(batch, layout)
-    hidden, aux_loss = _scored_states(parts.backbone, model, packed, layout, router)
+    hidden, aux_loss = _scored_states(parts.backbone, model, packed, router)
     return ScoredStates(hidden, packed.targets, packed.mask, aux_loss)

@@ -10,27 +10,30 @@ Rejected tokens see the prompt and each other, never the chosen tokens, and thei
 restart after the prompt, so every token sees exactly the tokens, at exactly the positions, it
 sees in its plain row (``prompt + chosen`` or ``prompt + rejected``).
 
-Segments are laid end to end in rows of at most ``capacity`` positions (bin packing, first fit
-by decreasing length, capacity = the longest segment); a block mask keeps each segment to
-itself, and positions restart per segment. Padding-free, each row then goes through the
-backbone at its own length (rows of equal fill together, in one call): no padding position is
-computed. Rows rather than one call per pair because each call has a fixed cost per layer (small
-models feel it) and batched rows multiply faster; rows no longer than the longest pair because
-a masked attention computes every (query, key) pair of its row::
+Padding-free (the default), segments are laid end to end in rows of at most ``capacity``
+positions (bin packing, first fit by decreasing length); a block mask keeps each segment to
+itself, and positions restart per segment. All rows go through the backbone in ONE call, right
+padded to the longest row: each call has a fixed cost per layer (many small parallel regions,
+felt most on a busy CPU), and under FSDP2 every process must run each unit equally often, which
+one call per forward guarantees whatever the rows. The padding is what first-fit decreasing
+leaves at the rows' ends, little as the rows come out nearly full::
 
     row 0   [ pair 3 ............................. ][ pair 0 .......... ]
     row 1   [ pair 1 ................ ][ pair 2 ............ ][ pair 4 ..]
-    row 2   [ pair 5 ....................... ]
+    row 2   [ pair 5 ....................... ]      . . padding . . . . .
 
-``pack_pairs`` still returns the rows right-padded to one (Nr, Lp) grid, the form a single
-batched call takes; ``Layout.fills`` says where each row's real positions end. With
-``padding_free=False`` each segment gets its own row and the rows go through as one padded
-batch (one pair per row, the layout before padding-free).
+The capacity is chosen by cost (``choose_layout``): a masked attention computes every (query,
+key) pair of its row, so longer rows cost more attention, and more rows cost more padding; the
+candidates are the longest segment (as many rows as it takes) and the widths that would fit the
+segments into k rows, k = 1 .. B. ``pack_pairs`` returns the rows right-padded to one (Nr, Lp)
+grid, the call's input; ``Layout.fills`` says where each row's real positions end. With
+``padding_free=False`` each segment gets its own row (one pair per row, the layout before
+padding-free), also in one padded call.
 
 Work, in units of 2h multiply-adds per layer (h the hidden size): a position costs ~12 h²
 multiply-adds in its projections and MLP (6h units), and each (query, key) pair of a masked
-attention ~2h (1 unit); a masked attention computes every pair of its row. ``layout_cost``
-counts each row at its fill (padding-free) or every row at Lp (one batched call).
+attention ~2h (1 unit); a masked attention computes every pair of its row, padding included.
+``layout_cost`` counts every row at the padded width Lp, as the one call computes it.
 """
 
 from __future__ import annotations
@@ -74,15 +77,13 @@ class Layout:
 
     Attributes:
         rows: row of pair i. offsets: its first position in that row.
-        fills: positions used in each row (Nr,). separate_rows: each row goes through the
-            backbone at its fill (padding-free; rows of equal fill in one call), not padded in
-            one batched call.
+        fills: positions used in each row (Nr,); the rows go through the backbone in one
+            call, padded to the longest fill.
     """
 
     rows: tuple[int, ...]
     offsets: tuple[int, ...]
     fills: tuple[int, ...]
-    separate_rows: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -130,7 +131,7 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> Layout:
             fill.append(0)
         rows[i], offsets[i] = row, fill[row]
         fill[row] += lengths[i]
-    return Layout(tuple(rows), tuple(offsets), tuple(fill), separate_rows=True)
+    return Layout(tuple(rows), tuple(offsets), tuple(fill))
 
 
 def one_pair_per_row(lengths: list[int]) -> Layout:
@@ -140,10 +141,10 @@ def one_pair_per_row(lengths: list[int]) -> Layout:
 
 
 def layout_cost(layout: Layout, hidden_size: int) -> float:
-    """Backbone work of the packed rows (module docstring's units): each row at its fill when
-    rows go through at their fills, else every row at the padded width Lp."""
-    widths = layout.fills if layout.separate_rows else [layout.row_length] * layout.num_rows
-    return sum(6 * hidden_size * n + n**2 for n in widths)
+    """Backbone work of the packed rows (module docstring's units): one call of Nr rows, each at
+    the padded width Lp, ``Nr * (6h Lp + Lp²)``."""
+    width = layout.row_length
+    return layout.num_rows * (6 * hidden_size * width + width**2)
 
 
 def plain_cost(batch: PreferenceBatch, hidden_size: int) -> float:
@@ -154,13 +155,19 @@ def plain_cost(batch: PreferenceBatch, hidden_size: int) -> float:
     return rows * (6 * hidden_size * length + causal * length**2)
 
 
-def choose_layout(lengths: list[int], padding_free: bool = True) -> Layout:
-    """Padding-free: first-fit decreasing at the longest segment's length, rows at their fills
-    (never more work than one pair per row: the same real positions, rows no longer than the
-    longest pair, no padding). Else one pair per row, padded in one call."""
-    if padding_free and lengths:
-        return first_fit_decreasing(lengths, max(lengths))
-    return one_pair_per_row(lengths)
+def choose_layout(lengths: list[int], hidden_size: int, padding_free: bool = True) -> Layout:
+    """Padding-free: the cheapest (``layout_cost``) first-fit-decreasing layout over the
+    capacities ``max(longest, ceil(total / k))``, k = 1 .. B (k = B: the longest segment, never
+    more work than one pair per row: no more rows, none wider); ties go to the narrower rows.
+    Else one pair per row. Example, lengths [6, 5, 3, 2], h = 4: capacity 16 (one row) costs
+    24 * 16 + 256 = 640, 8 (two rows: 6 + 2, 5 + 3) 2 * (24 * 8 + 64) = 512, 6 (three rows:
+    6, 5, 3 + 2) 3 * (24 * 6 + 36) = 540: two rows of 8."""
+    if not (padding_free and lengths):
+        return one_pair_per_row(lengths)
+    total, longest = sum(lengths), max(lengths)
+    capacities = sorted({max(longest, -(-total // k)) for k in range(1, len(lengths) + 1)})
+    layouts = [first_fit_decreasing(lengths, c) for c in capacities]  # narrowest first
+    return min(layouts, key=lambda layout: layout_cost(layout, hidden_size))
 
 
 def pack_pairs(batch: PreferenceBatch, layout: Layout | None = None) -> PackedPairs:

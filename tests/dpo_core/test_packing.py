@@ -262,25 +262,75 @@ def test_pack_pairs_refuses_unpackable_batches():
         pack_pairs(pair_batch(max_length=6, truncation_mode="keep_end"))
 
 
-def test_padding_free_computes_no_padding_position():
-    """Padding-free, the backbone sees exactly the pairs' P + C + R tokens (rows of equal fill in
-    one call, no row longer than the longest pair); one pair per row, it sees the rows padded to
-    the longest."""
-    model = tiny_llama()
-    batch = pair_batch(SPANS + [(2, 3, 4), (4, 3, 2)])  # two segments of 9 tokens: one call
-    real = [p + c + r for p, c, r in SPANS + [(2, 3, 4), (4, 3, 2)]]
-    assert batch_blocker(model, batch) is None  # the probe's forwards run before counting
-    seen = []
+def count_backbone_calls(model) -> list[tuple[int, int]]:
+    """The (rows, length) of every call of ``model``'s backbone from now on, in order."""
+    seen: list[tuple[int, int]] = []
     model.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
         with_kwargs=True,
     )
+    return seen
+
+
+def test_padding_free_rows_go_through_in_one_call():
+    """Padding-free, all packed rows of a forward go through the backbone in one call of
+    (Nr, Lp): fewer rows than pairs, the width the cost model chose, and the plain forward's
+    log-probs. One pair per row: one call of (B, longest)."""
+    model = tiny_llama()
+    spans = SPANS + [(2, 3, 4), (4, 3, 2), (1, 1, 1)]
+    batch = pair_batch(spans)
+    real = [p + c + r for p, c, r in spans]
+    assert batch_blocker(model, batch) is None  # the probe's forwards run before counting
+    seen = count_backbone_calls(model)
     layout = packed_layout(model, batch, padding_free=True)
-    both_ways(model, batch, padding_free=True)
-    padding_free = seen[1:]  # seen[0]: the plain forward
-    assert sum(rows * n for rows, n in padding_free) == sum(real)
-    assert max(n for _, n in padding_free) == max(real)
-    assert len(padding_free) == len(set(layout.fills)) < layout.num_rows
+    plain, packed = both_ways(model, batch, padding_free=True)
+    assert seen == [
+        (2 * len(spans), batch.input_ids.shape[1]),
+        (layout.num_rows, layout.row_length),
+    ]
+    assert layout.num_rows < len(spans) and sum(layout.fills) == sum(real)
+    # h = 64: two rows of 34 (67 tokens, 1 padding position) cost less than first fit at the
+    # longest pair (15: five rows of 15, 8 padding positions), whose rows are shorter.
+    assert (layout.num_rows, layout.row_length) == (2, 34)
+    torch.testing.assert_close(packed.logps, plain.logps, **VALUE_TOL)
     seen.clear()
     both_ways(model, batch, padding_free=False)
-    assert seen[1] == (len(real), max(real))
+    assert seen[1:] == [(len(real), max(real))]
+
+
+@pytest.mark.parametrize(
+    ("spans", "settings", "path"),
+    [
+        (SPANS, {}, "padding-free"),
+        (SPANS, {"padding_free": False}, "one pair per row"),
+        ([(0, 40, 40)] * 2, {}, "plain: cheaper by the cost model"),
+        (SPANS, {"prompt_sharing": False}, "plain: asked for"),
+    ],
+)
+def test_one_backbone_call_per_model_and_step_on_every_path(spans, settings, path):
+    """A DPO step calls the policy's backbone once and the reference's once, whichever path the
+    batch takes: what FSDP2 needs of every process (each call all-gathers every unit once), so
+    processes whose batches take different paths stay in step."""
+    policy, reference_model = tiny_llama(), tiny_llama()
+    batch = pair_batch(spans)
+    for model in (policy, reference_model):
+        assert batch_blocker(model, batch) is None  # the probe's forwards run before counting
+    packs = packed_layout(policy, batch, padding_free=settings.get("padding_free", True))
+    assert (packs is not None and settings.get("prompt_sharing", True)) == (
+        not path.startswith("plain")
+    )
+    calls = count_backbone_calls(policy), count_backbone_calls(reference_model)
+    out = dpo_step(policy, batch, FrozenCopyReference(reference_model), DPOSettings(**settings))
+    out.loss.backward()
+    assert [len(c) for c in calls] == [1, 1], path
+
+
+def test_unshared_prompts_also_take_one_call():
+    """The fallback (a batch that cannot be packed) is the plain forward: one call too."""
+    model = tiny_llama()
+    batch = pair_batch(max_length=6, truncation_mode="keep_end")
+    assert "same prompt" in batch_blocker(model, batch)
+    calls = count_backbone_calls(model)
+    with pytest.warns(UserWarning, match="same prompt"):
+        shared_token_logps(model, batch)
+    assert calls == [tuple(batch.input_ids.shape)]

@@ -96,13 +96,48 @@ def test_packed_rows_hold_each_token_once_and_predict_from_its_plain_state(spans
     assert not bool((packed.allowed[:, 0] & ~same).any())
 
 
-def test_padding_free_layout_costs_less_than_one_padded_pair_per_row():
-    """Rows no longer than the longest pair, each forwarded at its fill: the same real
-    positions as one pair per row, no padding, and no row's attention larger."""
+def test_padding_free_layout_costs_no_more_than_one_padded_pair_per_row():
+    """First fit decreasing at the longest pair's length is a candidate: no more rows than one
+    pair per row, none wider, so the chosen layout never costs more."""
     lengths = [100, 60, 40, 30, 20, 10]
     alone = one_pair_per_row(lengths)
-    packed = choose_layout(lengths)
-    assert packed.separate_rows and packed.fills == (100, 100, 60)
-    assert sum(packed.fills) == sum(lengths)
-    assert layout_cost(packed, 256) < layout_cost(alone, 256)
-    assert choose_layout(lengths, padding_free=False) == alone and not alone.separate_rows
+    at_longest = first_fit_decreasing(lengths, max(lengths))
+    assert at_longest.fills == (100, 100, 60)
+    assert layout_cost(at_longest, 256) < layout_cost(alone, 256)
+    # 3 rows of 100: 3 * (1536 * 100 + 100²) = 490,800; 2 rows of 130 (100 + 30, 60 + 40 + 20
+    # + 10): 2 * (1536 * 130 + 130²) = 433,160, less padding for a little more attention.
+    packed = choose_layout(lengths, hidden_size=256)
+    assert packed.fills == (130, 130) and layout_cost(packed, 256) == 433_160
+    assert choose_layout(lengths, 256, padding_free=False) == alone
+
+
+def test_choose_layout_hand_worked():
+    """Lengths [6, 5, 3, 2] (total 16), h = 4, in units of ``layout_cost``: one row of 16 costs
+    24 * 16 + 16² = 640; capacity 8, rows 6 + 2 and 5 + 3, 2 * (24 * 8 + 8²) = 512; capacity 6,
+    rows 6, 5, 3 + 2, 3 * (24 * 6 + 6²) = 540. Two rows of 8. Lengths [6, 5, 3]: three rows
+    of 6 (4 padding positions) cost 3 * (6h * 6 + 36), one row of 14 costs 6h * 14 + 196: the
+    rows at h = 2 (324 < 364), the one row at h = 64 (7,020 > 5,572), where padding costs more
+    than attention."""
+    layout = choose_layout([6, 5, 3, 2], hidden_size=4)
+    assert layout.rows == (0, 1, 1, 0) and layout.offsets == (0, 0, 5, 6)
+    assert layout.fills == (8, 8) and layout_cost(layout, 4) == 512
+    assert layout_cost(first_fit_decreasing([6, 5, 3, 2], 16), 4) == 640
+    assert layout_cost(first_fit_decreasing([6, 5, 3, 2], 6), 4) == 540
+    assert choose_layout([6, 5, 3], hidden_size=2).fills == (6, 5, 3)
+    assert choose_layout([6, 5, 3], hidden_size=64).fills == (14,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=12), hidden=st.integers(1, 1024))
+def test_chosen_layout_is_the_cheapest_candidate(lengths, hidden):
+    """Every segment placed once, within its row; and the chosen layout costs no more than each
+    capacity ``max(longest, ceil(total / k))`` (one row of all, ..., the longest segment)."""
+    layout = choose_layout(lengths, hidden)
+    assert sum(layout.fills) == sum(lengths)
+    for i, n in enumerate(lengths):
+        assert layout.offsets[i] + n <= layout.fills[layout.rows[i]]
+    cost = layout_cost(layout, hidden)
+    for k in range(1, len(lengths) + 1):
+        capacity = max(max(lengths), -(-sum(lengths) // k))
+        assert cost <= layout_cost(first_fit_decreasing(lengths, capacity), hidden)
+    assert cost <= layout_cost(one_pair_per_row(lengths), hidden)

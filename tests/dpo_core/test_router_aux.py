@@ -1,6 +1,6 @@
 """dpo_core.router_aux: a MoE router's load-balancing loss, added to the DPO loss as trl adds it,
 equal to transformers' own function on the plain rows and to the plain rows' value when each
-prompt is forwarded once (prompt tokens weighted 2)."""
+prompt is forwarded once (prompt tokens weighted 2, the packed call's padding 0)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from dpo_core.logp_types import LogpOptions
 from dpo_core.logps import token_logps
+from dpo_core.packing import packed_layout
 from dpo_core.reference import FrozenCopyReference
 from dpo_core.router_aux import check_router_setting, router_spec
 from dpo_core.settings import LossSettings
@@ -38,6 +39,9 @@ def test_plain_rows_equal_transformers_and_packed_rows_equal_plain(model_type):
     plain = token_logps(model, batch, LogpOptions(router_aux=True, prompt_sharing=False))
     torch.testing.assert_close(plain.aux_loss, want, rtol=0.0, atol=0.0)
     for padding_free in (True, False):
+        layout = packed_layout(model, batch, padding_free)
+        # padding positions in the one packed call, routed but weighted 0
+        assert layout.num_rows * layout.row_length > sum(layout.fills)
         options = LogpOptions(router_aux=True, padding_free=padding_free)
         torch.testing.assert_close(token_logps(model, batch, options).aux_loss, want, **AUX_TOL)
 

@@ -1,7 +1,7 @@
 """Padding-free rows through ``training.fit`` (``dpo_core.pair_layout``): on real hh-rlhf rows of
 uneven length, a run trains exactly as with one pair per row and as the plain forward (within
 ``STEP_TOL``: float32 rounding of the attention sums) in every mode, and several pairs really
-share a row, with no padding computed, in the training step, the reference precomputation and
+share a row, all rows in one backbone call, in the training step, the reference precomputation and
 the held-out evaluation."""
 
 from __future__ import annotations
@@ -48,19 +48,26 @@ def in_probe() -> bool:
 
 @pytest.fixture
 def layouts(monkeypatch):
-    """Every packed forward as (grad enabled, rows, pairs, padding-free), in call order; the
-    load-time probe's (``dpo_core.packing.probe_blocker``) is not one of the run's."""
+    """Every packed forward as (grad enabled, rows, pairs, padding-free: the layout was chosen
+    padding-free), in call order; the load-time probe's (``dpo_core.packing.probe_blocker``) is
+    not one of the run's."""
     calls = []
-    real = dpo_core.packing.pack_pairs
+    real_pack, real_choose = dpo_core.packing.pack_pairs, dpo_core.packing.choose_layout
+    asked = {}
+
+    def choose(lengths, hidden_size, padding_free=True):
+        asked["padding_free"] = padding_free
+        return real_choose(lengths, hidden_size, padding_free)
 
     def spy(batch, layout=None):
-        packed = real(batch, layout)
+        packed = real_pack(batch, layout)
         if in_probe():
             return packed
-        rows, free = packed.input_ids.shape[0], layout is not None and layout.separate_rows
+        rows, free = packed.input_ids.shape[0], asked.pop("padding_free")
         calls.append((torch.is_grad_enabled(), rows, batch.num_pairs, free))
         return packed
 
+    monkeypatch.setattr(dpo_core.packing, "choose_layout", choose)
     monkeypatch.setattr(dpo_core.packing, "pack_pairs", spy)
     return calls
 

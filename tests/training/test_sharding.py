@@ -4,8 +4,9 @@
   log-probs, grad_norm within ``STEP_TOL``; token counts exact) and to the same final weights
   (``WEIGHTS_REL_TOL``): full fine-tuning with a live sharded reference (with gradient
   accumulation and clipping that bites, so the clipped norm must be the global one), with a
-  precomputed reference, LoRA (base sharded too), uneven padding-free rows, bf16-mixed, and
-  SmolLM2-135M (full and LoRA);
+  precomputed reference, LoRA (base sharded too), uneven padding-free rows, processes whose
+  rows take different paths (one packs, the other runs plain), bf16-mixed, and SmolLM2-135M
+  (full and LoRA);
 - each process holds half the parameters, gradients and optimizer state (its memory line);
 - ``model/`` is an ordinary Hugging Face directory (``from_pretrained`` / ``PeftModel``);
 - ``--resume`` from a sharded run's checkpoint continues it bit for bit.
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import load_hh_rows
+from tests.training import forward_spy
 from tests.training.conftest import (
     STEP_KEYS,
     STEP_TOL,
@@ -33,7 +35,7 @@ from tests.training.conftest import (
 )
 from training.base.cli import resolve_config
 from training.base.errors import RunError
-from training.run.sharding import decoder_layers, lightning_strategy, sharded_settings
+from training.run.sharding import decoder_layers, lightning_strategy
 
 # Three steps at a high learning rate: rewards are non-zero from step 1 and depend on every row.
 STEPS = {"max_steps": 3, "learning_rate": 5e-3}
@@ -49,16 +51,21 @@ def hh_file(tmp_path_factory):
     return path
 
 
-def fit_sharded(argv: list[str], timeout: float = 600) -> str:
+def fit_sharded(argv: list[str], timeout: float = 600, spy=None) -> str:
     """``python -m training.fit argv --strategy fsdp --devices 2`` in a child, one thread per
-    process (2 in all: this machine's cores); its output, after checking it succeeded."""
+    process (2 in all: this machine's cores); its output, after checking it succeeded. With
+    ``spy`` (a folder), every process's log-prob forwards are recorded there
+    (``tests.training.forward_spy``)."""
     import subprocess
     import sys
 
     from tests.conftest import REPO_ROOT
 
     env = child_env() | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "training.fit", *argv, "--strategy", "fsdp", "--devices", "2"]
+    module = "training.fit"
+    if spy is not None:
+        env[forward_spy.ENV], module = str(spy), "tests.training.forward_spy"
+    command = [sys.executable, "-m", module, *argv, "--strategy", "fsdp", "--devices", "2"]
     child = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -83,10 +90,10 @@ def assert_half_held(output: str) -> None:
             assert whole > 0 and abs(held - whole / 2) <= 0.05 * whole, line
 
 
-def compare(tiny_assets, tmp_path, grad_norm_tol: float = STEP_TOL, **options):
+def compare(tiny_assets, tmp_path, grad_norm_tol: float = STEP_TOL, spy=None, **options):
     """2 sharded processes x 2 pairs against 1 process x 4 pairs; returns the sharded output."""
     sharded = tmp_path / "fsdp"
-    output = fit_sharded(base_args(tiny_assets, sharded, batch_size=2, **options))
+    output = fit_sharded(base_args(tiny_assets, sharded, batch_size=2, **options), spy=spy)
     one = single(base_args(tiny_assets, tmp_path / "single", batch_size=4, **options))
     rows = read_metrics(sharded)
     assert rows[-1]["rewards/margins"] != 0
@@ -138,13 +145,63 @@ def test_sharded_lora_equals_one_process(tiny_assets, tmp_path):
     PeftModel.from_pretrained(base, tmp_path / "fsdp" / "model")
 
 
+def one_call_per_forward(spy) -> dict[int, list[dict]]:
+    """Both processes' recorded forwards (``forward_spy``), after checking that each made one
+    backbone call and that the processes made as many forwards as each other."""
+    records = forward_spy.read(spy)
+    assert sorted(records) == [0, 1]
+    assert len(records[0]) == len(records[1]) > 0
+    assert all(r["calls"] == 1 for rank in records.values() for r in rank), records
+    return records
+
+
 @pytest.mark.slow
 def test_sharded_uneven_padding_free_rows_equal_one_process(tiny_assets, tmp_path, hh_file):
-    """Real hh-rlhf rows of uneven lengths: one process runs them padding-free (one backbone
-    call per row fill); each sharded process runs its packed rows in one padded call
-    (``sharded_settings``), else the two processes' call counts differ and their collectives
-    mismatch."""
-    compare(tiny_assets, tmp_path, dataset=hh_file, max_length=128, **STEPS)
+    """Real hh-rlhf rows of uneven lengths, padding-free on both sides (two pairs share a row in
+    some process's step): each process's packed rows go through the backbone in one call, as
+    the one process's do."""
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    compare(tiny_assets, tmp_path, spy=spy, dataset=hh_file, max_length=128, **STEPS)
+    records = one_call_per_forward(spy)
+    training = [r for rank in records.values() for r in rank if r["grad"]]
+    assert any(r["rows"] is not None and r["rows"] < r["pairs"] for r in training), training
+
+
+def mixed_rows(n: int = 12) -> list[dict]:
+    """hh-rlhf words in two shapes: even rows (process 0's, ``EpochSampler``) a long prompt and
+    one-word answers, where packing saves work (a prompt forwarded once; both pairs share a
+    row); odd rows (process 1's) a one-word prompt and two 40-word answers, where the packed
+    segment's attention costs more than the plain rows (``pair_layout.layout_cost``)."""
+    words = " ".join(r["chosen"] for r in load_hh_rows(40)).split()
+    rows = []
+    for i in range(n):
+        text = words[i * 80 : (i + 1) * 80]
+        if i % 2 == 0:
+            prompt = " ".join(text[: 45 if i % 4 == 0 else 12])
+            rows.append({"prompt": prompt, "chosen": " Yes.", "rejected": " No."})
+        else:
+            answers = " " + " ".join(text[:40]), " " + " ".join(text[40:80])
+            rows.append({"prompt": "Hi.", "chosen": answers[0], "rejected": answers[1]})
+    return rows
+
+
+@pytest.mark.slow
+def test_sharded_processes_on_different_paths_equal_one_process(tiny_assets, tmp_path):
+    """Every step, process 0 packs its two pairs padding-free into one row while process 1's
+    pairs run the plain forward (the cost model decides per process, on its own rows), for the
+    policy and the live sharded reference: one backbone call each, so the processes stay in
+    step, and the run equals one process x 4 pairs."""
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in mixed_rows()))
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    options = dict(dataset=data, max_length=128, precompute_ref_log_probs=False, **STEPS)
+    compare(tiny_assets, tmp_path, spy=spy, **options)
+    records = one_call_per_forward(spy)
+    assert len(records[0]) == 2 * STEPS["max_steps"]  # policy and reference, each step
+    assert all(r["rows"] == 1 and r["pairs"] == 2 for r in records[0]), records[0]
+    assert all(r["rows"] is None for r in records[1]), records[1]
 
 
 @pytest.mark.slow
@@ -154,8 +211,8 @@ def test_sharded_bf16_mixed_equals_one_process(tiny_assets, tmp_path):
     options = dict(precision="bf16-mixed", **STEPS)
     fit_sharded(base_args(tiny_assets, sharded, batch_size=2, **options))
     one = single(base_args(tiny_assets, tmp_path / "single", batch_size=4, **options))
-    # bf16 products over a differently grouped call (one padded call per process against the
-    # one process's padding-free calls) round differently: measured up to 8e-4 relative on these
+    # bf16 products over a differently grouped call (each process's packed rows against the
+    # one process's) round differently: measured up to 8e-4 relative on these
     # metrics; 4e-3 is one bf16 ulp (2^-8), while a changed row or a lost micro-batch moves them
     # by >= 1e-2 (STEP_TOL's reasoning).
     assert_steps_close(read_metrics(sharded), one.history, tol=4e-3)
@@ -206,13 +263,6 @@ def test_fsdp_maps_to_fsdp2_on_every_process():
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 1)
     ddp, _ = resolve_config(["--strategy", "ddp"])
     assert lightning_strategy(ddp) == "ddp"
-
-
-def test_sharded_steps_run_packed_rows_in_one_call():
-    from dpo_core.step import DPOSettings
-
-    assert sharded_settings(DPOSettings()).padding_free is False
-    assert sharded_settings(DPOSettings()).prompt_sharing is True
 
 
 def test_decoder_layers_are_the_no_split_modules(tiny_assets):

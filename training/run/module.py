@@ -34,7 +34,6 @@ from training.run.sharding import (
     in_root_forward,
     is_sharded,
     shard_model,
-    sharded_settings,
 )
 
 # Shown in the progress bar (all metrics go to the loggers).
@@ -88,9 +87,7 @@ class DPOModule(L.LightningModule):
         self.model = model
         self.reference = reference  # a dpo_core.reference source; not a registered submodule
         self.cfg = cfg
-        self.settings = (
-            sharded_settings(dpo_settings(cfg)) if is_sharded(cfg) else dpo_settings(cfg)
-        )
+        self.settings = dpo_settings(cfg)
         self.total_steps = total_steps
         self._micro: list[StepOutput] = []
         self.num_tokens = 0.0

@@ -15,6 +15,13 @@ FSDP2's ``register_fsdp_forward_method``): the root unit is gathered first, so t
 the kernel reads is the whole (plain) tensor, and FSDP reduce-scatters its gradient at the end
 of backward as for any unit. The decoder layers gather themselves in their own forwards.
 
+Every process must run each unit as many times per step as the others (each run all-gathers
+it, each backward reduce-scatters it, and a collective waits for every process). ``dpo_core``
+makes one backbone call per model and forward whichever path a batch takes (plain, packed one
+pair per row, or padding-free rows: all packed rows in one call, ``dpo_core.packing``), so the
+processes may choose differently for their own rows and still stay in step; the step's settings
+are the run's, padding-free included.
+
 What ``dpo_core`` finds on a model by probing it once (its parts, ``model_parts``; whether
 packed rows run, ``packing.model_blocker``) is found before sharding, on the whole model, and
 kept: ``fully_shard`` swaps each module's class in place, the objects stay the same, so no step
@@ -25,10 +32,8 @@ ordinary model on rank 0, which saves ``model/`` and runs the evaluation.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import types
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -39,11 +44,8 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from dpo_core.model_parts import model_parts, unwrap_peft
 from dpo_core.packing import model_blocker
 from dpo_core.reference import ReferenceSource
-from dpo_core.step import DPOSettings
 from training.base.config import FitConfig
 from training.base.errors import RunError
-
-log = logging.getLogger("training.fit")
 
 SHARDED = "fsdp"  # the --strategy value that shards with FSDP2
 _IN_FORWARD = "dpo_in_root_forward"  # the method FSDP2 wraps with the root's forward hooks
@@ -90,20 +92,6 @@ def lightning_strategy(cfg: FitConfig):
         tensor_parallel_size=1,
         save_distributed_checkpoint=False,
     )
-
-
-def sharded_settings(settings: DPOSettings) -> DPOSettings:
-    """The step's settings under sharding: padding-free rows go through in one padded call.
-
-    Every process must run each unit as many times per step as the others (each run all-gathers
-    it, each backward reduce-scatters it, and a collective waits for every process).
-    Padding-free, the backbone runs once per distinct row fill (``dpo_core.packing``), a number
-    that depends on each process's rows: the processes would stop in mismatched collectives.
-    Prompt sharing stays (one packed call, each prompt forwarded once per pair); the plain and
-    the packed forwards are one call each, so processes may choose differently."""
-    if settings.padding_free and settings.prompt_sharing:
-        log.info("--strategy fsdp: packed rows go through in one padded call (not padding-free)")
-    return replace(settings, padding_free=False)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
