@@ -76,7 +76,7 @@ def read_heldout(metrics_csv: Path) -> list[dict[str, float]]:
 
 def curve_series(steps: Sequence[dict[str, float]]) -> dict[str, tuple[list, list]]:
     """Per ``CURVES`` metric, the (steps, values) drawn: a row that did not log the metric
-    gives no point (x is the row's ``step``, else its index)."""
+    gives no point (x is the row's ``step``, trl's count, else its place from 1)."""
     return panel_series(steps, _curve_panels())
 
 
@@ -94,11 +94,11 @@ def panel_series(
     steps: Sequence[dict[str, float]], panels: Sequence[tuple[str, tuple[str, ...]]]
 ) -> dict[str, tuple[list, list]]:
     """Per metric of ``panels``, the (steps, values) drawn: a row that did not log the metric
-    gives no point (x is the row's ``step``, else its index)."""
+    gives no point (x is the row's ``step``, trl's count, else its place from 1)."""
     series = {}
     for _, keys in panels:
         for key in keys:
-            points = [(r.get("step", i), r[key]) for i, r in enumerate(steps) if key in r]
+            points = [(r.get("step", i + 1), r[key]) for i, r in enumerate(steps) if key in r]
             series[key] = ([x for x, _ in points], [y for _, y in points])
     return series
 
@@ -110,14 +110,14 @@ def heldout_series(
     steps_done: int,
 ) -> dict[str, tuple[list, list]]:
     """Per ``HELDOUT_PANELS`` metric, (optimizer steps done, value): ``before`` at 0, each
-    held-out row of metrics.csv at its ``step`` + 1 (metrics.csv numbers the pass after the
-    k-th step k - 1, like that step's row), ``after`` at ``steps_done`` unless a row is there
-    already (the same model on the same pairs). A side that lacks a metric gives no point."""
+    held-out row of metrics.csv at its ``step`` (trl's count: the pass after the k-th step is
+    step k, like that step's row), ``after`` at ``steps_done`` unless a row is there already
+    (the same model on the same pairs). A side that lacks a metric gives no point."""
     series = {}
     for _, keys in HELDOUT_PANELS:
         for key in keys:
             points = [(0, before[key])] if key in before else []
-            points += [(int(r["step"]) + 1, r[key]) for r in heldout if key in r and "step" in r]
+            points += [(int(r["step"]), r[key]) for r in heldout if key in r and "step" in r]
             if key in after and steps_done not in [x for x, _ in points]:
                 points.append((steps_done, after[key]))
             points.sort(key=lambda p: p[0])

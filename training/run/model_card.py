@@ -13,7 +13,7 @@ from pathlib import Path
 from training.base.config import FitConfig
 from training.base.errors import replaced_atomically, writing
 from training.eval.report import markdown_table
-from training.run.metrics_csv import read_rows
+from training.run.metrics_csv import read_rows, step_of
 
 # The final training metrics a card shows (trl's names), in this order.
 CARD_METRICS = (
@@ -76,7 +76,7 @@ def _training(out: Path) -> list[str]:
     if not steps:
         return ["No step was logged."]
     last = steps[-1]
-    lines = [f"{int(float(last['step'])) + 1} optimizer steps. The last step's metrics:", ""]
+    lines = [f"{step_of(last)} optimizer steps. The last step's metrics:", ""]  # trl's count
     lines += ["| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {float(last[k]):.4f} |" for k in CARD_METRICS if last.get(k)]
     return lines

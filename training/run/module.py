@@ -26,6 +26,7 @@ from training.base.precision import AUTOCAST_DTYPES
 from training.base.settings import dpo_settings
 from training.inputs.four_bit import check_not_packed
 from training.run import rng
+from training.run.metrics_csv import trl_step
 from training.run.nan_stop import NonFiniteStop
 from training.run.schedules import lr_multiplier
 from training.run.sharding import (
@@ -183,7 +184,9 @@ class DPOModule(L.LightningModule):
             values["resume_changes"] = float(self.resume_changes)
         self.last_logged = values
         row = {k: as_logged(v) for k, v in values.items()}
-        self.last_row = {**row, "epoch": self.current_epoch, "step": self.global_step}
+        # the row as metrics.csv writes it: at the step this update completes (trl's count)
+        step = trl_step(self.global_step)
+        self.last_row = {**row, "epoch": self.current_epoch, "step": step}
         self.history.append(values)
         bar = {k: v for k, v in values.items() if k in PROGRESS_BAR_KEYS}
         rest = {k: v for k, v in values.items() if k not in PROGRESS_BAR_KEYS}

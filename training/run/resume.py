@@ -11,7 +11,9 @@ compared.
 
 The checkpoint is read back first (``training.run.checkpoint_check``): a damaged or foreign
 ``last.ckpt`` falls back to the ``previous.ckpt`` it replaced, with a note. The earlier metrics
-rows are read without a torn last row (``metrics_csv.read_rows_checked``).
+rows are read without a torn last row (``metrics_csv.read_rows_checked``). A metrics.csv or a
+checkpoint's row written before metrics.csv took trl's step count (from 0, Lightning's index) is
+renumbered from 1, with a warning (``in_trl_count``, ``carried_row``): the two counts never mix.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.base.config import FitConfig
-from training.base.errors import RunError
+from training.base.errors import RunError, writing
 from training.run.checkpoint_check import LAST_NAME, choose_checkpoint
-from training.run.metrics_csv import merge_rows, read_rows_checked
+from training.run.metrics_csv import (
+    counts_from_zero,
+    merge_rows,
+    read_rows_checked,
+    renumbered_from_one,
+    step_of,
+    write_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +145,8 @@ def plan_resume(cfg: FitConfig, record: dict) -> ResumePlan:
     out = Path(cfg.trainer.output_dir)
     if not cfg.trainer.resume:
         return ResumePlan()
-    on_disk = read_earlier_rows(out / "logs" / "metrics.csv")
+    metrics = out / "logs" / "metrics.csv"
+    on_disk = in_trl_count(metrics, read_earlier_rows(metrics))
     chosen = choose_checkpoint(out / "checkpoints")
     if chosen is None:
         last = out / "checkpoints" / LAST_NAME
@@ -153,8 +163,7 @@ def plan_resume(cfg: FitConfig, record: dict) -> ResumePlan:
         raise RunError(refusal(path, step, changes))
     if changes:
         log.warning("--resume-allow-changes: resuming at step %d with %s", step, "; ".join(changes))
-    carried = [saved["last_row"]] if saved.get("last_row") else []
-    return ResumePlan(path, merge_rows(carried, on_disk), changes, step)
+    return ResumePlan(path, merge_rows(carried_row(saved, step), on_disk), changes, step)
 
 
 def read_earlier_rows(path: Path) -> list[dict]:
@@ -172,6 +181,37 @@ def read_earlier_rows(path: Path) -> list[dict]:
     for note in dropped:
         log.warning("--resume: %s: dropped %s", path, note)
     return rows
+
+
+def in_trl_count(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows``, read from ``path``, in trl's step count. A file written in Lightning's count
+    (``metrics_csv.counts_from_zero``: before metrics.csv took trl's) is renumbered from 1, on
+    disk too (atomically), with a warning, before the resumed run adds its rows in trl's count.
+    A renumbered file has no step 0, so a second call (another process of the run) leaves it."""
+    if not counts_from_zero(rows):
+        return rows
+    renumbered = renumbered_from_one(rows)
+    with writing(path, "renumbering the metrics"):
+        write_rows(path, renumbered, list(rows[0]))
+    log.warning(
+        "--resume: %s counted steps from 0 (written before metrics.csv took trl's count); its "
+        "%d rows are renumbered from 1, train and held-out alike",
+        path,
+        len(rows),
+    )
+    return renumbered
+
+
+def carried_row(saved: dict, step: int) -> list[dict]:
+    """The metrics row the checkpoint of step ``step`` carries (``DPOModule.on_save_checkpoint``;
+    [] when none), at trl's count: that row is the ``step``-th step's, which a checkpoint written
+    before trl's count numbered ``step - 1``."""
+    row = saved.get("last_row")
+    if not row:
+        return []
+    if step_of(row) == step - 1:  # Lightning's count
+        row = {**row, "step": step}
+    return [row]
 
 
 def refusal(last: Path, step: int, changes: list[str]) -> str:
