@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import csv
 
-from training.run.metrics_csv import (
-    StepCSVLogger,
-    counts_from_zero,
-    read_rows,
-    renumbered_from_one,
-    restore_earlier_rows,
-    trl_step,
-)
+from training.run.metrics_csv import StepCSVLogger, read_rows, restore_earlier_rows
 
 
 def write(path, rows):
@@ -43,27 +36,6 @@ def test_nothing_earlier_leaves_the_file_alone(tmp_path):
     assert restore_earlier_rows(path, [{"step": "0", "loss": "9"}]) == 0  # redone: new wins
     assert path.read_text() == before
     assert read_rows(tmp_path / "absent.csv") == []
-
-
-def test_trl_step_numbers_the_step_just_completed():
-    # Lightning logs the k-th optimizer step (and the held-out pass after it) at k - 1
-    assert [trl_step(s) for s in (None, 0, 1, 7)] == [1, 1, 2, 8]
-
-
-def test_a_file_in_lightnings_count_is_told_apart_and_renumbered(tmp_path):
-    old = [
-        {"step": "0", "loss": "0.7", "eval_loss": ""},
-        {"step": "1", "loss": "0.6", "eval_loss": ""},
-        {"step": "1", "loss": "", "eval_loss": "0.65"},  # the held-out pass after the 2nd step
-    ]
-    assert counts_from_zero(old)
-    new = renumbered_from_one(old)
-    assert [(r["step"], r["loss"], r["eval_loss"]) for r in new] == [
-        ("1", "0.7", ""),
-        ("2", "0.6", ""),
-        ("2", "", "0.65"),
-    ]
-    assert not counts_from_zero(new)  # renumbering twice is impossible: a second look leaves it
 
 
 def test_the_csv_logger_writes_trls_step(tmp_path):

@@ -4,6 +4,7 @@ valid PNG that matplotlib reads back at the expected size."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -214,3 +215,18 @@ def test_frontier_with_no_measured_point_draws_an_empty_axis(tmp_path, drawn):
     assert_png(plots.frontier(points, tmp_path / "frontier.png"))
     assert len(drawn[0].axes[0].collections[0].get_offsets()) == 0
     assert len(drawn[0].axes[0].texts) == 0
+
+
+def test_a_file_counted_from_zero_is_drawn_from_one(tmp_path, caplog):
+    """A metrics.csv from before trl's count (Lightning's, from 0) reads as the same file in
+    trl's count, train and held-out rows alike, with one note however many plots read it."""
+    old = tmp_path / "old.csv"
+    header, *rows = OPTIMIZATION_CSV.splitlines()
+    old.write_text("\n".join([header, *(f"{int(r[0]) - 1}{r[1:]}" for r in rows)]) + "\n")
+    new = tmp_path / "metrics.csv"
+    new.write_text(OPTIMIZATION_CSV)
+    with caplog.at_level(logging.WARNING):
+        assert plots.read_steps(old) == plots.read_steps(new)
+        assert plots.read_heldout(old) == plots.read_heldout(new)
+    assert caplog.text.count(f"{old} counts steps from 0") == 1
+    assert str(new) not in caplog.text

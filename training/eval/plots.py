@@ -5,7 +5,8 @@ functions: a pure one that computes what is drawn (``curve_series``, ``bar_value
 ``frontier_series``; tested directly) and one that draws it, writes one PNG and returns its path.
 
 - ``training_curves``: loss, rewards/chosen, rewards/rejected, rewards/margins and
-  rewards/accuracies over optimizer steps, from ``metrics.csv``;
+  rewards/accuracies over optimizer steps, from ``metrics.csv`` (steps in trl's count, from 1:
+  ``training.base.step_count``);
 - ``optimization_curves``: learning rate, grad norm and the log-probs of the chosen and
   rejected completions over optimizer steps, from ``metrics.csv``;
 - ``heldout_curves``: trl's held-out metrics over the steps done: the evaluation's before (0
@@ -18,6 +19,8 @@ functions: a pure one that computes what is drawn (``curve_series``, ``bar_value
 from __future__ import annotations
 
 import csv
+import functools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +32,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from training.base.errors import writing  # noqa: E402
+from training.base.step_count import counts_from_zero, renumbered_from_one  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 CURVES = (
     ("loss", "loss"),
@@ -58,10 +64,22 @@ BARS = (
 
 
 def _read_rows(metrics_csv: Path) -> list[dict[str, float]]:
+    """The rows of ``metrics_csv`` as floats, steps in trl's count: a file written before
+    metrics.csv took it (from 0) is read renumbered from 1, with a note."""
     with open(metrics_csv, newline="") as f:
-        return [
+        rows = [
             {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
         ]
+    if not counts_from_zero([r for r in rows if "step" in r]):
+        return rows
+    _note_renumbered(str(metrics_csv))
+    return [renumbered_from_one([r])[0] if "step" in r else r for r in rows]
+
+
+@functools.cache
+def _note_renumbered(path: str) -> None:
+    """Say once per file that it is drawn renumbered (each plot reads it again)."""
+    log.warning("%s counts steps from 0 (written before trl's count): drawn from 1", path)
 
 
 def read_steps(metrics_csv: Path) -> list[dict[str, float]]:

@@ -28,7 +28,8 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 
 from training.base.config import FitConfig
 from training.base.errors import RunError
-from training.run.metrics_csv import StepCSVLogger, trl_step
+from training.base.step_count import trl_step
+from training.run.metrics_csv import StepCSVLogger
 from training.run.tensorboard_log import PathNamingTensorBoardLogger
 
 # Per-step values trl logs as they are at the logging step, not averaged over the window.

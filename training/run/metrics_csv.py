@@ -13,10 +13,10 @@ would lose the interrupted run's steps. ``StepCSVLogger`` writes the same file d
 
 A fresh run (no ``--resume``) replaces an old file with its own rows at its first write.
 
-Steps are trl's count (``trl_step``): the row of the k-th optimizer step, and the held-out pass
-after it, are step k (the first is 1), as in every logger ``--report-to`` names. A file written
-before this count (from 0, Lightning's index) is renumbered when it is resumed
-(``counts_from_zero``, ``training.run.resume``), never mixed with the new count.
+Steps are trl's count (``training.base.step_count``): the row of the k-th optimizer step, and the
+held-out pass after it, are step k (the first is 1), as in every logger ``--report-to`` names. A
+file written before this count (from 0, Lightning's index) is renumbered when it is resumed
+(``training.run.resume``), never mixed with the new count.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from training.base.errors import replaced_atomically, write_failure
+from training.base.step_count import step_of, trl_step
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -65,31 +66,6 @@ def _has_step(row: dict) -> bool:
     except (KeyError, TypeError, ValueError):
         return False
     return True
-
-
-def step_of(row: dict) -> int:
-    """A row's ``step`` as a number (``"3"``, ``"3.0"`` and ``3`` alike)."""
-    return int(float(row["step"]))
-
-
-def trl_step(lightning_step: int | None) -> int:
-    """trl's number of the optimizer step a Lightning log call reports. Lightning hands its
-    loggers the count of optimizer steps done before the step (0 for the first), and the same
-    count to the held-out pass that runs after it; trl numbers the step just completed (1 for the
-    first), and its held-out pass after the k-th step is k too."""
-    return (lightning_step or 0) + 1
-
-
-def counts_from_zero(rows: list[dict]) -> bool:
-    """Whether ``rows`` were written in Lightning's count (a metrics.csv from before trl's count):
-    only that count has a step 0. In trl's the first step is 1, and no held-out pass runs before
-    it (``num_sanity_val_steps=0``; the evaluation's "before" goes to eval.json)."""
-    return any(step_of(r) == 0 for r in rows)
-
-
-def renumbered_from_one(rows: list[dict]) -> list[dict]:
-    """``rows`` of Lightning's count in trl's: every step + 1 (train and held-out rows alike)."""
-    return [{**r, "step": str(step_of(r) + 1)} for r in rows]
 
 
 def merge_rows(earlier: list[dict], current: list[dict]) -> list[dict]:

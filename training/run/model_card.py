@@ -12,8 +12,9 @@ from pathlib import Path
 
 from training.base.config import FitConfig
 from training.base.errors import replaced_atomically, writing
+from training.base.step_count import step_of
 from training.eval.report import markdown_table
-from training.run.metrics_csv import read_rows, step_of
+from training.run.metrics_csv import read_rows
 
 # The final training metrics a card shows (trl's names), in this order.
 CARD_METRICS = (

@@ -24,9 +24,9 @@ from dpo_core.step import StepOutput, dpo_step
 from training.base.config import FitConfig
 from training.base.precision import AUTOCAST_DTYPES
 from training.base.settings import dpo_settings
+from training.base.step_count import trl_step
 from training.inputs.four_bit import check_not_packed
 from training.run import rng
-from training.run.metrics_csv import trl_step
 from training.run.nan_stop import NonFiniteStop
 from training.run.schedules import lr_multiplier
 from training.run.sharding import (

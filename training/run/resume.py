@@ -27,15 +27,9 @@ from pathlib import Path
 
 from training.base.config import FitConfig
 from training.base.errors import RunError, writing
+from training.base.step_count import counts_from_zero, renumbered_from_one, step_of
 from training.run.checkpoint_check import LAST_NAME, choose_checkpoint
-from training.run.metrics_csv import (
-    counts_from_zero,
-    merge_rows,
-    read_rows_checked,
-    renumbered_from_one,
-    step_of,
-    write_rows,
-)
+from training.run.metrics_csv import merge_rows, read_rows_checked, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +179,7 @@ def read_earlier_rows(path: Path) -> list[dict]:
 
 def in_trl_count(path: Path, rows: list[dict]) -> list[dict]:
     """``rows``, read from ``path``, in trl's step count. A file written in Lightning's count
-    (``metrics_csv.counts_from_zero``: before metrics.csv took trl's) is renumbered from 1, on
+    (``step_count.counts_from_zero``: before metrics.csv took trl's) is renumbered from 1, on
     disk too (atomically), with a warning, before the resumed run adds its rows in trl's count.
     A renumbered file has no step 0, so a second call (another process of the run) leaves it."""
     if not counts_from_zero(rows):
