@@ -256,9 +256,12 @@ def test_a_resume_renumbers_metrics_written_from_zero(tiny_assets, tmp_path, cap
     assert main(base_args(tiny_assets, tmp_path, **{**run, "max_steps": 3})) == 0
     before = to_lightnings_count(tmp_path)
     longer = base_args(tiny_assets, tmp_path, **{**run, "max_steps": 5})
+    logs = tmp_path / "logs" / "metrics.csv"
+    old = logs.read_bytes()
+    assert main([*longer, "--resume"]) == 1  # refused (max_steps changed): the file as it was
+    assert logs.read_bytes() == old
     with caplog.at_level(logging.WARNING):
         assert main([*longer, "--resume", "--resume-allow-changes"]) == 0
-    logs = tmp_path / "logs" / "metrics.csv"
     assert f"--resume: {logs} counted steps from 0" in caplog.text
     for path in (logs, tmp_path / "metrics.csv"):
         rows = read_rows(path)

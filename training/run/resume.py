@@ -135,29 +135,31 @@ def plan_resume(cfg: FitConfig, record: dict) -> ResumePlan:
     """Check ``--resume`` against ``checkpoints/last.ckpt`` (or, when that file is damaged or
     foreign, the ``previous.ckpt`` it replaced: ``training.run.checkpoint_check``): a
     ``RunError`` naming every difference unless ``--resume-allow-changes``; the earlier metrics
-    rows to continue, less a torn last row."""
+    rows to continue, less a torn last row, in trl's step count (``in_trl_count``, once the
+    resume is accepted: a refused one leaves every file as it was)."""
     out = Path(cfg.trainer.output_dir)
     if not cfg.trainer.resume:
         return ResumePlan()
     metrics = out / "logs" / "metrics.csv"
-    on_disk = in_trl_count(metrics, read_earlier_rows(metrics))
+    on_disk = read_earlier_rows(metrics)
     chosen = choose_checkpoint(out / "checkpoints")
     if chosen is None:
         last = out / "checkpoints" / LAST_NAME
         log.warning("--resume: no checkpoint at %s; starting from the beginning", last)
-        return ResumePlan(earlier_rows=on_disk)
+        return ResumePlan(earlier_rows=in_trl_count(metrics, on_disk))
     path, checkpoint = chosen
     saved = checkpoint.get("dpo_run") or {}
     step = checkpoint["global_step"]
     if "config" not in saved:  # written before checkpoints carried a run record
         log.warning("--resume: %s has no run record; settings and data not compared", path)
-        return ResumePlan(path, on_disk, [], step)
+        return ResumePlan(path, in_trl_count(metrics, on_disk), [], step)
     changes = differences(saved, record)
     if changes and not cfg.trainer.resume_allow_changes:
         raise RunError(refusal(path, step, changes))
     if changes:
         log.warning("--resume-allow-changes: resuming at step %d with %s", step, "; ".join(changes))
-    return ResumePlan(path, merge_rows(carried_row(saved, step), on_disk), changes, step)
+    earlier = merge_rows(carried_row(saved, step), in_trl_count(metrics, on_disk))
+    return ResumePlan(path, earlier, changes, step)
 
 
 def read_earlier_rows(path: Path) -> list[dict]:
