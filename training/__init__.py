@@ -8,11 +8,11 @@ From Python: ``from training import train`` (``training.api``): trl's names as k
 ``datasets.Dataset`` as the data.
 
 Importing ``training`` makes torch's OpenMP threads sleep while they wait, unless the
-environment says otherwise (``training.base.threads``: on shared cores spinning waits made the
-evaluation 8x slower).
+environment says otherwise (``training.base.openmp_waits``: on shared cores spinning waits made
+the evaluation 8x slower).
 """
 
-from training.base.threads import passive_openmp_waits
+from training.base.openmp_waits import passive_openmp_waits
 
 passive_openmp_waits()
 

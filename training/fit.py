@@ -87,25 +87,38 @@ class FitResult:
     step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time
 
 
+def steps_per_epoch(cfg: FitConfig, n_train: int) -> int:
+    """Optimizer steps in one epoch: ceil(batches per process / accumulation), a batch being
+    ``batch_size`` pairs on each of devices x num_nodes processes."""
+    batches = math.ceil(n_train / cfg.trainer.pairs_per_batch)
+    return math.ceil(batches / cfg.trainer.gradient_accumulation_steps)
+
+
 def total_optimizer_steps(cfg: FitConfig, n_train: int) -> int:
-    """``max_steps`` if set, else epochs x ceil(batches per process / accumulation), a batch
-    being ``batch_size`` pairs on each of devices x num_nodes processes."""
+    """``max_steps`` if set, else transformers' ``Trainer.set_initial_training_values`` rule:
+    ceil(num_train_epochs x steps per epoch) (3.0 epochs: 3 whole ones; 1.5 epochs of 8 steps:
+    12 steps; the same float product, so the same ceiling)."""
     if cfg.trainer.max_steps > 0:
         return cfg.trainer.max_steps
-    per_step = cfg.trainer.pairs_per_batch
-    batches = math.ceil(n_train / per_step)
-    return cfg.trainer.num_train_epochs * math.ceil(
-        batches / cfg.trainer.gradient_accumulation_steps
+    return math.ceil(cfg.trainer.num_train_epochs * steps_per_epoch(cfg, n_train))
+
+
+def epochs_note(cfg: FitConfig, n_train: int, total: int) -> str | None:
+    """What a fractional ``--num-train-epochs`` trains, in a line (None when it does not apply:
+    ``--max-steps`` set, or a whole number of epochs)."""
+    epochs = cfg.trainer.num_train_epochs
+    if cfg.trainer.max_steps > 0 or float(epochs).is_integer():
+        return None
+    per_epoch = steps_per_epoch(cfg, n_train)
+    return (
+        f"--num-train-epochs {epochs}: {total} optimizer steps = ceil({epochs} x {per_epoch} "
+        "steps an epoch), as transformers' Trainer counts; the last epoch stops part way"
     )
 
 
 def epochs_needed(cfg: FitConfig, n_train: int, total_steps: int) -> int:
     """Epochs that ``total_steps`` optimizer steps span (shown by the progress bar)."""
-    per_step = cfg.trainer.pairs_per_batch
-    steps_per_epoch = math.ceil(
-        math.ceil(n_train / per_step) / cfg.trainer.gradient_accumulation_steps
-    )
-    return max(1, math.ceil(total_steps / max(1, steps_per_epoch)))
+    return max(1, math.ceil(total_steps / max(1, steps_per_epoch(cfg, n_train))))
 
 
 def make_trainer(
@@ -187,6 +200,8 @@ def train(
     signals = signals or SignalStop()
     out = Path(cfg.trainer.output_dir)
     total = total_optimizer_steps(cfg, len(inputs.data.train))
+    if note := epochs_note(cfg, len(inputs.data.train), total):
+        log.info("%s", note)
     cfg = resolve_precompute(cfg, len(inputs.data.train), total)
     record = run_record(cfg, inputs)
     plan = plan_resume(cfg, record)

@@ -77,7 +77,7 @@ def no_loading(monkeypatch):
         ({"eval_max_pairs": 0}, "--eval-max-pairs must be >= 1 (or none), got 0"),
         ({"num_workers": -1}, "--num-workers must be >= 0, got -1"),
         ({"eval_every_n_steps": 0}, "--eval-every-n-steps must be >= 1 (or none), got 0"),
-        ({"num_train_epochs": 0}, "--num-train-epochs must be >= 1, got 0"),
+        ({"num_train_epochs": 0}, "--num-train-epochs must be > 0, got 0.0"),
         ({"dtype": "float8"}, "--dtype must be one of float32, bfloat16, float16, got 'float8'"),
         ({"accelerator": "tpu"}, "--accelerator must be one of auto, cpu, gpu, cuda, mps"),
         ({"strategy": "dp"}, "--strategy must be one of auto, ddp,"),

@@ -133,7 +133,7 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint_to_previous(
     ]
     assert verify_checkpoint(last)["global_step"] == STEPS
     for path in (out / "logs" / "metrics.csv", out / "metrics.csv"):
-        assert steps_in(path) == list(range(STEPS)), path
+        assert steps_in(path) == list(range(1, STEPS + 1)), path
     no_temporaries(out)
 
 
@@ -227,14 +227,14 @@ def tear_last_row(path: Path, how: str) -> list[str]:
 def test_a_torn_last_metrics_row_is_dropped_on_resume(tiny_assets, tmp_path, how, caplog):
     out = interrupt(tiny_assets, tmp_path / "run")
     logs = out / "logs" / "metrics.csv"
-    loss_at_1 = float(read_rows(logs)[1]["loss"])
-    assert tear_last_row(logs, how) == ["0", "1"]
+    loss_at_2 = float(read_rows(logs)[1]["loss"])
+    assert tear_last_row(logs, how) == ["1", "2"]
     with caplog.at_level(logging.WARNING):
         assert main([*base_args_for(tiny_assets, out), "--resume"]) == 0
     assert f"--resume: {logs}: dropped a torn last row" in caplog.text
     for path in (logs, out / "metrics.csv"):
-        assert steps_in(path) == list(range(STEPS)), path
-    assert read_metrics(out)[1]["loss"] == loss_at_1  # the row written whole, not the torn one
+        assert steps_in(path) == list(range(1, STEPS + 1)), path
+    assert read_metrics(out)[1]["loss"] == loss_at_2  # the row written whole, not the torn one
 
 
 def test_a_metrics_file_that_is_not_text_is_named(tiny_assets, tmp_path, capsys):

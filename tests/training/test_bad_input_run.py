@@ -194,7 +194,7 @@ def test_full_disk_while_logging_keeps_the_rows_written(tiny_assets, tmp_path, c
     assert f"{logs}: no space left on device while writing the metrics" in err
     # the first row is written whole, the next two appended: none of them is lost
     for path in (logs, tmp_path / "metrics.csv"):
-        assert [r["step"] for r in metrics_csv.read_rows(path)] == ["0", "1", "2"]
+        assert [r["step"] for r in metrics_csv.read_rows(path)] == ["1", "2", "3"]
 
 
 def test_debug_shows_the_traceback(tiny_assets, tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def test_sigterm_stops_at_a_step_and_the_resume_is_bit_for_bit_with_dropout(tiny
     assert seen <= step < DROPOUT_RUN["max_steps"]
     assert f"at optimizer step {step}: {last} (step {step})" in line
     assert (out / "config.yaml").is_file() and not (out / "model").exists()
-    assert [int(r["step"]) for r in read_metrics(out)] == list(range(step))
+    assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, step + 1))
     assert not (out / "run.lock").exists()
 
     resumed = subprocess.run(
@@ -135,7 +135,7 @@ def test_ctrl_c_stops_and_keeps_a_checkpoint_even_with_checkpoints_off(tiny_asse
     assert 2 <= step < 200 and f"(step {step})" in line
     assert resume_argv(line) == [*argv, "--resume"]
     assert (tmp_path / "config.yaml").is_file() and not (tmp_path / "model").exists()
-    assert [int(r["step"]) for r in read_metrics(tmp_path)] == list(range(step))
+    assert [int(r["step"]) for r in read_metrics(tmp_path)] == list(range(1, step + 1))
 
 
 def test_a_signal_while_loading_stops_with_nothing_to_resume(
@@ -201,7 +201,7 @@ def test_extending_a_finished_run_trains_the_new_steps(tiny_assets, tmp_path, ca
     assert main(argv) == 0
     longer = base_args(tiny_assets, tmp_path, max_steps=6, save_every_n_steps=50)
     assert main([*longer, "--resume", "--resume-allow-changes"]) == 0
-    assert [int(r["step"]) for r in read_metrics(tmp_path)] == list(range(6))
+    assert [int(r["step"]) for r in read_metrics(tmp_path)] == list(range(1, 7))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 6
     capsys.readouterr()
 
@@ -210,7 +210,7 @@ def test_extending_a_finished_run_trains_the_new_steps(tiny_assets, tmp_path, ca
     out = capsys.readouterr().out
     done = re.search(r"done: loss (\S+),", out)
     assert done is not None and done.group(1) != "nan", out
-    assert [int(r["step"]) for r in read_metrics(tmp_path)] == list(range(6))
+    assert [int(r["step"]) for r in read_metrics(tmp_path)] == list(range(1, 7))
 
     # Fewer steps than the checkpoint holds: nothing trained, and the run says so.
     assert main([*argv, "--resume", "--resume-allow-changes"]) == 1

@@ -1,7 +1,8 @@
 """Runs that die and are resumed: metrics.csv and logs/metrics.csv never lose a trained step
 (two kills in a row, a kill between a checkpoint and its row, a non-finite stop during a resume);
 a non-finite stop keeps only a checkpoint from before the bad step and its advice works;
-``--resume`` refuses a changed config or data unless ``--resume-allow-changes``.
+``--resume`` refuses a changed config or data unless ``--resume-allow-changes``; a metrics.csv
+written in Lightning's count (from 0) is renumbered to trl's, never mixed with it.
 
 (Bad model paths, output directories and full disks: ``test_bad_input_run.py``.)
 """
@@ -9,16 +10,18 @@ a non-finite stop keeps only a checkpoint from before the bad step and its advic
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 import signal
 
 import pytest
+import torch
 
 from tests.training.conftest import base_args, fit, fit_subprocess, preference_rows, read_metrics
 from tests.training.test_faults import kill_after_checkpoint, load_checkpoint, with_fault
 from training.fit import main
-from training.run.metrics_csv import read_rows
+from training.run.metrics_csv import read_rows, write_rows
 from training.run.module import DPOModule
 
 STEPS = 12
@@ -40,7 +43,7 @@ def test_two_kills_in_a_row_then_a_resume_lose_no_step(tiny_assets, tmp_path):
     code, _ = kill_after_checkpoint(argv, last, 4)
     assert code == -signal.SIGKILL
     first_kill = load_checkpoint(last)["global_step"]
-    assert steps_in(logs)[: first_kill - 1] == list(range(first_kill - 1))
+    assert steps_in(logs)[: first_kill - 1] == list(range(1, first_kill))
 
     code, _ = kill_after_checkpoint([*argv, "--resume"], last, first_kill + 3)
     assert code == -signal.SIGKILL
@@ -48,12 +51,12 @@ def test_two_kills_in_a_row_then_a_resume_lose_no_step(tiny_assets, tmp_path):
     assert second_kill > first_kill
     # the second run's file still holds the first run's steps, each once, in order
     held = steps_in(logs)
-    assert held == sorted(set(held)) and held[: second_kill - 1] == list(range(second_kill - 1))
+    assert held == sorted(set(held)) and held[: second_kill - 1] == list(range(1, second_kill))
 
     done = fit_subprocess([*argv, "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     for path in (logs, out / "metrics.csv"):
-        assert steps_in(path) == list(range(STEPS)), path
+        assert steps_in(path) == list(range(1, STEPS + 1)), path
     losses = [r["loss"] for r in read_metrics(out)]
     assert losses == pytest.approx([h["loss"] for h in whole], rel=1e-6)
 
@@ -66,22 +69,22 @@ class Killed(Exception):
 def test_a_kill_between_checkpoint_and_row_loses_no_step(tiny_assets, tmp_path, monkeypatch):
     argv = base_args(tiny_assets, tmp_path, **{**RUN, "save_every_n_steps": 1})
     logs = tmp_path / "logs" / "metrics.csv"
-    kill_at = 5  # the row of step 5; checkpoint 6 (after step 5's update) is already written
+    kill_at = 6  # the row of step 6 (trl's count); its checkpoint is already written
 
     def killed(self, outputs, batch, batch_idx):
-        if self.global_step == kill_at + 1:
+        if self.global_step == kill_at:
             raise Killed
 
     with monkeypatch.context() as patch:
         patch.setattr(DPOModule, "on_train_batch_end", killed, raising=False)
         with pytest.raises(Killed):
             fit(argv)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == kill_at + 1
-    assert steps_in(logs) == list(range(kill_at))  # the row of step 5 never reached the file
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == kill_at
+    assert steps_in(logs) == list(range(1, kill_at))  # the row of step 6 never reached the file
 
     fit([*argv, "--resume"])
     for path in (logs, tmp_path / "metrics.csv"):
-        assert steps_in(path) == list(range(STEPS)), path
+        assert steps_in(path) == list(range(1, STEPS + 1)), path
 
 
 def test_a_non_finite_stop_during_a_resume_keeps_every_step(
@@ -98,10 +101,10 @@ def test_a_non_finite_stop_during_a_resume_keeps_every_step(
     err = capsys.readouterr().err
     assert "non-finite gradient norm" in err and "at optimizer step 8" in err
     for path in (logs, tmp_path / "metrics.csv"):
-        assert steps_in(path) == list(range(8)), path
+        assert steps_in(path) == list(range(1, 9)), path  # the 9th step failed
     assert main([*argv, "--resume"]) == 0
     for path in (logs, tmp_path / "metrics.csv"):
-        assert steps_in(path) == list(range(STEPS)), path
+        assert steps_in(path) == list(range(1, STEPS + 1)), path
 
 
 def test_a_non_finite_stop_without_checkpoints_says_none_is_kept(
@@ -117,7 +120,7 @@ def test_a_non_finite_stop_without_checkpoints_says_none_is_kept(
     assert f"kept {checkpoints}" not in err and "--resume-allow-changes" not in err
     assert "Start again without --resume and with a lower learning rate" in err
     assert not checkpoints.exists()
-    assert steps_in(tmp_path / "metrics.csv") == [0, 1]
+    assert steps_in(tmp_path / "metrics.csv") == [1, 2]  # the 3rd step failed
 
 
 # A diverging update at step 3 (``Fault("diverge")``: deterministic on every CPU, unlike a
@@ -158,7 +161,7 @@ def test_a_non_finite_stop_keeps_the_checkpoint_before_the_bad_step_and_its_advi
     monkeypatch.undo()  # the resumed run trains without the fault
     assert main([*argv, *flags]) == 0, capsys.readouterr().err
     steps = read_metrics(tmp_path)
-    assert [int(r["step"]) for r in steps] == list(range(MAX_STEPS))
+    assert [int(r["step"]) for r in steps] == list(range(1, MAX_STEPS + 1))
     expected = [lower * (MAX_STEPS - s) / MAX_STEPS for s in range(kept, MAX_STEPS)]
     assert [r["learning_rate"] for r in steps[kept:]] == pytest.approx(expected, rel=1e-6)
 
@@ -207,7 +210,7 @@ def test_resume_allow_changes_applies_and_records_them(tiny_assets, tmp_path):
     assert "#   trainer.max_steps: 3 -> 5" in config
     assert "resume_allow_changes: true" in config
     steps = read_metrics(tmp_path)
-    assert [int(r["step"]) for r in steps] == list(range(5))
+    assert [int(r["step"]) for r in steps] == list(range(1, 6))
     assert all("resume_changes" not in r for r in steps[:3])
     assert all(r["resume_changes"] == 2 for r in steps[3:])
     # the new learning rate trains: linear decay of 0.01 over 5 steps, at steps 3 and 4
@@ -230,3 +233,40 @@ def test_a_setting_added_since_the_checkpoint_counts_as_its_default():
     assert differences(old, {"config": comparable_config(two), "data": {}}) == [
         "trainer.num_nodes: 1 -> 2"
     ]
+
+
+def to_lightnings_count(out) -> list[dict]:
+    """Rewrite a finished 3-step run as a run from before metrics.csv took trl's count, killed
+    between the last checkpoint and its row: logs/metrics.csv numbered from 0, without the 3rd
+    step's row, which the checkpoint carries numbered 2. Returns the rows as they were."""
+    logs = out / "logs" / "metrics.csv"
+    rows = read_rows(logs)
+    old = [{**r, "step": str(int(r["step"]) - 1)} for r in rows if r["step"] != "3"]
+    write_rows(logs, old, list(rows[0]))
+    last = out / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["global_step"] == 3 and checkpoint["dpo_run"]["last_row"]["step"] == 3
+    checkpoint["dpo_run"]["last_row"]["step"] = 2
+    torch.save(checkpoint, last)
+    return rows
+
+
+def test_a_resume_renumbers_metrics_written_from_zero(tiny_assets, tmp_path, caplog):
+    run = {**RUN, "save_every_n_steps": 1, "eval_fraction": 0.25, "eval_every_n_steps": 2}
+    assert main(base_args(tiny_assets, tmp_path, **{**run, "max_steps": 3})) == 0
+    before = to_lightnings_count(tmp_path)
+    longer = base_args(tiny_assets, tmp_path, **{**run, "max_steps": 5})
+    logs = tmp_path / "logs" / "metrics.csv"
+    old = logs.read_bytes()
+    assert main([*longer, "--resume"]) == 1  # refused (max_steps changed): the file as it was
+    assert logs.read_bytes() == old
+    with caplog.at_level(logging.WARNING):
+        assert main([*longer, "--resume", "--resume-allow-changes"]) == 0
+    assert f"--resume: {logs} counted steps from 0" in caplog.text
+    for path in (logs, tmp_path / "metrics.csv"):
+        rows = read_rows(path)
+        assert steps_in(path) == [1, 2, 3, 4, 5], path  # one count, each step once
+        assert [int(r["step"]) for r in rows if r.get("eval_loss")] == [2, 4], path
+    # the first run's rows come back at trl's count, the carried 3rd step's included
+    again = {(r["step"], r["loss"], r["eval_loss"]) for r in read_rows(logs)}
+    assert {(r["step"], r["loss"], r["eval_loss"]) for r in before} <= again

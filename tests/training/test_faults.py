@@ -93,7 +93,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_assets, tmp_path)
     # resumed run's, and every step logs what the uninterrupted run logged at that step
     # (num_tokens, a running total, included).
     resumed_rows = read_metrics(out)
-    assert [int(r["step"]) for r in resumed_rows] == list(range(RESUME["max_steps"]))
+    assert [int(r["step"]) for r in resumed_rows] == list(range(1, RESUME["max_steps"] + 1))
     whole_steps = read_metrics(tmp_path / "whole")
     for step, row in enumerate(resumed_rows):
         assert row == whole_steps[step], f"step {step}"

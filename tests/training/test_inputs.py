@@ -24,7 +24,7 @@ def test_local_jsonl_and_local_model_directory(tiny_assets, tmp_path):
     resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert resolved["model"]["model"] == str(tiny_assets.model_dir)
     assert resolved["data"]["dataset"] == str(tiny_assets.data_file)
-    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["n_pairs"] == 8  # 25% of the 32 rows held out
     # Before training the policy is its reference: rewards exactly 0.
@@ -47,7 +47,7 @@ def test_hh_rlhf_file_as_dataset(tiny_assets, tmp_path):
     )
     assert main(argv) == 0
     steps = read_metrics(tmp_path)
-    assert [r["step"] for r in steps] == [0, 1]
+    assert [r["step"] for r in steps] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["num_tokens"] > 0 for r in steps)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert 0 < report["n_pairs"] <= 4

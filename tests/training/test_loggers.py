@@ -27,17 +27,17 @@ def test_every_logger_at_once_with_trl_names_and_windows(tiny_assets, tmp_path, 
     )  # fmt: skip
     fit(argv)
     steps = read_metrics(tmp_path)
-    assert [int(r["step"]) for r in steps] == [0, 1, 2, 3]  # metrics.csv: every step
+    assert [int(r["step"]) for r in steps] == [1, 2, 3, 4]  # metrics.csv: every step, from 1
     with open(tmp_path / "metrics.csv", newline="") as f:
         held_out = [int(r["step"]) for r in csv.DictReader(f) if r.get("eval_loss")]
-    assert held_out == [1, 3]  # metrics.csv: the held-out pass after the 2nd step, at its row
+    assert held_out == [2, 4]  # metrics.csv: the held-out pass after the 2nd step, at its row
     # MLflow: one row per 2 steps, at trl's steps, the mean over the window (learning_rate: last)
     loss = mlflow_series(tmp_path, "loss")
     assert [s for s, _ in loss] == [2, 4]
     assert math.isclose(loss[0][1], (steps[0]["loss"] + steps[1]["loss"]) / 2, rel_tol=1e-6)
     lr = mlflow_series(tmp_path, "learning_rate")
     assert math.isclose(lr[1][1], steps[3]["learning_rate"], rel_tol=1e-6)
-    assert [s for s, _ in mlflow_series(tmp_path, "eval_loss")] == [2, 4]
+    assert [s for s, _ in mlflow_series(tmp_path, "eval_loss")] == held_out  # one count
     assert mlflow_series(tmp_path, "rewards/chosen")  # trl's names, slash included
     # wandb: an offline run directory whose records carry trl's names
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")

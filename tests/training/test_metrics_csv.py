@@ -1,10 +1,11 @@
-"""training.run.metrics_csv: a resumed run's metrics.csv keeps the interrupted run's earlier steps."""
+"""training.run.metrics_csv: a resumed run's metrics.csv keeps the interrupted run's earlier steps;
+steps are trl's count."""
 
 from __future__ import annotations
 
 import csv
 
-from training.run.metrics_csv import read_rows, restore_earlier_rows
+from training.run.metrics_csv import StepCSVLogger, read_rows, restore_earlier_rows
 
 
 def write(path, rows):
@@ -35,3 +36,15 @@ def test_nothing_earlier_leaves_the_file_alone(tmp_path):
     assert restore_earlier_rows(path, [{"step": "0", "loss": "9"}]) == 0  # redone: new wins
     assert path.read_text() == before
     assert read_rows(tmp_path / "absent.csv") == []
+
+
+def test_the_csv_logger_writes_trls_step(tmp_path):
+    logger = StepCSVLogger(str(tmp_path), "logs")
+    logger.log_metrics({"loss": 0.7}, step=0)  # Lightning's index of the first step
+    logger.log_metrics({"eval_loss": 0.6}, step=0)  # the held-out pass after it
+    logger.save()
+    rows = read_rows(tmp_path / "logs" / "metrics.csv")
+    assert [(r["step"], r["loss"], r["eval_loss"]) for r in rows] == [
+        ("1", "0.7", ""),
+        ("1", "", "0.6"),
+    ]

@@ -4,6 +4,7 @@ valid PNG that matplotlib reads back at the expected size."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -39,18 +40,18 @@ def drawn(monkeypatch):
 METRICS_CSV = (
     "epoch,loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,step,"
     "eval_loss\n"
-    "0,0.6931,0.0,0.0,0.0,0.0,0,\n"
-    "0,0.61,0.05,-0.05,0.1,1.0,1,\n"
-    "0,,,,,,1,0.6\n"  # a validation row: no training loss, left out of the curves
-    "0,0.52,0.1,-0.12,0.22,,2,\n"  # rewards/accuracies not logged at step 2: no point there
-    "0,0.47,0.12,-0.2,0.32,1.0,3,\n"
+    "0,0.6931,0.0,0.0,0.0,0.0,1,\n"
+    "0,0.61,0.05,-0.05,0.1,1.0,2,\n"
+    "0,,,,,,2,0.6\n"  # a validation row: no training loss, left out of the curves
+    "0,0.52,0.1,-0.12,0.22,,3,\n"  # rewards/accuracies not logged at step 3: no point there
+    "0,0.47,0.12,-0.2,0.32,1.0,4,\n"
 )
 CURVE_SERIES = {
-    "loss": ([0, 1, 2, 3], [0.6931, 0.61, 0.52, 0.47]),
-    "rewards/chosen": ([0, 1, 2, 3], [0.0, 0.05, 0.1, 0.12]),
-    "rewards/rejected": ([0, 1, 2, 3], [0.0, -0.05, -0.12, -0.2]),
-    "rewards/margins": ([0, 1, 2, 3], [0.0, 0.1, 0.22, 0.32]),
-    "rewards/accuracies": ([0, 1, 3], [0.0, 1.0, 1.0]),
+    "loss": ([1, 2, 3, 4], [0.6931, 0.61, 0.52, 0.47]),
+    "rewards/chosen": ([1, 2, 3, 4], [0.0, 0.05, 0.1, 0.12]),
+    "rewards/rejected": ([1, 2, 3, 4], [0.0, -0.05, -0.12, -0.2]),
+    "rewards/margins": ([1, 2, 3, 4], [0.0, 0.1, 0.22, 0.32]),
+    "rewards/accuracies": ([1, 2, 4], [0.0, 1.0, 1.0]),
 }
 
 
@@ -58,7 +59,7 @@ def test_training_curves_from_metrics_csv(tmp_path, drawn):
     csv = tmp_path / "metrics.csv"
     csv.write_text(METRICS_CSV)
     steps = plots.read_steps(csv)
-    assert [r["step"] for r in steps] == [0, 1, 2, 3]  # the validation row is not a step
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # the validation row is not a step
     assert all("eval_loss" not in r for r in steps)
     assert plots.curve_series(steps) == CURVE_SERIES
     path = plots.training_curves(csv, tmp_path / "curves.png")
@@ -74,11 +75,11 @@ def test_training_curves_from_metrics_csv(tmp_path, drawn):
     assert matplotlib.image.imread(path).shape[1] == 2000  # five 4-inch panels at 100 dpi
 
 
-def test_curve_series_x_falls_back_to_the_row_index_and_empty_metrics_draw_nothing(tmp_path, drawn):
+def test_curve_series_x_falls_back_to_the_row_place_and_empty_metrics_draw_nothing(tmp_path, drawn):
     steps = [{"loss": 0.7}, {"loss": 0.6, "rewards/margins": 0.1}]
     series = plots.curve_series(steps)
-    assert series["loss"] == ([0, 1], [0.7, 0.6])
-    assert series["rewards/margins"] == ([1], [0.1])
+    assert series["loss"] == ([1, 2], [0.7, 0.6])  # counted from 1, as the step column
+    assert series["rewards/margins"] == ([2], [0.1])
     assert series["rewards/chosen"] == ([], [])
     csv = tmp_path / "metrics.csv"
     csv.write_text("loss,rewards/margins\n0.7,\n0.6,0.1\n")
@@ -90,9 +91,9 @@ def test_curve_series_x_falls_back_to_the_row_index_and_empty_metrics_draw_nothi
 
 OPTIMIZATION_CSV = (
     "step,loss,learning_rate,grad_norm,logps/chosen,logps/rejected,eval_loss,eval_logps/chosen\n"
-    "0,0.69,1e-3,2.5,-20.0,-22.0,,\n"
-    "1,0.6,5e-4,1.5,-19.0,-23.0,,\n"
-    "1,,,,,,0.65,-19.5\n"  # the held-out pass after the 2nd step (numbered as that step's row)
+    "1,0.69,1e-3,2.5,-20.0,-22.0,,\n"
+    "2,0.6,5e-4,1.5,-19.0,-23.0,,\n"
+    "2,,,,,,0.65,-19.5\n"  # the held-out pass after the 2nd step (numbered as that step's row)
 )
 
 
@@ -110,11 +111,11 @@ def test_optimization_curves_draw_lr_grad_norm_and_both_log_probs(tmp_path, draw
         ]
         for title, ax in panels.items()
     }
-    assert drawn_lines["learning rate"] == [("learning_rate", [0, 1], [1e-3, 5e-4])]
-    assert drawn_lines["grad norm (before clipping)"] == [("grad_norm", [0, 1], [2.5, 1.5])]
+    assert drawn_lines["learning rate"] == [("learning_rate", [1, 2], [1e-3, 5e-4])]
+    assert drawn_lines["grad norm (before clipping)"] == [("grad_norm", [1, 2], [2.5, 1.5])]
     assert drawn_lines["mean log π(y | x)"] == [  # the held-out row is not a training step
-        ("chosen", [0, 1], [-20.0, -19.0]),
-        ("rejected", [0, 1], [-22.0, -23.0]),
+        ("chosen", [1, 2], [-20.0, -19.0]),
+        ("rejected", [1, 2], [-22.0, -23.0]),
     ]
     assert panels["mean log π(y | x)"].get_legend() is not None
     assert_png(path)
@@ -124,7 +125,7 @@ def test_heldout_series_puts_before_at_zero_and_after_at_the_steps_done(tmp_path
     csv = tmp_path / "metrics.csv"
     csv.write_text(OPTIMIZATION_CSV)
     heldout = plots.read_heldout(csv)
-    assert [r["step"] for r in heldout] == [1]
+    assert [r["step"] for r in heldout] == [2]
     before = {"eval_loss": 0.69, "eval_logps/chosen": -20.0, "eval_rewards/margins": 0.0}
     after = {"eval_loss": 0.6, "eval_logps/chosen": -19.0}
     series = plots.heldout_series(heldout, before, after, steps_done=4)
@@ -214,3 +215,18 @@ def test_frontier_with_no_measured_point_draws_an_empty_axis(tmp_path, drawn):
     assert_png(plots.frontier(points, tmp_path / "frontier.png"))
     assert len(drawn[0].axes[0].collections[0].get_offsets()) == 0
     assert len(drawn[0].axes[0].texts) == 0
+
+
+def test_a_file_counted_from_zero_is_drawn_from_one(tmp_path, caplog):
+    """A metrics.csv from before trl's count (Lightning's, from 0) reads as the same file in
+    trl's count, train and held-out rows alike, with one note however many plots read it."""
+    old = tmp_path / "old.csv"
+    header, *rows = OPTIMIZATION_CSV.splitlines()
+    old.write_text("\n".join([header, *(f"{int(r[0]) - 1}{r[1:]}" for r in rows)]) + "\n")
+    new = tmp_path / "metrics.csv"
+    new.write_text(OPTIMIZATION_CSV)
+    with caplog.at_level(logging.WARNING):
+        assert plots.read_steps(old) == plots.read_steps(new)
+        assert plots.read_heldout(old) == plots.read_heldout(new)
+    assert caplog.text.count(f"{old} counts steps from 0") == 1
+    assert str(new) not in caplog.text

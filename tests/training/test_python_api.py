@@ -48,7 +48,7 @@ def test_a_dataset_object_and_trl_names(tiny_assets, tmp_path):
         max_length=64,
         report_to="none",
     )
-    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert len(result.history) == 2 and result.last_step["loss"] == result.history[-1]["loss"]
     saved = (tmp_path / "config.yaml").read_text()
     assert "loss_type:\n  - ipo" in saved and "batch_size: 4" in saved

@@ -86,7 +86,7 @@ def test_write_report_draws_the_curves_over_steps_and_links_them(tmp_path):
     csv = tmp_path / "metrics.csv"
     csv.write_text(
         "step,loss,learning_rate,grad_norm,logps/chosen,logps/rejected\n"
-        "0,0.69,1e-3,2.5,-20.0,-22.0\n1,0.6,5e-4,1.5,-19.0,-23.0\n"
+        "1,0.69,1e-3,2.5,-20.0,-22.0\n2,0.6,5e-4,1.5,-19.0,-23.0\n"
     )
     validation = {"before": {"eval_loss": 0.69}, "after": {"eval_loss": 0.6}}
     paths = write_report(tmp_path, evaluation(-15.0, -40.0), metrics_csv=csv, validation=validation)

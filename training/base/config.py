@@ -213,7 +213,12 @@ class TrainerConfig:
     max_steps: int = _f(
         -1, "Optimizer steps to train (-1 = num_train_epochs epochs).", ge=1, also=(-1,)
     )
-    num_train_epochs: int = _f(1, "Epochs when max_steps is -1.", ge=1)
+    num_train_epochs: float = _f(
+        1.0,
+        "Epochs when max_steps is -1; a fraction trains ceil(epochs x steps an epoch) steps, as "
+        "transformers' Trainer.",
+        gt=0,
+    )
     batch_size: int = _f(
         8, "Preference pairs per device per micro-batch (per_device_train_batch_size).", ge=1
     )

@@ -85,7 +85,7 @@ class Evaluation:
 
     def timing(self) -> str:
         """``"25 s (CPU 32 s)"``: CPU time far above wall time x threads means threads waited
-        by spinning (``training.base.threads``)."""
+        by spinning (``training.base.openmp_waits``)."""
         return f"{self.seconds:.0f} s (CPU {self.cpu_seconds:.0f} s)"
 
     def validation(self) -> dict[str, dict[str, float]]:

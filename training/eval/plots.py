@@ -5,7 +5,8 @@ functions: a pure one that computes what is drawn (``curve_series``, ``bar_value
 ``frontier_series``; tested directly) and one that draws it, writes one PNG and returns its path.
 
 - ``training_curves``: loss, rewards/chosen, rewards/rejected, rewards/margins and
-  rewards/accuracies over optimizer steps, from ``metrics.csv``;
+  rewards/accuracies over optimizer steps, from ``metrics.csv`` (steps in trl's count, from 1:
+  ``training.base.step_count``);
 - ``optimization_curves``: learning rate, grad norm and the log-probs of the chosen and
   rejected completions over optimizer steps, from ``metrics.csv``;
 - ``heldout_curves``: trl's held-out metrics over the steps done: the evaluation's before (0
@@ -18,6 +19,8 @@ functions: a pure one that computes what is drawn (``curve_series``, ``bar_value
 from __future__ import annotations
 
 import csv
+import functools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +32,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from training.base.errors import writing  # noqa: E402
+from training.base.step_count import counts_from_zero, renumbered_from_one  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 CURVES = (
     ("loss", "loss"),
@@ -58,10 +64,22 @@ BARS = (
 
 
 def _read_rows(metrics_csv: Path) -> list[dict[str, float]]:
+    """The rows of ``metrics_csv`` as floats, steps in trl's count: a file written before
+    metrics.csv took it (from 0) is read renumbered from 1, with a note."""
     with open(metrics_csv, newline="") as f:
-        return [
+        rows = [
             {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
         ]
+    if not counts_from_zero([r for r in rows if "step" in r]):
+        return rows
+    _note_renumbered(str(metrics_csv))
+    return [renumbered_from_one([r])[0] if "step" in r else r for r in rows]
+
+
+@functools.cache
+def _note_renumbered(path: str) -> None:
+    """Say once per file that it is drawn renumbered (each plot reads it again)."""
+    log.warning("%s counts steps from 0 (written before trl's count): drawn from 1", path)
 
 
 def read_steps(metrics_csv: Path) -> list[dict[str, float]]:
@@ -76,7 +94,7 @@ def read_heldout(metrics_csv: Path) -> list[dict[str, float]]:
 
 def curve_series(steps: Sequence[dict[str, float]]) -> dict[str, tuple[list, list]]:
     """Per ``CURVES`` metric, the (steps, values) drawn: a row that did not log the metric
-    gives no point (x is the row's ``step``, else its index)."""
+    gives no point (x is the row's ``step``, trl's count, else its place from 1)."""
     return panel_series(steps, _curve_panels())
 
 
@@ -94,11 +112,11 @@ def panel_series(
     steps: Sequence[dict[str, float]], panels: Sequence[tuple[str, tuple[str, ...]]]
 ) -> dict[str, tuple[list, list]]:
     """Per metric of ``panels``, the (steps, values) drawn: a row that did not log the metric
-    gives no point (x is the row's ``step``, else its index)."""
+    gives no point (x is the row's ``step``, trl's count, else its place from 1)."""
     series = {}
     for _, keys in panels:
         for key in keys:
-            points = [(r.get("step", i), r[key]) for i, r in enumerate(steps) if key in r]
+            points = [(r.get("step", i + 1), r[key]) for i, r in enumerate(steps) if key in r]
             series[key] = ([x for x, _ in points], [y for _, y in points])
     return series
 
@@ -110,14 +128,14 @@ def heldout_series(
     steps_done: int,
 ) -> dict[str, tuple[list, list]]:
     """Per ``HELDOUT_PANELS`` metric, (optimizer steps done, value): ``before`` at 0, each
-    held-out row of metrics.csv at its ``step`` + 1 (metrics.csv numbers the pass after the
-    k-th step k - 1, like that step's row), ``after`` at ``steps_done`` unless a row is there
-    already (the same model on the same pairs). A side that lacks a metric gives no point."""
+    held-out row of metrics.csv at its ``step`` (trl's count: the pass after the k-th step is
+    step k, like that step's row), ``after`` at ``steps_done`` unless a row is there already
+    (the same model on the same pairs). A side that lacks a metric gives no point."""
     series = {}
     for _, keys in HELDOUT_PANELS:
         for key in keys:
             points = [(0, before[key])] if key in before else []
-            points += [(int(r["step"]) + 1, r[key]) for r in heldout if key in r and "step" in r]
+            points += [(int(r["step"]), r[key]) for r in heldout if key in r and "step" in r]
             if key in after and steps_done not in [x for x, _ in points]:
                 points.append((steps_done, after[key]))
             points.sort(key=lambda p: p[0])

@@ -241,7 +241,7 @@ def _curve_plots(out_dir: Path, metrics_csv: Path | None, validation: dict) -> l
     heldout = plots.read_heldout(metrics_csv)
     before, after = validation.get("before") or {}, validation.get("after") or {}
     if heldout or before or after:
-        steps_done = int(max(r.get("step", i) for i, r in enumerate(steps))) + 1
+        steps_done = int(max(r.get("step", i + 1) for i, r in enumerate(steps)))  # from 1
         series = plots.heldout_series(heldout, before, after, steps_done)
         files.append(plots.heldout_curves(series, out_dir / "heldout_curves.png"))
     return files

@@ -1,8 +1,8 @@
 """The run's loggers, as ``--report-to`` picks them: csv, tensorboard, wandb, mlflow, none.
 
-``logs/metrics.csv`` (``training.run.metrics_csv``) is always written: it is the run's own
-record, which ``--resume``, report.md and the plots read; ``csv`` in ``--report-to`` names it,
-``none`` asks for it alone. The others are Lightning's loggers:
+``logs/metrics.csv`` (``training.run.metrics_csv``) is always written, every step at trl's
+count: it is the run's own record, which ``--resume``, report.md and the plots read; ``csv`` in
+``--report-to`` names it, ``none`` asks for it alone. The others are Lightning's loggers:
 
 - ``tensorboard``: ``<output_dir>/tensorboard/`` event files;
 - ``wandb``: offline, a local run directory ``<output_dir>/wandb/offline-run-*`` (``wandb sync``
@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 
 from training.base.config import FitConfig
 from training.base.errors import RunError
+from training.base.step_count import trl_step
 from training.run.metrics_csv import StepCSVLogger
 from training.run.tensorboard_log import PathNamingTensorBoardLogger
 
@@ -72,7 +73,7 @@ class TrlSteps(Logger):
         self.inner.log_hyperparams(params, *args, **kwargs)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        step = (step or 0) + 1  # Lightning counts optimizer steps from 0, trl from 1
+        step = trl_step(step)  # Lightning counts optimizer steps from 0, trl from 1
         if any(k.startswith("eval_") for k in metrics):
             self.inner.log_metrics(metrics, step)
             return

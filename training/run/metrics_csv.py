@@ -12,6 +12,11 @@ would lose the interrupted run's steps. ``StepCSVLogger`` writes the same file d
   through a temporary file and a rename, so a kill leaves the old file or the new one.
 
 A fresh run (no ``--resume``) replaces an old file with its own rows at its first write.
+
+Steps are trl's count (``training.base.step_count``): the row of the k-th optimizer step, and the
+held-out pass after it, are step k (the first is 1), as in every logger ``--report-to`` names. A
+file written before this count (from 0, Lightning's index) is renumbered when it is resumed
+(``training.run.resume``), never mixed with the new count.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from training.base.errors import replaced_atomically, write_failure
+from training.base.step_count import step_of, trl_step
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -56,22 +62,18 @@ def read_rows_checked(path: Path) -> tuple[list[dict[str, str]], list[str]]:
 
 def _has_step(row: dict) -> bool:
     try:
-        _step(row)
+        step_of(row)
     except (KeyError, TypeError, ValueError):
         return False
     return True
 
 
-def _step(row: dict) -> int:
-    return int(float(row["step"]))
-
-
 def merge_rows(earlier: list[dict], current: list[dict]) -> list[dict]:
     """``earlier``'s rows at steps ``current`` does not log, and ``current``'s rows, in step
     order (a step's own rows keep their order): a redone step's new rows win."""
-    redone = {_step(r) for r in current}
-    kept = [r for r in earlier if _step(r) not in redone]
-    return sorted(kept + current, key=_step)
+    redone = {step_of(r) for r in current}
+    kept = [r for r in earlier if step_of(r) not in redone]
+    return sorted(kept + current, key=step_of)
 
 
 def write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
@@ -124,13 +126,13 @@ class MergingWriter(ExperimentWriter):
         self._record_new_keys()
         rows, self.metrics = self.metrics, []
         self.logged.extend(rows)
-        first = min(_step(r) for r in self.logged)
+        first = min(step_of(r) for r in self.logged)
         path = Path(self.metrics_file_path)
         must_rewrite = (
             self.stale_file
             or not path.is_file()
             or self.metrics_keys != self.header
-            or any(_step(r) >= first for r in self.on_disk_earlier)
+            or any(step_of(r) >= first for r in self.on_disk_earlier)
         )
         try:
             if must_rewrite:
@@ -144,9 +146,9 @@ class MergingWriter(ExperimentWriter):
     def _rewrite(self, path: Path) -> None:
         """Write the earlier rows not redone and this run's rows, atomically."""
         merged = merge_rows(self.on_disk_earlier, self.logged)
-        redone = {_step(r) for r in self.logged}
+        redone = {step_of(r) for r in self.logged}
         write_rows(path, merged, self.metrics_keys)
-        self.on_disk_earlier = [r for r in self.on_disk_earlier if _step(r) not in redone]
+        self.on_disk_earlier = [r for r in self.on_disk_earlier if step_of(r) not in redone]
         self.header = list(self.metrics_keys)
         self.stale_file = False
 
@@ -158,6 +160,10 @@ class StepCSVLogger(CSVLogger):
     def __init__(self, save_dir: str, name: str, earlier: list[dict] | None = None) -> None:
         super().__init__(save_dir=save_dir, name=name, version="", flush_logs_every_n_steps=1)
         self._earlier_rows = earlier
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Lightning's row at trl's step (``trl_step``)."""
+        super().log_metrics(metrics, trl_step(step))
 
     @property
     @rank_zero_experiment

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from training.base.config import FitConfig
 from training.base.errors import replaced_atomically, writing
+from training.base.step_count import step_of
 from training.eval.report import markdown_table
 from training.run.metrics_csv import read_rows
 
@@ -76,27 +77,43 @@ def _training(out: Path) -> list[str]:
     if not steps:
         return ["No step was logged."]
     last = steps[-1]
-    lines = [f"{int(float(last['step'])) + 1} optimizer steps. The last step's metrics:", ""]
+    lines = [f"{step_of(last)} optimizer steps. The last step's metrics:", ""]  # trl's count
     lines += ["| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {float(last[k]):.4f} |" for k in CARD_METRICS if last.get(k)]
     return lines
 
 
-def _how_to_load(adapter: bool, merged: bool) -> list[str]:
-    if adapter and not merged:
-        load = [
-            "from peft import AutoPeftModelForCausalLM",
-            "from transformers import AutoTokenizer",
-            "",
-            'model = AutoPeftModelForCausalLM.from_pretrained("path/to/model")  # base + adapter',
-        ]
-    else:
+def _how_to_load(adapter: bool, merged: bool, base: str) -> list[str]:
+    """The card's loading snippet. An adapter's ``adapter_config.json`` keeps peft's
+    ``base_model_name_or_path`` (where this run loaded the base, a local path if it was one:
+    peft reads it to load), so the card also shows loading onto a base from elsewhere."""
+    tokenizer = 'tokenizer = AutoTokenizer.from_pretrained("path/to/model")'
+    if not adapter or merged:
         load = [
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
             'model = AutoModelForCausalLM.from_pretrained("path/to/model")',
         ]
-    return ["```python", *load, 'tokenizer = AutoTokenizer.from_pretrained("path/to/model")', "```"]
+        return ["```python", *load, tokenizer, "```"]
+    return [
+        "```python",
+        "from peft import AutoPeftModelForCausalLM, PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        "# base + adapter, the base from adapter_config.json's base_model_name_or_path",
+        'model = AutoPeftModelForCausalLM.from_pretrained("path/to/model")',
+        tokenizer,
+        "```",
+        "",
+        "`adapter_config.json` names the base as this run loaded it (`base_model_name_or_path`, "
+        "peft's field; a local directory when the run used one). With the base elsewhere (a "
+        f"local copy of {base}, or its hub id), load the base first and the adapter onto it:",
+        "",
+        "```python",
+        'base = AutoModelForCausalLM.from_pretrained("path/to/base")',
+        'model = PeftModel.from_pretrained(base, "path/to/model")',
+        "```",
+    ]
 
 
 def model_card(
@@ -131,7 +148,7 @@ def model_card(
     ]
     if evaluation:
         lines += ["## Before vs after (held-out)", "", *markdown_table(evaluation), ""]
-    lines += ["## How to load", "", *_how_to_load(adapter, merged), ""]
+    lines += ["## How to load", "", *_how_to_load(adapter, merged, f"**{base}**"), ""]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from dpo_core.step import StepOutput, dpo_step
 from training.base.config import FitConfig
 from training.base.precision import AUTOCAST_DTYPES
 from training.base.settings import dpo_settings
+from training.base.step_count import trl_step
 from training.inputs.four_bit import check_not_packed
 from training.run import rng
 from training.run.nan_stop import NonFiniteStop
@@ -180,7 +181,9 @@ class DPOModule(L.LightningModule):
             values["resume_changes"] = float(self.resume_changes)
         self.last_logged = values
         row = {k: as_logged(v) for k, v in values.items()}
-        self.last_row = {**row, "epoch": self.current_epoch, "step": self.global_step}
+        # the row as metrics.csv writes it: at the step this update completes (trl's count)
+        step = trl_step(self.global_step)
+        self.last_row = {**row, "epoch": self.current_epoch, "step": step}
         self.history.append(values)
         bar = {k: v for k, v in values.items() if k in PROGRESS_BAR_KEYS}
         rest = {k: v for k, v in values.items() if k not in PROGRESS_BAR_KEYS}

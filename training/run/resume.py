@@ -11,7 +11,9 @@ compared.
 
 The checkpoint is read back first (``training.run.checkpoint_check``): a damaged or foreign
 ``last.ckpt`` falls back to the ``previous.ckpt`` it replaced, with a note. The earlier metrics
-rows are read without a torn last row (``metrics_csv.read_rows_checked``).
+rows are read without a torn last row (``metrics_csv.read_rows_checked``). A metrics.csv or a
+checkpoint's row written before metrics.csv took trl's step count (from 0, Lightning's index) is
+renumbered from 1, with a warning (``in_trl_count``, ``carried_row``): the two counts never mix.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.base.config import FitConfig
-from training.base.errors import RunError
+from training.base.errors import RunError, writing
+from training.base.step_count import counts_from_zero, renumbered_from_one, step_of
 from training.run.checkpoint_check import LAST_NAME, choose_checkpoint
-from training.run.metrics_csv import merge_rows, read_rows_checked
+from training.run.metrics_csv import merge_rows, read_rows_checked, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -132,29 +135,31 @@ def plan_resume(cfg: FitConfig, record: dict) -> ResumePlan:
     """Check ``--resume`` against ``checkpoints/last.ckpt`` (or, when that file is damaged or
     foreign, the ``previous.ckpt`` it replaced: ``training.run.checkpoint_check``): a
     ``RunError`` naming every difference unless ``--resume-allow-changes``; the earlier metrics
-    rows to continue, less a torn last row."""
+    rows to continue, less a torn last row, in trl's step count (``in_trl_count``, once the
+    resume is accepted: a refused one leaves every file as it was)."""
     out = Path(cfg.trainer.output_dir)
     if not cfg.trainer.resume:
         return ResumePlan()
-    on_disk = read_earlier_rows(out / "logs" / "metrics.csv")
+    metrics = out / "logs" / "metrics.csv"
+    on_disk = read_earlier_rows(metrics)
     chosen = choose_checkpoint(out / "checkpoints")
     if chosen is None:
         last = out / "checkpoints" / LAST_NAME
         log.warning("--resume: no checkpoint at %s; starting from the beginning", last)
-        return ResumePlan(earlier_rows=on_disk)
+        return ResumePlan(earlier_rows=in_trl_count(metrics, on_disk))
     path, checkpoint = chosen
     saved = checkpoint.get("dpo_run") or {}
     step = checkpoint["global_step"]
     if "config" not in saved:  # written before checkpoints carried a run record
         log.warning("--resume: %s has no run record; settings and data not compared", path)
-        return ResumePlan(path, on_disk, [], step)
+        return ResumePlan(path, in_trl_count(metrics, on_disk), [], step)
     changes = differences(saved, record)
     if changes and not cfg.trainer.resume_allow_changes:
         raise RunError(refusal(path, step, changes))
     if changes:
         log.warning("--resume-allow-changes: resuming at step %d with %s", step, "; ".join(changes))
-    carried = [saved["last_row"]] if saved.get("last_row") else []
-    return ResumePlan(path, merge_rows(carried, on_disk), changes, step)
+    earlier = merge_rows(carried_row(saved, step), in_trl_count(metrics, on_disk))
+    return ResumePlan(path, earlier, changes, step)
 
 
 def read_earlier_rows(path: Path) -> list[dict]:
@@ -172,6 +177,37 @@ def read_earlier_rows(path: Path) -> list[dict]:
     for note in dropped:
         log.warning("--resume: %s: dropped %s", path, note)
     return rows
+
+
+def in_trl_count(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows``, read from ``path``, in trl's step count. A file written in Lightning's count
+    (``step_count.counts_from_zero``: before metrics.csv took trl's) is renumbered from 1, on
+    disk too (atomically), with a warning, before the resumed run adds its rows in trl's count.
+    A renumbered file has no step 0, so a second call (another process of the run) leaves it."""
+    if not counts_from_zero(rows):
+        return rows
+    renumbered = renumbered_from_one(rows)
+    with writing(path, "renumbering the metrics"):
+        write_rows(path, renumbered, list(rows[0]))
+    log.warning(
+        "--resume: %s counted steps from 0 (written before metrics.csv took trl's count); its "
+        "%d rows are renumbered from 1, train and held-out alike",
+        path,
+        len(rows),
+    )
+    return renumbered
+
+
+def carried_row(saved: dict, step: int) -> list[dict]:
+    """The metrics row the checkpoint of step ``step`` carries (``DPOModule.on_save_checkpoint``;
+    [] when none), at trl's count: that row is the ``step``-th step's, which a checkpoint written
+    before trl's count numbered ``step - 1``."""
+    row = saved.get("last_row")
+    if not row:
+        return []
+    if step_of(row) == step - 1:  # Lightning's count
+        row = {**row, "step": step}
+    return [row]
 
 
 def refusal(last: Path, step: int, changes: list[str]) -> str:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from training.base.threads import WAIT_POLICY, passive_openmp_waits
+from training.base.openmp_waits import WAIT_POLICY, passive_openmp_waits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHOW = "import os, training, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
