@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -42,6 +41,7 @@ from dpo_core.reference import ReferenceSource
 from dpo_core.step import DPOSettings
 from training.base.config import FitConfig
 from training.base.errors import RunError
+from training.run.sharded_checkpoint import ShardedCheckpointStrategy
 
 log = logging.getLogger("training.fit")
 
@@ -81,15 +81,11 @@ def check_strategy(cfg: FitConfig) -> None:
 def lightning_strategy(cfg: FitConfig):
     """What ``L.Trainer(strategy=...)`` gets: Lightning's ``ModelParallelStrategy`` (FSDP2) on a
     data-parallel mesh of every process for ``fsdp``, else the name as given. Lightning's own
-    ``fsdp`` is FSDP1, which refuses CPU; the full-state checkpoint keeps ``last.ckpt`` one file
-    (``training.run.callbacks.AtomicCheckpointIO`` writes it, ``--resume`` reads it)."""
+    ``fsdp`` is FSDP1, which refuses CPU. Its checkpoints are sharded, each process writing its
+    own shard, atomically (``training.run.sharded_checkpoint``)."""
     if not is_sharded(cfg):
         return cfg.trainer.strategy
-    return ModelParallelStrategy(
-        data_parallel_size=cfg.trainer.world_size,
-        tensor_parallel_size=1,
-        save_distributed_checkpoint=False,
-    )
+    return ShardedCheckpointStrategy(data_parallel_size=cfg.trainer.world_size)
 
 
 def sharded_settings(settings: DPOSettings) -> DPOSettings:
