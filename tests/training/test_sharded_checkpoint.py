@@ -30,7 +30,7 @@ from tests.training.conftest import (
 from tests.training.test_sharding import fit_sharded, single
 from training.run.checkpoint_check import BadCheckpoint, choose_checkpoint, verify_checkpoint
 from training.run.nan_stop import keep_good_checkpoint
-from training.run.sharded_checkpoint import full_model_state, publish
+from training.run.sharded_checkpoint import full_model_state, publish, publish_if_whole
 
 # A constant learning rate: a 2-step run's schedule is the first half of the 4-step run's, so
 # the resumed run can equal the whole one bit for bit.
@@ -158,6 +158,20 @@ def test_a_kill_between_write_and_publication_leaves_the_previous_whole(
     assert "last.ckpt: no such file; resuming from" in caplog.text
     publish(new, folder / "last.ckpt", folder / "previous.ckpt")  # the next save: whole again
     assert verify_checkpoint(folder / "last.ckpt")["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_every_shard_is_not_published(runs, tmp_path):
+    """A process on a machine without this file system wrote its shard elsewhere: the
+    checkpoint is not published, ``last.ckpt`` stays, the message names the shard and why."""
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(runs / "half" / "checkpoints" / "last.ckpt", folder / "last.ckpt")
+    new = shutil.copytree(runs / "whole" / "checkpoints" / "last.ckpt", folder / ".last.ckpt.x.tmp")
+    (new / "__1_0.distcp").unlink()
+    problem = publish_if_whole(new, folder / "last.ckpt", folder / "previous.ckpt")
+    assert "__1_0.distcp" in problem and "a file system all machines share" in problem
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    assert verify_checkpoint(folder / "last.ckpt")["global_step"] == 2
 
 
 @pytest.mark.slow

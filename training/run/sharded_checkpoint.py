@@ -11,7 +11,8 @@ process ever holds the whole model to save it.
 Atomic as the one-file checkpoints (``training.run.callbacks.AtomicCheckpointIO``): every
 process writes into ``.last.ckpt.<token>.tmp/`` in the same folder, then rank zero moves the
 checkpoint being replaced to ``previous.ckpt`` and the temporary to ``last.ckpt`` (two renames,
-each atomic). A run killed while the shards are written leaves ``last.ckpt`` as it was; killed
+each atomic), once it finds every shard there (machines that do not share the file system
+would leave a checkpoint without theirs: a ``RunError`` instead). A run killed while the shards are written leaves ``last.ckpt`` as it was; killed
 between the two renames, it leaves no ``last.ckpt`` but the whole ``previous.ckpt``, which
 ``--resume`` takes with a note (``training.run.checkpoint_check``). Never a half checkpoint
 under the name ``last.ckpt``.
@@ -79,6 +80,22 @@ def publish(tmp: Path, path: Path, previous: Path) -> None:
     _fsync(path.parent)
 
 
+def publish_if_whole(tmp: Path, path: Path, previous: Path) -> str:
+    """``publish`` the written checkpoint if every shard is in ``tmp``, else remove it and say
+    why: processes on machines that do not share this file system wrote theirs elsewhere."""
+    missing = missing_shards(tmp)
+    if missing:
+        remove_checkpoint(tmp)
+        return (
+            f"{path}: shard file(s) {', '.join(missing)} of other processes are not in "
+            f"{path.parent}: under --strategy fsdp every process writes its shard there, so "
+            "--output-dir must be on a file system all machines share"
+        )
+    publish(tmp, path, previous)
+    remove_stale(path.parent, path.name)
+    return ""
+
+
 def remove_stale(folder: Path, name: str) -> None:
     """Temporaries a writer killed mid-save left behind (it runs no cleanup)."""
     for stale in folder.glob(f".{name}.*.tmp"):
@@ -134,10 +151,10 @@ class ShardedCheckpointStrategy(ModelParallelStrategy):
                 remove_checkpoint(tmp)
             raise checkpoint_write_failure(path, err, no_space=False) from err
         self.barrier("sharded checkpoint: written")
-        if self.is_global_zero:
-            publish(tmp, path, previous)
-            remove_stale(path.parent, path.name)
-        self.barrier("sharded checkpoint: published")
+        problem = publish_if_whole(tmp, path, previous) if self.is_global_zero else ""
+        problem = self.broadcast(problem)  # every process stops on it, none waits on the others
+        if problem:
+            raise RunError(problem)
 
 
 def by_name(state: dict, optimizer, model: torch.nn.Module) -> dict:
