@@ -124,7 +124,7 @@ def test_two_sharded_processes_equal_one_process(tiny_assets, tmp_path, precompu
     saved = load_weights(model_dir)
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, saved.get(name, tensor)), name
-    assert (tmp_path / "fsdp" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "fsdp" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # sharded
 
 
 @pytest.mark.slow
