@@ -33,14 +33,18 @@ import shutil
 from pathlib import Path
 
 import torch
+from lightning.fabric.strategies.model_parallel import _load_raw_module_state
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from training.base.errors import RunError
 from training.run.callbacks import PREVIOUS_NAME, checkpoint_write_failure, read_checkpoint
 
 META_NAME = _METADATA_FILENAME  # "meta.pt": Lightning's name for the non-tensor part
-DCP_METADATA = ".metadata"  # DCP's index of every shard's tensors
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -116,13 +120,8 @@ class ShardedCheckpointStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         """A sharded checkpoint through Lightning (DCP); a one-file one scattered to the shards,
-        its optimizer state keyed by name (``by_name``). Returns the rest of the checkpoint."""
-        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
+        its optimizer state keyed by name (``by_name``). Returns the rest of the checkpoint
+        (Lightning's own one-file branch, ``_load_checkpoint``, less its positional keys)."""
         path = Path(self.broadcast(str(checkpoint_path)))
         if is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only)
@@ -200,8 +199,6 @@ def read_meta(path: Path) -> dict:
 def missing_shards(path: Path) -> list[str]:
     """The shard files DCP's index names that are absent or shorter than it says (a torn
     write); raises ``OSError``/``ValueError`` when the index itself cannot be read."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     metadata = FileSystemReader(str(path)).read_metadata()
     ends: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
@@ -216,11 +213,8 @@ def missing_shards(path: Path) -> list[str]:
 
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:
     """The whole model state dict of a sharded checkpoint, read in this one process (no
-    process group): for a check of its weights, not for training."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
+    process group; as torch's ``format_utils.dcp_to_torch_save``, model keys only): for a
+    check of its weights, not for training."""
     state: dict = {}
     _load_state_dict(
         state,
