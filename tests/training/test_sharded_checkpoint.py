@@ -1,7 +1,8 @@
 """Sharded checkpoints of ``--strategy fsdp`` (``training.run.sharded_checkpoint``).
 
 - ``last.ckpt`` is a directory: one DCP shard per process and ``meta.pt``, no temporaries left;
-- 2 steps + ``--resume`` + 2 steps equals 4 steps in one go, bit for bit (2 processes, gloo);
+- 2 steps + ``--resume`` + 2 steps equals 4 steps in one go, bit for bit (2 processes, gloo),
+  full fine-tuning and LoRA;
 - resumed by 1 process (DCP reshards), the run goes on as the 2-process run does, within the
   bounds of 1 process against 2 (``test_sharding.py``);
 - a one-file checkpoint (a run without fsdp) resumes under fsdp; a sharded one without fsdp is
@@ -81,6 +82,23 @@ def test_resume_of_a_sharded_run_is_exact(runs, tiny_assets, tmp_path):
     theirs, ours = read_metrics(runs / "whole"), read_metrics(parts)
     assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in theirs]
     a, b = load_weights(parts / "model"), load_weights(runs / "whole" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_resume_of_a_sharded_lora_run_is_exact(tiny_assets, tmp_path):
+    """The same with LoRA: the frozen base is in the shards too, the optimizer state only for
+    the adapters; the resumed adapter equals the one of 4 steps in one go, bit for bit."""
+    options = OPTIONS | dict(lora=True, lora_r=4)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    fit_sharded(base_args(tiny_assets, whole, max_steps=4, **options))
+    fit_sharded(base_args(tiny_assets, parts, max_steps=2, **options))
+    fit_sharded([*base_args(tiny_assets, parts, max_steps=4, **options), *RESUME])
+    keys = ("loss", "rewards/margins", "grad_norm", "num_tokens")
+    theirs, ours = read_metrics(whole), read_metrics(parts)
+    assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in theirs]
+    a, b = load_weights(parts / "model"), load_weights(whole / "model")
+    assert any("lora_B" in k for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
