@@ -154,7 +154,8 @@ def test_a_kill_between_write_and_publication_leaves_the_previous_whole(
     runs, tmp_path, monkeypatch, caplog
 ):
     """``publish`` moves ``last.ckpt`` to ``previous.ckpt``, then the new one to ``last.ckpt``;
-    killed in between (the second rename never happens), ``--resume`` takes the previous."""
+    killed in between (the second rename never happens), ``--resume`` takes the previous. The
+    temporary of a writer killed mid-write is ignored, and removed by the next save."""
     folder = tmp_path / "checkpoints"
     shutil.copytree(runs / "half" / "checkpoints" / "last.ckpt", folder / "last.ckpt")
     new = shutil.copytree(runs / "whole" / "checkpoints" / "last.ckpt", folder / ".last.ckpt.x.tmp")
@@ -174,7 +175,11 @@ def test_a_kill_between_write_and_publication_leaves_the_previous_whole(
         path, meta = choose_checkpoint(folder)
     assert path == folder / "previous.ckpt" and meta["global_step"] == 2
     assert "last.ckpt: no such file; resuming from" in caplog.text
-    publish(new, folder / "last.ckpt", folder / "previous.ckpt")  # the next save: whole again
+    # The next save: a writer killed mid-write left its temporary; it is removed.
+    shutil.copytree(new, folder / ".last.ckpt.dead.tmp")
+    assert publish_if_whole(new, folder / "last.ckpt", folder / "previous.ckpt") == ""
+    # (the previous one goes, as each save removes it before writing: at most two on disk)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
     assert verify_checkpoint(folder / "last.ckpt")["global_step"] == 4
 
 
