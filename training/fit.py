@@ -58,6 +58,7 @@ from training.run.outputs import (
 from training.run.ownership import claim_output_dir, output_lock
 from training.run.quiet import quiet_foreign_warnings
 from training.run.resume import ResumePlan, plan_resume, run_record
+from training.run.sharded_checkpoint import remove_checkpoint
 from training.run.sharding import check_strategy, gathered, is_sharded, lightning_strategy
 from training.run.signals import Interrupted, SignalStop, exit_code, take_over_signals
 from training.run.threads import apply_thread_layout
@@ -266,7 +267,7 @@ def fit_module(
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint)
         if trainer.is_global_zero:  # only a stopped run may need the one before last.ckpt
-            (out / "checkpoints" / PREVIOUS_NAME).unlink(missing_ok=True)
+            remove_checkpoint(out / "checkpoints" / PREVIOUS_NAME)  # a file, or sharded
     except NonFiniteStop as stop:
         raise RunError(stop_message(stop, cfg, trainer.is_global_zero)) from stop
     except Interrupted:
@@ -348,10 +349,10 @@ def stopped_message(stop: Interrupted, cfg: FitConfig, argv: list[str]) -> str:
     last = out / "checkpoints" / "last.ckpt"
     args = argv if "--resume" in argv else [*argv, "--resume"]
     command = shlex.join(["python", "-m", "training.fit", *args])
-    if stop.step is not None and last.is_file():
+    if stop.step is not None and last.exists():  # a file, or a sharded directory
         kept = f"{last} (step {stop.step}), config.yaml and metrics.csv written, no model/"
         return f"stopped by {stop.name} {stop.when}: {kept}; resume with: {command}"
-    if last.is_file():
+    if last.exists():
         return f"stopped by {stop.name} {stop.when}; resume from {last} with: {command}"
     again = shlex.join(["python", "-m", "training.fit", *argv])
     return f"stopped by {stop.name} {stop.when}: nothing to resume; start again with: {again}"

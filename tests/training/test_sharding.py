@@ -9,7 +9,10 @@
   (full and LoRA);
 - each process holds half the parameters, gradients and optimizer state (its memory line);
 - ``model/`` is an ordinary Hugging Face directory (``from_pretrained`` / ``PeftModel``);
-- ``--resume`` from a sharded run's checkpoint continues it bit for bit.
+- the held-out evaluation during training (``--eval-every-n-steps``) and gradient checkpointing
+  give the same numbers as one process.
+
+Sharded checkpoints and ``--resume``: ``test_sharded_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ def hh_file(tmp_path_factory):
     return path
 
 
-def fit_sharded(argv: list[str], timeout: float = 600, spy=None) -> str:
-    """``python -m training.fit argv --strategy fsdp --devices 2`` in a child, one thread per
-    process (2 in all: this machine's cores); its output, after checking it succeeded. With
-    ``spy`` (a folder), every process's log-prob forwards are recorded there
+def fit_sharded(argv: list[str], timeout: float = 600, spy=None, devices: int = 2) -> str:
+    """``python -m training.fit argv --strategy fsdp --devices <devices>`` in a child, one
+    thread per process (2 in all: this machine's cores); its output, after checking it
+    succeeded. With ``spy`` (a folder), every process's log-prob forwards are recorded there
     (``tests.training.forward_spy``)."""
     import subprocess
     import sys
@@ -65,7 +68,8 @@ def fit_sharded(argv: list[str], timeout: float = 600, spy=None) -> str:
     module = "training.fit"
     if spy is not None:
         env[forward_spy.ENV], module = str(spy), "tests.training.forward_spy"
-    command = [sys.executable, "-m", module, *argv, "--strategy", "fsdp", "--devices", "2"]
+    command = [sys.executable, "-m", module, *argv, "--strategy", "fsdp"]
+    command += ["--devices", str(devices)]
     child = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -126,7 +130,7 @@ def test_two_sharded_processes_equal_one_process(tiny_assets, tmp_path, precompu
     saved = load_weights(model_dir)
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, saved.get(name, tensor)), name
-    assert (tmp_path / "fsdp" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "fsdp" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # sharded
 
 
 @pytest.mark.slow
@@ -218,22 +222,38 @@ def test_sharded_bf16_mixed_equals_one_process(tiny_assets, tmp_path):
     assert_steps_close(read_metrics(sharded), one.history, tol=4e-3)
 
 
+def heldout_rows(output_dir) -> list[dict[str, float]]:
+    """The rows of ``<output_dir>/metrics.csv`` that hold a held-out pass (``eval_*``)."""
+    import csv
+
+    with open(output_dir / "metrics.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    return [r for r in rows if "eval_loss" in r]
+
+
 @pytest.mark.slow
-def test_resume_of_a_sharded_run_is_exact(tiny_assets, tmp_path):
-    """3 steps, then a resume to 6 (a constant learning rate: the longer run's schedule is the
-    same), equals 6 steps in one go, bit for bit in every metric and weight."""
-    options = dict(lr_scheduler_type="constant", warmup_ratio=0.0, save_every_n_steps=1)
-    options |= dict(learning_rate=5e-3, batch_size=2)
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    fit_sharded(base_args(tiny_assets, whole, max_steps=6, **options))
-    fit_sharded(base_args(tiny_assets, parts, max_steps=3, **options))
-    fit_sharded([*base_args(tiny_assets, parts, max_steps=6, **options), "--resume",
-                 "--resume-allow-changes"])  # fmt: skip
-    keys = ("loss", "rewards/margins", "logps/chosen", "grad_norm", "num_tokens")
-    theirs, ours = read_metrics(whole), read_metrics(parts)
-    assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in theirs]
-    a, b = load_weights(parts / "model"), load_weights(whole / "model")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def test_sharded_evaluation_during_training_equals_one_process(tiny_assets, tmp_path):
+    """``--eval-every-n-steps 2`` over 4 steps: each sharded process runs every held-out batch
+    (the same forward calls on each, as FSDP's collectives need) and the metrics are reduced
+    across processes: the held-out numbers equal one process's after steps 2 and 4."""
+    options = dict(max_steps=4, learning_rate=5e-3, eval_fraction=0.25, eval_every_n_steps=2)
+    compare(tiny_assets, tmp_path, **options)
+    sharded, one = heldout_rows(tmp_path / "fsdp"), heldout_rows(tmp_path / "single")
+    assert [r["step"] for r in sharded] == [r["step"] for r in one] == [1, 3]
+    keys = ("eval_loss", "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected")
+    assert_steps_close(sharded, one, keys=keys)
+    assert sharded[0]["eval_loss"] != sharded[1]["eval_loss"]  # the weights moved in between
+
+
+@pytest.mark.slow
+def test_sharded_gradient_checkpointing_equals_one_process(tiny_assets, tmp_path):
+    """Each decoder layer's forward runs again in backward (non-reentrant checkpointing):
+    under FSDP2 the recomputation gathers the layer's unit once more; the numbers are those of
+    one process with gradient checkpointing."""
+    output, _ = compare(tiny_assets, tmp_path, gradient_checkpointing=True, **STEPS)
+    assert_half_held(output)
+    model_dir = tmp_path / "fsdp" / "model"
+    assert_weights_close(model_dir, tmp_path / "single" / "model", tiny_assets.model_dir)
 
 
 SMOLLM2 = dict(max_steps=2, learning_rate=1e-4, max_length=48)

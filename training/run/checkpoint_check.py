@@ -6,6 +6,10 @@ A checkpoint is trusted only once it is read back: a torch zip archive, loaded w
 this trainer and an integer ``global_step``. Random bytes, a truncated file, a pickle that is not
 a dict or a dict of someone else's are each named with their cause, never passed to Lightning
 (whose errors advise about ``weights_only`` or raise ``AttributeError``).
+
+A sharded checkpoint (``--strategy fsdp``: a directory, ``training.run.sharded_checkpoint``) is
+trusted once its ``meta.pt`` passes the same checks (less the weights and optimizer state, which
+live in the shards) and every shard file DCP's index names is there, whole.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from training.base.errors import RunError
 from training.run.callbacks import PREVIOUS_NAME, read_checkpoint
+from training.run.sharded_checkpoint import META_NAME, is_sharded_checkpoint, missing_shards
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,8 @@ LAST_NAME = "last.ckpt"
 # What Lightning writes into every checkpoint of a run (``DPOModule`` adds ``dpo_run``, absent
 # from checkpoints written before it existed).
 REQUIRED_KEYS = ("state_dict", "global_step", "loops", "optimizer_states")
+# A sharded checkpoint's meta.pt: the weights and optimizer state are in the shards.
+SHARDED_REQUIRED_KEYS = ("global_step", "loops")
 
 
 class BadCheckpoint(ValueError):
@@ -58,20 +65,44 @@ def _first_line(err: BaseException) -> str:
 
 
 def verify_checkpoint(path: Path) -> dict:
-    """The checkpoint at ``path`` once it is checked readable and ours; ``BadCheckpoint`` (the
-    cause) if not, ``OSError`` if the file cannot be opened."""
-    checkpoint = _load(Path(path))
+    """The checkpoint at ``path`` once it is checked readable and ours (for a sharded one, its
+    ``meta.pt``); ``BadCheckpoint`` (the cause) if not, ``OSError`` if it cannot be opened."""
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        return _verify_sharded(path)
+    checkpoint = _checked_dict(_load(path), REQUIRED_KEYS)
+    if not isinstance(checkpoint["state_dict"], dict):
+        raise BadCheckpoint("its state_dict is not a dict")
+    return checkpoint
+
+
+def _checked_dict(checkpoint: object, required: tuple[str, ...]) -> dict:
+    """``checkpoint`` once it is a dict with the ``required`` keys and a step count."""
     if not isinstance(checkpoint, dict):
         raise BadCheckpoint(f"holds a {type(checkpoint).__name__}, not a checkpoint's dict")
-    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    missing = [k for k in required if k not in checkpoint]
     if missing:
         raise BadCheckpoint(f"not a checkpoint of this trainer (no {', '.join(missing)})")
     step = checkpoint["global_step"]
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise BadCheckpoint(f"global_step is {step!r}, not a step count")
-    if not isinstance(checkpoint["state_dict"], dict):
-        raise BadCheckpoint("its state_dict is not a dict")
     return checkpoint
+
+
+def _verify_sharded(path: Path) -> dict:
+    """A sharded checkpoint's ``meta.pt`` once it and every shard DCP's index names check."""
+    if not (path / META_NAME).is_file():
+        raise BadCheckpoint(f"a directory without {META_NAME}: not a sharded checkpoint of ours")
+    meta = _checked_dict(_load(path / META_NAME), SHARDED_REQUIRED_KEYS)
+    try:
+        missing = missing_shards(path)
+    except FileNotFoundError as err:
+        raise BadCheckpoint("no shard index (.metadata): not a whole sharded checkpoint") from err
+    except Exception as err:
+        raise BadCheckpoint(f"its shard index is damaged ({_first_line(err)})") from err
+    if missing:
+        raise BadCheckpoint(f"shard file(s) missing or truncated: {', '.join(missing)}")
+    return meta
 
 
 def _problem(path: Path) -> tuple[dict | None, str]:

@@ -19,6 +19,11 @@ import torch
 from training.base.config import FitConfig
 from training.run.callbacks import PREVIOUS_NAME
 from training.run.checkpoint_check import LAST_NAME, BadCheckpoint, verify_checkpoint
+from training.run.sharded_checkpoint import (
+    full_model_state,
+    is_sharded_checkpoint,
+    remove_checkpoint,
+)
 
 
 class NonFiniteStop(FloatingPointError):
@@ -30,9 +35,11 @@ class NonFiniteStop(FloatingPointError):
         self.step = step
 
 
-def finite_weights(checkpoint: dict) -> bool:
-    """Whether every floating-point tensor of the checkpoint's ``state_dict`` is finite."""
-    for tensor in checkpoint.get("state_dict", {}).values():
+def finite_weights(path: Path, checkpoint: dict) -> bool:
+    """Whether every floating-point tensor of the checkpoint's ``state_dict`` is finite (a
+    sharded checkpoint's, read from its shards)."""
+    weights = full_model_state(path) if is_sharded_checkpoint(path) else checkpoint["state_dict"]
+    for tensor in weights.values():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return False
     return True
@@ -47,7 +54,7 @@ def _judge(path: Path, bad_step: int) -> tuple[int | None, str]:
     step = checkpoint["global_step"]
     if step >= bad_step:
         return step, f"from step {step}, it holds the weights that gave the non-finite value"
-    if not finite_weights(checkpoint):
+    if not finite_weights(path, checkpoint):
         return step, f"from step {step}, its weights are not finite"
     return step, ""
 
@@ -55,16 +62,16 @@ def _judge(path: Path, bad_step: int) -> tuple[int | None, str]:
 def keep_good_checkpoint(folder: Path, bad_step: int) -> tuple[int | None, list[str]]:
     """Remove the checkpoints in ``folder`` that are not from before ``bad_step`` with finite
     weights; leave the newest good one as ``last.ckpt``. Returns (its step or None, a note per
-    removed file)."""
+    removed checkpoint: a file, or a sharded directory)."""
     good: dict[str, int] = {}
     removed: list[str] = []
     for name in (LAST_NAME, PREVIOUS_NAME):
         path = folder / name
-        if not path.is_file():
+        if not path.exists():
             continue
         step, reason = _judge(path, bad_step)
         if reason:
-            path.unlink()
+            remove_checkpoint(path)
             removed.append(f"removed {path} ({reason})")
         else:
             good[name] = step

@@ -30,6 +30,8 @@ from training.base.errors import RunError, writing
 from training.base.step_count import counts_from_zero, renumbered_from_one, step_of
 from training.run.checkpoint_check import LAST_NAME, choose_checkpoint
 from training.run.metrics_csv import merge_rows, read_rows_checked, write_rows
+from training.run.sharded_checkpoint import check_resumable
+from training.run.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,7 @@ def plan_resume(cfg: FitConfig, record: dict) -> ResumePlan:
         log.warning("--resume: no checkpoint at %s; starting from the beginning", last)
         return ResumePlan(earlier_rows=in_trl_count(metrics, on_disk))
     path, checkpoint = chosen
+    check_resumable(path, sharded_run=is_sharded(cfg))
     saved = checkpoint.get("dpo_run") or {}
     step = checkpoint["global_step"]
     if "config" not in saved:  # written before checkpoints carried a run record

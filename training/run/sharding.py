@@ -36,7 +36,6 @@ import types
 from collections.abc import Callable
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -46,6 +45,7 @@ from dpo_core.packing import model_blocker
 from dpo_core.reference import ReferenceSource
 from training.base.config import FitConfig
 from training.base.errors import RunError
+from training.run.sharded_checkpoint import ShardedCheckpointStrategy
 
 SHARDED = "fsdp"  # the --strategy value that shards with FSDP2
 _IN_FORWARD = "dpo_in_root_forward"  # the method FSDP2 wraps with the root's forward hooks
@@ -83,15 +83,11 @@ def check_strategy(cfg: FitConfig) -> None:
 def lightning_strategy(cfg: FitConfig):
     """What ``L.Trainer(strategy=...)`` gets: Lightning's ``ModelParallelStrategy`` (FSDP2) on a
     data-parallel mesh of every process for ``fsdp``, else the name as given. Lightning's own
-    ``fsdp`` is FSDP1, which refuses CPU; the full-state checkpoint keeps ``last.ckpt`` one file
-    (``training.run.callbacks.AtomicCheckpointIO`` writes it, ``--resume`` reads it)."""
+    ``fsdp`` is FSDP1, which refuses CPU. Its checkpoints are sharded, each process writing its
+    own shard, atomically (``training.run.sharded_checkpoint``)."""
     if not is_sharded(cfg):
         return cfg.trainer.strategy
-    return ModelParallelStrategy(
-        data_parallel_size=cfg.trainer.world_size,
-        tensor_parallel_size=1,
-        save_distributed_checkpoint=False,
-    )
+    return ShardedCheckpointStrategy(data_parallel_size=cfg.trainer.world_size)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
