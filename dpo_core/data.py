@@ -148,7 +148,8 @@ def encode_formatted(
             texts += [prompt, prompt + chosen, prompt + rejected]
             text_rows.append(i)
     if texts:
-        ids = [[int(t) for t in e] for e in tokenizer(text=texts)["input_ids"]]
+        encoded = tokenizer(text=texts, return_attention_mask=False, return_token_type_ids=False)
+        ids = [list(map(int, e)) for e in encoded["input_ids"]]
         for j, i in enumerate(text_rows):
             out[i] = tuple(ids[3 * j : 3 * j + 3])
     return out

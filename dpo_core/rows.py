@@ -151,10 +151,28 @@ def prompt_split(chosen: Sequence[Any], rejected: Sequence[Any]) -> int:
 
     Both sequences must be non-empty and different.
     """
-    for i in range(min(len(chosen), len(rejected))):
-        if chosen[i] != rejected[i]:
-            return i - 1 if i > 0 and chosen[i - 1] == " " else i
-    return min(len(chosen), len(rejected)) - 1
+    shorter = min(len(chosen), len(rejected))
+    i = common_prefix(chosen, rejected)
+    if i == shorter:  # one is a prefix of the other
+        return shorter - 1
+    return i - 1 if i > 0 and chosen[i - 1] == " " else i
+
+
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``: the first index where they
+    differ, or the shorter length. Strings by bisection on slices (each comparison one C
+    ``memcmp``: O(n log n) in C instead of n Python steps), other sequences element by element."""
+    n = min(len(a), len(b))
+    if isinstance(a, str) and isinstance(b, str):
+        lo, hi = 0, n  # a[:lo] == b[:lo], and they differ before hi + 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if a[lo:mid] == b[lo:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def extract_prompt(chosen: Sequence[Any], rejected: Sequence[Any]) -> tuple[Any, Any, Any]:

@@ -33,6 +33,18 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+
+def _wait_as_its_users_do(argv: list[str]) -> None:
+    """Ours' side runs with the OpenMP waits a ``python -m training.fit`` run has: importing
+    ``training`` makes them passive (``training.base.openmp_waits``), which libgomp reads when
+    torch loads, so it must come first. trl's side keeps libgomp's default, as trl's users do."""
+    if len(argv) > 2 and argv[2].startswith("ours"):
+        import training  # noqa: F401
+
+
+if __name__ == "__main__":
+    _wait_as_its_users_do(sys.argv)
+
 import torch  # noqa: E402
 
 from parity.bench import flop_meters  # noqa: E402
@@ -153,6 +165,7 @@ def run_side(spec: dict, side_name: str) -> dict:
         "setup_seconds": meter.setup_seconds,
         "rss_at_start_mb": meter.rss_at_start_mb,
         "threads": meter.threads,
+        "openmp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default"),
         "profile": meter.profile,
         **parameter_counts(model),
         **peak_memory(cuda),  # read before the peak matmuls allocate their operands

@@ -139,6 +139,16 @@ texts = st.text(alphabet="ab ", min_size=1, max_size=8)
 
 
 @settings(max_examples=400, deadline=None)
+@given(prefix=st.text(alphabet="ab ", max_size=40), a=texts, b=texts)
+def test_common_prefix_bisection_equals_the_element_loop(prefix, a, b):
+    """Strings are bisected on slices; the answer is the first index where they differ."""
+    a, b = prefix + a, prefix + b
+    n = min(len(a), len(b))
+    expected = next((i for i in range(n) if a[i] != b[i]), n)
+    assert R.common_prefix(a, b) == expected == R.common_prefix(list(a), list(b))
+
+
+@settings(max_examples=400, deadline=None)
 @given(prefix=texts, chosen=texts, rejected=texts)
 def test_extract_prompt_matches_trl_on_every_valid_row(prefix, chosen, rejected):
     """On every row validate_row accepts, the split equals trl.extract_prompt's."""

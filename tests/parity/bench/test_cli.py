@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -38,7 +39,8 @@ from training.inputs.gguf import MODEL_NAME, default_cache_dir, is_model_dir
 SIDE_KEYS = {
     "side", "trainer", "settings", "exact", "description", "losses", "step_seconds",
     "step_cpu_seconds", "cpu_seconds_per_step", "profile",
-    "step_completion_tokens", "setup_seconds", "rss_at_start_mb", "threads", "peak_rss_mb",
+    "step_completion_tokens", "setup_seconds", "rss_at_start_mb", "threads",
+    "openmp_wait_policy", "peak_rss_mb",
     "peak_cuda_mb", "seconds_per_step", "completion_tokens_per_second", "parameters",
     "trainable_parameters",
     # FLOP accounting (parity.bench.flops)
@@ -102,6 +104,11 @@ def test_tiny_preset_end_to_end(tmp_path):
     }
     # bf16 autocast moves trl's own losses far more than float32 rounding does
     assert check["max_diff"]["trl_defaults"] > 10 * check["max_diff"]["ours"]
+    # each side waits as its users' runs do: ours as training.fit (passive, unless the
+    # environment chose), trl with libgomp's default (or the environment's choice)
+    chosen = os.environ.get("OMP_WAIT_POLICY")
+    assert report["ours"]["openmp_wait_policy"] == (chosen or "PASSIVE")
+    assert report["trl"]["openmp_wait_policy"] == (chosen or "libgomp default")
     # ours_bf16 runs its matmuls in bf16 and is measured against the bf16 matmul peak
     bf16 = report["variants"]["ours_bf16"]
     assert bf16["compute_dtype"] == bf16["peak_dtype"] == "bfloat16"
