@@ -32,6 +32,7 @@ from dpo_core.rows import (
     EMPTY_COMPLETION,
     IMPLICIT,
     DataError,
+    common_prefix,
     detect_format,
     extract_prompt,
     is_conversational_format,
@@ -81,13 +82,9 @@ def format_row(
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
-    """Number of leading tokens the two sequences share (trl ``common_prefix_length``, du:406-428)."""
-    length = 0
-    for token, other in zip(ids, other_ids):
-        if token != other:
-            break
-        length += 1
-    return length
+    """Number of leading tokens the two sequences share (trl ``common_prefix_length``, du:406-428),
+    found by bisection (``rows.common_prefix``)."""
+    return common_prefix(ids, other_ids)
 
 
 def tokenize_row(
@@ -149,7 +146,7 @@ def encode_formatted(
             text_rows.append(i)
     if texts:
         encoded = tokenizer(text=texts, return_attention_mask=False, return_token_type_ids=False)
-        ids = [list(map(int, e)) for e in encoded["input_ids"]]
+        ids = [e if type(e) is list else list(map(int, e)) for e in encoded["input_ids"]]
         for j, i in enumerate(text_rows):
             out[i] = tuple(ids[3 * j : 3 * j + 3])
     return out

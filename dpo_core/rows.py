@@ -59,6 +59,7 @@ __all__ = [
     "extract_prompt",
     "is_conversational_format",
     "prompt_split",
+    "common_prefix",
     "validate_row",
     "validate_rows",
     "BAD_GZIP",
@@ -160,10 +161,11 @@ def prompt_split(chosen: Sequence[Any], rejected: Sequence[Any]) -> int:
 
 def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     """The length of the longest common prefix of ``a`` and ``b``: the first index where they
-    differ, or the shorter length. Strings by bisection on slices (each comparison one C
-    ``memcmp``: O(n log n) in C instead of n Python steps), other sequences element by element."""
+    differ, or the shorter length. Strings, lists and tuples by bisection on slices (each
+    comparison runs in C: O(n log n) there instead of n Python steps), other sequences (whose
+    ``==`` may not be one bool, e.g. arrays) element by element."""
     n = min(len(a), len(b))
-    if isinstance(a, str) and isinstance(b, str):
+    if type(a) is type(b) and isinstance(a, (str, list, tuple)):
         lo, hi = 0, n  # a[:lo] == b[:lo], and they differ before hi + 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
